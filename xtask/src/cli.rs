@@ -1,0 +1,224 @@
+//! The command line, as clap types only. Each command's module converts these into the
+//! configuration structs of the library that does the work.
+
+use camino::Utf8PathBuf;
+use clap::{Args, Parser, Subcommand};
+
+/// Build, package and deploy the workspace's services.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build the services once, then write one cached, deterministic archive per package
+    /// [runs on: this machine].
+    Package(PackageArgs),
+    /// Print the path of every output the manifest describes for the active target.
+    ListOutputs(ManifestArgs),
+    /// Validate the manifest and `cargo check` every crate that is packaged.
+    Check(ManifestArgs),
+    /// Remove the outputs directory (packages, cache records, downloads).
+    Clean(ManifestArgs),
+    /// Write a copy of a package stamped with a version under `<out>/versioned/`.
+    Stamp(StampArgs),
+    /// Print the package graph in graphviz `dot` format.
+    Dot(ManifestArgs),
+    /// Create, list, select or delete named build targets (`key=value` maps for `{{key}}`
+    /// interpolation and `only_for_targets`).
+    Target(TargetArgs),
+    /// Run what CI runs: format check, clippy with warnings denied, every test.
+    Ci,
+    /// Manage the git hooks of this repository.
+    Hooks(HooksArgs),
+    /// Print a shell completion script for `cargo xtask` to stdout.
+    Completions(CompletionsArgs),
+    /// Measure the project against its baselines, side by side in one run.
+    Bench(BenchArgs),
+    /// A local fleet of real servers: network namespaces and systemd-nspawn containers with
+    /// their own sshd and systemd.
+    Testbed(TestbedArgs),
+}
+
+/// Where the manifest and the outputs are, and which target is used.
+#[derive(Debug, Args, Clone)]
+pub struct ManifestArgs {
+    /// The package manifest.
+    #[arg(short, long, default_value = "package-manifest.toml", global = true)]
+    pub manifest: Utf8PathBuf,
+    /// The directory that receives the packages.
+    #[arg(long = "out", visible_alias = "artifacts", default_value = "out", global = true)]
+    pub out: Utf8PathBuf,
+    /// The named target to build for (see `cargo xtask target`); the active target, or the
+    /// manifest's `default` preset, when not given.
+    #[arg(short, long, global = true)]
+    pub target: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PackageArgs {
+    #[command(flatten)]
+    pub manifest: ManifestArgs,
+    /// Only these packages, and the packages they are composed of.
+    #[arg(long, num_args = 1.., value_name = "PACKAGE")]
+    pub only: Vec<String>,
+    /// Rebuild every output even where the cache says it is up to date.
+    #[arg(long)]
+    pub disable_cache: bool,
+    /// Do not run cargo: package the binaries already built.
+    #[arg(long)]
+    pub no_rebuild: bool,
+    /// Print the plan (cargo commands, every output with its inputs, cache hit or miss) and
+    /// write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// How many packages are assembled at once; the number of CPUs when not given.
+    #[arg(short, long)]
+    pub jobs: Option<usize>,
+    /// How many times a download is retried before the package fails.
+    #[arg(long, default_value_t = 3)]
+    pub retry_count: u32,
+    /// Seconds to wait between download retries.
+    #[arg(long, default_value_t = 1.0)]
+    pub retry_duration: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct StampArgs {
+    #[command(flatten)]
+    pub manifest: ManifestArgs,
+    /// The package to stamp.
+    pub package: String,
+    /// The version to stamp it with (semver).
+    pub version: String,
+}
+
+#[derive(Debug, Args)]
+pub struct TargetArgs {
+    #[command(flatten)]
+    pub manifest: ManifestArgs,
+    #[command(subcommand)]
+    pub command: TargetCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TargetCommand {
+    /// Create (or replace) a named target from a preset and `key=value` overrides.
+    Create {
+        /// The name of the target.
+        name: String,
+        /// The `[target.preset.<name>]` of the manifest to start from.
+        #[arg(short, long)]
+        preset: Option<String>,
+        /// `key=value` pairs that override the preset.
+        #[arg(short = 'i', long = "image", value_name = "KEY=VALUE", num_args = 1..)]
+        values: Vec<String>,
+    },
+    /// List the named targets; the active one is marked.
+    List,
+    /// Make a named target the active one.
+    Set {
+        /// The name of the target.
+        name: String,
+    },
+    /// Delete a named target.
+    Delete {
+        /// The name of the target.
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct HooksArgs {
+    #[command(subcommand)]
+    pub command: HooksCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HooksCommand {
+    /// Install a pre-commit hook that runs the fast checks (fmt, clippy).
+    Install,
+    /// Remove the pre-commit hook installed by `hooks install`.
+    Uninstall,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to generate completions for.
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub command: BenchCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// A no-op `cargo xtask package` next to a no-op `cargo build --release` of the same
+    /// binaries.
+    NoopPackage {
+        /// How many runs of each to time.
+        #[arg(long, default_value_t = 10)]
+        runs: u32,
+    },
+    /// Archive a large payload with the project's writer next to `tar -czf` and
+    /// `tar -cf - | gzip -1`.
+    Archive {
+        /// Approximate payload size in MB, gathered from this machine's shared libraries and
+        /// documentation.
+        #[arg(long, default_value_t = 400)]
+        size_mb: u64,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct TestbedArgs {
+    #[command(subcommand)]
+    pub command: TestbedCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TestbedCommand {
+    /// Install what the testbed needs with apt (as root), or print the command to run.
+    Prereqs,
+    /// Build the node image if needed, then boot a testbed of N nodes.
+    Up {
+        /// How many nodes to boot.
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+        /// The testbed's name; several testbeds with different names can run at once.
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
+    /// Show the nodes of a testbed, their addresses and whether sshd answers.
+    Status {
+        /// The testbed's name.
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
+    /// Open an ssh session on a node, or run a command there.
+    Ssh {
+        /// The testbed's name.
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// The node, for example `node1`.
+        node: String,
+        /// The command to run; an interactive shell when empty.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Tear a testbed down, leaving nothing behind.
+    Down {
+        /// The testbed's name.
+        #[arg(long, default_value = "default", conflicts_with = "all")]
+        name: String,
+        /// Tear down every testbed this project created, including the remains of crashed runs.
+        #[arg(long)]
+        all: bool,
+    },
+}
