@@ -1,1 +1,7 @@
+//! Build-side packaging: the manifest model, planning, the cache and the archive writer.
+//!
+//! The API takes configuration structs and reports progress through a trait; it has no command
+//! line, terminal or shell dependencies, so other front ends can drive it.
 
+pub mod archive;
+pub mod cache;

@@ -1,0 +1,1 @@
+//! The output cache: inputs with their digests, hit or miss.
