@@ -6,11 +6,18 @@ use xshell::{cmd, Shell};
 
 use crate::cli;
 
-/// Runs what CI runs. The tests include the end-to-end ones, which skip (saying why) when not
-/// root and not in CI.
+/// Runs what CI runs. The tests include the end-to-end ones, which need the testbed's system
+/// packages: as root they are installed first; elsewhere those tests skip, saying why (with
+/// `CI=true` they never skip).
 pub fn ci(sh: &Shell) -> anyhow::Result<()> {
     let cargo = cargo();
-    cmd!(sh, "{cargo} fmt --all --check").run().context("formatting check failed; run `cargo fmt --all`")?;
+    if crate::is_root() {
+        let prereqs = cli::TestbedArgs { command: cli::TestbedCommand::Prereqs };
+        crate::testbed::run(sh, prereqs).context("install the testbed's prerequisites")?;
+    }
+    cmd!(sh, "{cargo} fmt --all --check")
+        .run()
+        .context("formatting check failed; run `cargo fmt --all`")?;
     clippy(sh)?;
     cmd!(sh, "{cargo} test --workspace --locked").run().context("tests failed")?;
     Ok(())
@@ -27,7 +34,9 @@ fn clippy(sh: &Shell) -> anyhow::Result<()> {
 const HOOK_MARKER: &str = "# installed by `cargo xtask hooks install`";
 
 pub fn hooks(sh: &Shell, args: cli::HooksArgs) -> anyhow::Result<()> {
-    let git_dir = cmd!(sh, "git rev-parse --git-path hooks").read().context("find the git hooks directory")?;
+    let git_dir = cmd!(sh, "git rev-parse --git-path hooks")
+        .read()
+        .context("find the git hooks directory")?;
     let hook = sh.current_dir().join(git_dir.trim()).join("pre-commit");
     match args.command {
         cli::HooksCommand::Install => {

@@ -1,0 +1,96 @@
+//! Tidy checks: the repository's files agree with each other. They run as ordinary tests so a
+//! plain `cargo test` catches them.
+
+use std::{collections::BTreeSet, path::PathBuf, process::Command};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+fn read_toml(path: &str) -> toml::Table {
+    let path = root().join(path);
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    text.parse().unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
+}
+
+/// Every service of a locally built package has its three service files: the SMF manifest, the
+/// systemd unit and the config file the unit passes to it.
+#[test]
+fn every_service_has_its_smf_files() {
+    let manifest = read_toml("package-manifest.toml");
+    let packages = manifest["package"].as_table().expect("[package.*] tables");
+    let mut checked = 0;
+    for (name, package) in packages {
+        if package["source"]["type"].as_str() != Some("local") {
+            continue;
+        }
+        let Some(service) = package.get("service_name").and_then(|s| s.as_str()) else {
+            panic!("package {name}: no service_name");
+        };
+        if package["source"].get("rust").is_none() {
+            continue;
+        }
+        let dir = root().join("smf").join(service);
+        for file in ["manifest.xml", &format!("{service}.service"), "config.toml"] {
+            assert!(dir.join(file).is_file(), "package {name}: missing smf/{service}/{file}");
+        }
+        checked += 1;
+    }
+    assert!(checked >= 2, "expected at least two packaged services, found {checked}");
+}
+
+/// Every directory under `smf/` belongs to a package: stale service files are removed with
+/// their service.
+#[test]
+fn every_smf_directory_belongs_to_a_package() {
+    let manifest = read_toml("package-manifest.toml");
+    let services: BTreeSet<String> = manifest["package"]
+        .as_table()
+        .unwrap()
+        .values()
+        .filter_map(|p| p.get("service_name").and_then(|s| s.as_str()).map(str::to_owned))
+        .collect();
+    for entry in std::fs::read_dir(root().join("smf")).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        assert!(services.contains(&name), "smf/{name} has no package in package-manifest.toml");
+    }
+}
+
+/// The example deployment config is well-formed: every server it refers to is defined.
+#[test]
+fn deployment_example_refers_to_defined_servers() {
+    let config = read_toml("deployment-example.toml");
+    let servers = config["servers"].as_table().expect("[servers.*] tables");
+    let builder = config["builder"]["server"].as_str().expect("builder.server");
+    assert!(servers.contains_key(builder), "builder.server {builder:?} is not in [servers]");
+    for server in config["deployment"]["servers"].as_array().expect("deployment.servers") {
+        let server = server.as_str().expect("server names are strings");
+        assert!(servers.contains_key(server), "deployment.servers: {server:?} is not in [servers]");
+    }
+}
+
+/// The code is formatted: `cargo fmt --all --check` passes.
+#[test]
+fn formatting() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = Command::new(cargo)
+        .args(["fmt", "--all", "--check"])
+        .current_dir(root())
+        .output()
+        .expect("run cargo fmt");
+    assert!(
+        output.status.success(),
+        "cargo fmt --all --check failed; run `cargo fmt --all`:\n{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+}
+
+/// The `.ci/run` script runs the test command the README gives.
+#[test]
+fn ci_runs_the_readme_test_command() {
+    let readme = std::fs::read_to_string(root().join("README.md")).expect("README.md");
+    let ci = std::fs::read_to_string(root().join(".ci/run")).expect(".ci/run");
+    assert!(readme.contains("cargo xtask ci"), "README.md does not give `cargo xtask ci`");
+    assert!(ci.contains("cargo xtask ci"), ".ci/run does not call `cargo xtask ci`");
+}
