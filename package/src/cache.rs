@@ -1,1 +1,291 @@
 //! The output cache: inputs with their digests, hit or miss.
+//!
+//! For every output the cache keeps one JSON record under `<out>/.cache/`: the canonical
+//! manifest entry (with the target), the ordered list of inputs with their lengths and blake3
+//! digests, and what the output looked like when it was written (size, blake3, and the file's
+//! inode and mtime). A lookup is a hit only when the entry and the ordered inputs are equal and
+//! the output is still the file that was recorded.
+//!
+//! Checking the output: outputs are only ever renamed into place complete (see
+//! [`crate::fsutil`]), and a record is written after its output. A rename always gives the
+//! output a new inode, so an output replaced by a later (possibly interrupted) run never matches
+//! an older record's inode and mtime; then its blake3 is compared, which costs one read of the
+//! file and catches anything else. A truncated or edited output therefore never counts as a hit.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+
+use camino::{Utf8Path, Utf8PathBuf};
+use serde::{Deserialize, Serialize};
+
+use crate::archive::ArchiveSummary;
+pub use crate::fsutil::write_atomic;
+use crate::fsutil::AtomicWriteError;
+
+/// The version of the record format; records of another version are misses.
+const RECORD_VERSION: u32 = 1;
+
+/// One input of an output: a file and where its content goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheInput {
+    /// What the input is for, for example its destination path in the archive.
+    pub label: String,
+    pub source: Utf8PathBuf,
+    pub len: u64,
+    /// blake3 of the content, 64 lowercase hex digits.
+    pub blake3: String,
+}
+
+/// Everything an output is built from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheKey {
+    /// The canonical form of the manifest entry and the target.
+    pub entry: String,
+    pub inputs: Vec<CacheInput>,
+}
+
+/// The outcome of a lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheStatus {
+    Hit,
+    /// The output must be rebuilt; `reason` says why, for people.
+    Miss {
+        reason: String,
+    },
+}
+
+/// What went wrong in the cache; every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: Utf8PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Write(#[from] AtomicWriteError),
+    #[error("output {path} has no file name to key a cache record")]
+    NoFileName { path: Utf8PathBuf },
+}
+
+/// The cache of one output directory.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    dir: Utf8PathBuf,
+}
+
+/// The record stored for one output.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Record {
+    version: u32,
+    entry: String,
+    inputs: Vec<CacheInput>,
+    output: OutputStamp,
+}
+
+/// How the output looked when it was recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutputStamp {
+    size: u64,
+    blake3: String,
+    dev: u64,
+    ino: u64,
+    mtime_ns: i128,
+}
+
+impl CacheKey {
+    /// Describes a file input by digesting its content.
+    pub fn input_from_file(
+        label: impl Into<String>,
+        source: &Utf8Path,
+    ) -> Result<CacheInput, CacheError> {
+        let (len, blake3) = digest_file(source)?;
+        Ok(CacheInput { label: label.into(), source: source.to_owned(), len, blake3 })
+    }
+}
+
+impl Cache {
+    /// The cache for outputs written to `out_dir`; records live in `out_dir/.cache/`.
+    pub fn new(out_dir: &Utf8Path) -> Cache {
+        Cache { dir: out_dir.join(".cache") }
+    }
+
+    /// The directory holding the records.
+    pub fn dir(&self) -> &Utf8Path {
+        &self.dir
+    }
+
+    /// Says whether `output` can be kept as it is for `key`.
+    ///
+    /// A missing, unreadable or malformed record is a miss with a reason, never an error:
+    /// the worst a damaged cache can do is cause a rebuild.
+    pub fn lookup(&self, output: &Utf8Path, key: &CacheKey) -> Result<CacheStatus, CacheError> {
+        let record_path = self.record_path(output)?;
+        let miss = |reason: String| Ok(CacheStatus::Miss { reason });
+        let text = match fs::read_to_string(&record_path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return miss("no cache record".to_owned());
+            }
+            Err(e) => return miss(format!("cache record {record_path} unreadable: {e}")),
+        };
+        let record: Record = match serde_json::from_str(&text) {
+            Ok(record) => record,
+            Err(e) => return miss(format!("cache record {record_path} is corrupt: {e}")),
+        };
+        if record.version != RECORD_VERSION {
+            return miss(format!(
+                "cache record {record_path} has format version {}",
+                record.version
+            ));
+        }
+        if record.entry != key.entry {
+            return miss("manifest entry changed".to_owned());
+        }
+        if let Some(reason) = compare_inputs(&record.inputs, &key.inputs) {
+            return miss(reason);
+        }
+        let meta = match fs::metadata(output) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return miss("output missing".to_owned());
+            }
+            Err(e) => {
+                return Err(CacheError::Io {
+                    action: "read metadata of",
+                    path: output.to_owned(),
+                    source: e,
+                })
+            }
+        };
+        if meta.len() != record.output.size {
+            return miss(format!(
+                "output changed since it was recorded (size {} instead of {})",
+                meta.len(),
+                record.output.size
+            ));
+        }
+        if stamp_matches(&meta, &record.output) {
+            return Ok(CacheStatus::Hit);
+        }
+        let (_, blake3) = digest_file(output)?;
+        if blake3 != record.output.blake3 {
+            return miss("output changed since it was recorded (content)".to_owned());
+        }
+        Ok(CacheStatus::Hit)
+    }
+
+    /// Records that `output`, described by `summary`, was built from `key`. Call it only after
+    /// the output is in place.
+    pub fn record(
+        &self,
+        output: &Utf8Path,
+        key: &CacheKey,
+        summary: &ArchiveSummary,
+    ) -> Result<(), CacheError> {
+        let record_path = self.record_path(output)?;
+        let meta = fs::metadata(output).map_err(|e| CacheError::Io {
+            action: "read metadata of",
+            path: output.to_owned(),
+            source: e,
+        })?;
+        let record = Record {
+            version: RECORD_VERSION,
+            entry: key.entry.clone(),
+            inputs: key.inputs.clone(),
+            output: OutputStamp {
+                size: summary.size,
+                blake3: summary.blake3.clone(),
+                dev: meta.dev(),
+                ino: meta.ino(),
+                mtime_ns: mtime_ns(&meta),
+            },
+        };
+        fs::create_dir_all(&self.dir).map_err(|e| CacheError::Io {
+            action: "create",
+            path: self.dir.clone(),
+            source: e,
+        })?;
+        let json = serde_json::to_vec_pretty(&record).expect("a record always serialises");
+        write_atomic(&record_path, &json)?;
+        Ok(())
+    }
+
+    /// Forgets the record of `output`, if any.
+    pub fn forget(&self, output: &Utf8Path) -> Result<(), CacheError> {
+        let record_path = self.record_path(output)?;
+        match fs::remove_file(&record_path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(CacheError::Io { action: "remove", path: record_path, source: e }),
+        }
+    }
+
+    fn record_path(&self, output: &Utf8Path) -> Result<Utf8PathBuf, CacheError> {
+        let Some(name) = output.file_name() else {
+            return Err(CacheError::NoFileName { path: output.to_owned() });
+        };
+        Ok(self.dir.join(format!("{name}.json")))
+    }
+}
+
+/// The blake3 digest of a file, with its length.
+pub fn digest_file(path: &Utf8Path) -> Result<(u64, String), CacheError> {
+    let err = |action, source| CacheError::Io { action, path: path.to_owned(), source };
+    let mut file = File::open(path).map_err(|e| err("open", e))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut len = 0u64;
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(err("read", e)),
+        };
+        hasher.update(&buf[..n]);
+        len += n as u64;
+    }
+    Ok((len, hasher.finalize().to_hex().to_string()))
+}
+
+/// Explains the first difference between the recorded and the current inputs, if any.
+fn compare_inputs(old: &[CacheInput], new: &[CacheInput]) -> Option<String> {
+    for input in new {
+        if !old.iter().any(|o| o.label == input.label) {
+            return Some(format!("input {} added", input.label));
+        }
+    }
+    for input in old {
+        if !new.iter().any(|n| n.label == input.label) {
+            return Some(format!("input {} removed", input.label));
+        }
+    }
+    for input in new {
+        let same = |o: &&CacheInput| o.label == input.label;
+        if let Some(o) = old.iter().find(same) {
+            if o.len != input.len || o.blake3 != input.blake3 {
+                return Some(format!("input {} changed", input.label));
+            }
+        }
+    }
+    let old_labels: Vec<&str> = old.iter().map(|i| i.label.as_str()).collect();
+    let new_labels: Vec<&str> = new.iter().map(|i| i.label.as_str()).collect();
+    if old_labels != new_labels {
+        return Some("inputs reordered".to_owned());
+    }
+    None
+}
+
+fn stamp_matches(meta: &fs::Metadata, stamp: &OutputStamp) -> bool {
+    meta.dev() == stamp.dev && meta.ino() == stamp.ino && mtime_ns(meta) == stamp.mtime_ns
+}
+
+fn mtime_ns(meta: &fs::Metadata) -> i128 {
+    i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec())
+}

@@ -5,3 +5,8 @@
 
 pub mod archive;
 pub mod cache;
+mod error;
+pub mod fsutil;
+pub mod manifest;
+
+pub use error::Error;
