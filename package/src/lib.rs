@@ -8,5 +8,6 @@ pub mod cache;
 mod error;
 pub mod fsutil;
 pub mod manifest;
+pub mod plan;
 
 pub use error::Error;

@@ -1,0 +1,273 @@
+use super::*;
+
+fn data_dir() -> Utf8PathBuf {
+    Utf8Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data")
+}
+
+fn omicron_workspace() -> Workspace {
+    let crates = [
+        ("omicron-sled-agent", &["sled-agent", "zone-bundle"][..]),
+        ("installinator", &["installinator"][..]),
+        ("omicron-nexus", &["nexus", "schema-updater", "nexus-db-dev"][..]),
+    ];
+    Workspace {
+        target_dir: "/ws/target".into(),
+        crates: crates
+            .iter()
+            .map(|(c, bins)| (c.to_string(), bins.iter().map(|b| b.to_string()).collect()))
+            .collect(),
+    }
+}
+
+fn names(list: &[&str]) -> Vec<PackageName> {
+    list.iter().map(|n| PackageName::new(*n).unwrap()).collect()
+}
+
+fn plan_omicron(preset: &str, only: &[&str]) -> Result<Plan, Error> {
+    let manifest = Manifest::load(&data_dir().join("omicron-style.toml")).unwrap();
+    let target = manifest.presets[preset].clone();
+    let only = names(only);
+    let config = PlanConfig {
+        manifest: &manifest,
+        target: &target,
+        workspace: &omicron_workspace(),
+        out_dir: Utf8Path::new("/ws/out"),
+        only: &only,
+    };
+    plan(&config)
+}
+
+fn dests(plan: &Plan, pkg: &str) -> Vec<String> {
+    let Work::Assemble(inputs) = &plan.outputs[&names(&[pkg])[0]].work else {
+        panic!("{pkg} is not assembled");
+    };
+    inputs.iter().map(|i| i.dest().map_or("<archive>".to_owned(), |d| d.to_string())).collect()
+}
+
+#[test]
+fn omicron_manifest_plans_for_the_default_preset() {
+    let plan = plan_omicron("default", &[]).unwrap();
+    let planned: Vec<&str> = plan.outputs.keys().map(|n| n.as_str()).collect();
+    // installinator is trampoline-only and the asic switch needs switch=asic.
+    assert_eq!(
+        planned,
+        ["crucible", "mg-ddm-gz", "nexus", "omicron-nexus", "omicron-sled-agent", "zone-setup"]
+    );
+    assert_eq!(
+        plan.cargo_builds,
+        [CargoBuild {
+            release: true,
+            packages: vec!["omicron-nexus".into(), "omicron-sled-agent".into()],
+            bins: ["nexus", "schema-updater", "sled-agent", "zone-bundle"]
+                .map(String::from)
+                .to_vec(),
+        }]
+    );
+    assert_eq!(
+        plan.cargo_builds[0].args().join(" "),
+        "build --release --package omicron-nexus --package omicron-sled-agent --bin nexus \
+         --bin schema-updater --bin sled-agent --bin zone-bundle"
+    );
+    assert_eq!(
+        plan.batches,
+        vec![
+            names(&["crucible", "mg-ddm-gz", "omicron-nexus", "omicron-sled-agent", "zone-setup"]),
+            names(&["nexus"]),
+        ]
+    );
+    // A tarball: VERSION first, relative destinations, binaries at the root.
+    assert_eq!(
+        dests(&plan, "omicron-sled-agent"),
+        ["VERSION", "pkg/manifest.xml", "pkg", "sled-agent", "zone-bundle"]
+    );
+    // A zone: oxide.json first, everything under root/, blobs under the service's blob/.
+    assert_eq!(
+        dests(&plan, "omicron-nexus"),
+        [
+            "oxide.json",
+            "root/var/svc/manifest/site/nexus/manifest.xml",
+            "root/var/svc/manifest/site/nexus",
+            "root/opt/flotilla/omicron-nexus/bin/nexus",
+            "root/opt/flotilla/omicron-nexus/bin/schema-updater",
+            "root/opt/flotilla/omicron-nexus/blob/alpine.tar.gz",
+            "root/opt/flotilla/omicron-nexus/blob/console.tar.gz",
+        ]
+    );
+    assert_eq!(dests(&plan, "nexus"), ["oxide.json", "<archive>", "<archive>", "<archive>"]);
+    let Work::Fetch(fetch) = &plan.outputs[&names(&["crucible"])[0]].work else { panic!() };
+    assert_eq!(
+        fetch.origin,
+        Origin::Url(
+            "https://buildomat.eng.oxide.computer/public/file/oxidecomputer/crucible/image/\
+             2bfe090eb5318ec8c467157018db2429d4df535b/crucible.tar.gz"
+                .into()
+        )
+    );
+    let Work::Assemble(inputs) = &plan.outputs[&names(&["omicron-nexus"])[0]].work else {
+        panic!()
+    };
+    let Input::Blob { fetch, .. } = &inputs[6] else { panic!() };
+    assert_eq!(
+        fetch.origin,
+        Origin::Url(
+            "https://buildomat.eng.oxide.computer/public/file/oxidecomputer/console/assets/\
+             0123456789abcdef0123456789abcdef01234567/console.tar.gz"
+                .into()
+        )
+    );
+    // The interpolated directory was listed at planning time.
+    let Input::Tree { entries, source, .. } = &inputs[2] else { panic!() };
+    assert!(source.ends_with("smf/nexus/single-sled"));
+    assert_eq!(entries[0].rel, "config.toml");
+}
+
+#[test]
+fn asic_target_selects_the_manual_package_and_its_composite() {
+    let plan = plan_omicron("asic", &["switch-asic"]).unwrap();
+    let planned: Vec<&str> = plan.outputs.keys().map(|n| n.as_str()).collect();
+    assert_eq!(planned, ["dendrite-asic", "switch-asic", "zone-setup"]);
+    assert!(plan.cargo_builds.is_empty());
+    assert!(matches!(plan.outputs[&names(&["dendrite-asic"])[0]].work, Work::Manual));
+}
+
+#[test]
+fn only_pulls_in_composite_members() {
+    let plan = plan_omicron("default", &["nexus"]).unwrap();
+    let planned: Vec<&str> = plan.outputs.keys().map(|n| n.as_str()).collect();
+    assert_eq!(planned, ["crucible", "nexus", "omicron-nexus", "zone-setup"]);
+    let e = plan_omicron("default", &["switch-asic"]).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "--only switch-asic: package `switch-asic` is not built for target image=standard \
+         machine=non-gimlet rack-topology=single-sled switch=stub (see its only_for_targets)"
+    );
+    let e = plan_omicron("default", &["nope"]).unwrap_err().to_string();
+    assert!(e.starts_with("--only nope: the manifest "), "{e}");
+}
+
+#[test]
+fn entry_changes_with_the_target() {
+    let a = plan_omicron("default", &["zone-setup"]).unwrap();
+    let b = plan_omicron("asic", &["zone-setup"]).unwrap();
+    let n = &names(&["zone-setup"])[0];
+    assert_ne!(a.outputs[n].entry, b.outputs[n].entry);
+}
+
+/// A scratch directory with a manifest, removed when dropped.
+struct Scratch(Utf8PathBuf);
+
+impl Scratch {
+    fn new(manifest: &str) -> Scratch {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = Utf8PathBuf::try_from(std::env::temp_dir())
+            .unwrap()
+            .join(format!("flotilla-plan-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(dir.join("smf/agent")).unwrap();
+        std::fs::write(dir.join("smf/agent/config.toml"), "x = 1\n").unwrap();
+        std::fs::write(dir.join("package-manifest.toml"), manifest).unwrap();
+        Scratch(dir)
+    }
+
+    fn plan(&self) -> Result<Plan, Error> {
+        let manifest = Manifest::load(&self.0.join("package-manifest.toml"))?;
+        let workspace = Workspace {
+            target_dir: self.0.join("target"),
+            crates: [("agent".to_owned(), ["agent".to_owned()].into())].into(),
+        };
+        let target = Target::default();
+        plan(&PlanConfig {
+            manifest: &manifest,
+            target: &target,
+            workspace: &workspace,
+            out_dir: &self.0.join("out"),
+            only: &[],
+        })
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn agent(paths: &str, bins: &str) -> String {
+    format!(
+        "[package.agent]\nservice_name = \"agent\"\nsource.type = \"local\"\n\
+         source.rust.binary_names = [{bins}]\nsource.rust.release = false\n\
+         source.paths = [{paths}]\noutput.type = \"zone\"\n"
+    )
+}
+
+#[test]
+fn local_zone_layout_and_debug_build() {
+    let s = Scratch::new(&agent(
+        r#"{ from = "smf/agent", to = "/opt/flotilla/agent/pkg" }"#,
+        r#""agent""#,
+    ));
+    let plan = s.plan().unwrap();
+    assert_eq!(plan.cargo_builds[0].args(), ["build", "--package", "agent", "--bin", "agent"]);
+    assert_eq!(
+        dests(&plan, "agent"),
+        ["oxide.json", "root/opt/flotilla/agent/pkg", "root/opt/flotilla/agent/bin/agent"]
+    );
+    let Work::Assemble(inputs) = &plan.outputs[&names(&["agent"])[0]].work else { panic!() };
+    let Input::Bytes { contents, .. } = &inputs[0] else { panic!() };
+    assert_eq!(
+        String::from_utf8_lossy(contents),
+        r#"{"pkg":"agent","t":"layer","v":"1","version":"0.0.0"}"#
+    );
+    let Input::File { source, executable, .. } = &inputs[2] else { panic!() };
+    assert_eq!(source, &s.0.join("target/debug/agent"));
+    assert!(executable);
+    let rendered = plan.render(&BTreeMap::new());
+    assert!(rendered.contains("cargo: cargo build --package agent --bin agent"), "{rendered}");
+    assert!(rendered.contains("root/opt/flotilla/agent/pkg/config.toml 0644"), "{rendered}");
+}
+
+#[test]
+fn bad_paths_and_binaries_are_refused() {
+    let line = "package-manifest.toml:1: package `agent`:";
+    let cases = [
+        (
+            agent(r#"{ from = "smf/agent", to = "opt/agent" }"#, r#""agent""#),
+            "source.paths[0].to: `opt/agent` is relative; zone images need an absolute path \
+             (it lands under root/)",
+        ),
+        (
+            agent(r#"{ from = "smf/agent", to = "/opt/../etc" }"#, r#""agent""#),
+            "source.paths[0].to: `/opt/../etc` must not contain `..`",
+        ),
+        (
+            agent(r#"{ from = "smf/missing", to = "/opt/x" }"#, r#""agent""#),
+            "source.paths[0].from: `{dir}/smf/missing` does not exist",
+        ),
+        (
+            agent(r#"{ from = "smf/{{machine}}", to = "/opt/x" }"#, r#""agent""#),
+            "source.paths[0].from: `smf/{{machine}}` uses `{{machine}}` but the target (empty) \
+             does not define `machine`",
+        ),
+        (
+            agent("", r#""agent", "agentd""#),
+            "source.rust.binary_names[1]: crate `agent` has no binary `agentd` (its binaries: \
+             agent)",
+        ),
+    ];
+    for (manifest, expected) in cases {
+        let s = Scratch::new(&manifest);
+        let e = s.plan().unwrap_err().to_string();
+        let expected = expected.replace("{dir}", s.0.as_str());
+        assert!(e.ends_with(&format!("{line} {expected}")), "got: {e}\nwanted: {expected}");
+        assert!(!s.0.join("out").exists(), "nothing may be written for a bad manifest");
+    }
+    let s = Scratch::new(&agent("", r#""agent""#).replace("[package.agent]", "[package.agent2]"));
+    let e = s.plan().unwrap_err().to_string();
+    assert!(
+        e.ends_with(
+            "package `agent2`: source.rust: the workspace has no crate named `agent2` (the crate \
+             that builds a package's binaries must be named like the package)"
+        ),
+        "{e}"
+    );
+}
