@@ -164,7 +164,7 @@ impl ArchiveWriter {
             hasher: blake3::Hasher::new(),
         };
         let sink = match opts.compression {
-            Compression::None => Sink::Plain(out),
+            Compression::None => Sink::Plain(Box::new(out)),
             Compression::Gzip => Sink::Gzip(Box::new(GzipSink::new(out, level, opts.threads)?)),
         };
         Ok(ArchiveWriter {
@@ -281,7 +281,7 @@ impl ArchiveWriter {
             match kind {
                 tar::EntryType::Directory => self.append_dir(&target)?,
                 tar::EntryType::Regular | tar::EntryType::Continuous => {
-                    let exec = entry.header().mode().map_or(false, |m| m & 0o111 != 0);
+                    let exec = entry.header().mode().is_ok_and(|m| m & 0o111 != 0);
                     let size = entry.size();
                     let path = self.check_path(target.as_str())?;
                     self.add_file(
@@ -324,7 +324,7 @@ impl ArchiveWriter {
         let builder = self.builder.take().expect("the builder is only taken by finish");
         let sink = builder.into_inner().map_err(|e| self.write_err(e))?;
         let out = match sink {
-            Sink::Plain(out) => out,
+            Sink::Plain(out) => *out,
             Sink::Gzip(gz) => gz.finish()?,
         };
         out.persist(&self.dest)
@@ -424,7 +424,7 @@ impl ArchiveWriter {
         if parent.as_str().is_empty() || self.seen.contains(parent) {
             return Ok(());
         }
-        self.append_dir(&parent.to_owned())
+        self.append_dir(parent)
     }
 
     fn claim(&mut self, path: &Utf8Path) -> Result<(), ArchiveError> {
@@ -581,7 +581,7 @@ impl HashingFile {
 
 /// Where tar-rs writes the tar stream.
 enum Sink {
-    Plain(HashingFile),
+    Plain(Box<HashingFile>),
     Gzip(Box<GzipSink>),
 }
 
@@ -635,8 +635,7 @@ struct GzipSink {
     /// The length of the tar stream written so far.
     total_in: u64,
     pool: Option<Pool>,
-    /// The compressor used when there is no pool.
-    local: Compress,
+    level: u32,
 }
 
 struct Pool {
@@ -661,7 +660,7 @@ impl GzipSink {
             crc: crc32fast::Hasher::new(),
             total_in: 0,
             pool,
-            local: Compress::new(flate2::Compression::new(level), false),
+            level,
         })
     }
 
@@ -690,7 +689,7 @@ impl GzipSink {
         let job = Job { seq, dict, data };
         match &mut self.pool {
             None => {
-                let done = compress_job(&mut self.local, job);
+                let done = compress_job(self.level, job);
                 self.write_done(done)
             }
             Some(pool) => {
@@ -761,17 +760,14 @@ impl Pool {
             .map(|_| {
                 let job_rx = Arc::clone(&job_rx);
                 let done_tx = done_tx.clone();
-                std::thread::spawn(move || {
-                    let mut compress = Compress::new(flate2::Compression::new(level), false);
-                    loop {
-                        let job = match job_rx.lock() {
-                            Ok(rx) => rx.recv(),
-                            Err(_) => return,
-                        };
-                        let Ok(job) = job else { return };
-                        if done_tx.send(compress_job(&mut compress, job)).is_err() {
-                            return;
-                        }
+                std::thread::spawn(move || loop {
+                    let job = match job_rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok(job) = job else { return };
+                    if done_tx.send(compress_job(level, job)).is_err() {
+                        return;
                     }
                 })
             })
@@ -817,10 +813,10 @@ impl Drop for Pool {
 
 /// Deflates one chunk with the previous chunk's tail as its dictionary, ending byte-aligned
 /// with a sync flush and no final block.
-fn compress_job(compress: &mut Compress, job: Job) -> Done {
+fn compress_job(level: u32, job: Job) -> Done {
     let mut crc = crc32fast::Hasher::new();
     crc.update(&job.data);
-    let deflated = deflate_chunk(compress, &job.data, tail(&job.dict, DICT_SIZE));
+    let deflated = deflate_chunk(level, &job.data, tail(&job.dict, DICT_SIZE));
     Done { seq: job.seq, deflated, crc, len: job.data.len() as u64 }
 }
 
@@ -828,8 +824,11 @@ fn tail(bytes: &[u8], n: usize) -> &[u8] {
     &bytes[bytes.len().saturating_sub(n)..]
 }
 
-fn deflate_chunk(compress: &mut Compress, input: &[u8], dict: &[u8]) -> io::Result<Vec<u8>> {
-    compress.reset();
+fn deflate_chunk(level: u32, input: &[u8], dict: &[u8]) -> io::Result<Vec<u8>> {
+    // A fresh compressor per chunk: zlib-rs's reset leaves state behind that changes the
+    // output of the next chunk (measured: outputs then depend on which worker compressed which
+    // chunk), and allocating one costs far less than compressing a chunk.
+    let mut compress = Compress::new(flate2::Compression::new(level), false);
     if !dict.is_empty() {
         compress.set_dictionary(dict).map_err(io::Error::other)?;
     }
@@ -849,5 +848,268 @@ fn deflate_chunk(compress: &mut Compress, input: &[u8], dict: &[u8]) -> io::Resu
         if consumed == input.len() && out.len() < out.capacity() {
             return Ok(out);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+
+    struct Dir {
+        _guard: tempfile::TempDir,
+        path: Utf8PathBuf,
+    }
+
+    fn temp_dir() -> Dir {
+        let guard = tempfile::tempdir().unwrap();
+        let path = Utf8PathBuf::try_from(guard.path().to_owned()).unwrap();
+        Dir { _guard: guard, path }
+    }
+
+    fn opts(compression: Compression, threads: usize) -> ArchiveOptions {
+        ArchiveOptions { compression, mtime: DEFAULT_MTIME, threads }
+    }
+
+    /// Bytes that compress somewhat, like a binary: a little structure and some noise.
+    fn payload(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if i % 3 == 0 {
+                    (x % 7) as u8
+                } else {
+                    b"flotilla packages deterministic archives\n"[i % 41]
+                }
+            })
+            .collect()
+    }
+
+    const LONG_NAME: &str = "a-directory-name-that-is-quite-long/another-directory-name-that-is-long/and-a-file-name-past-one-hundred-bytes.txt";
+
+    /// Writes the same tree with a given creation order, file modes (as different umasks
+    /// would give) and mtimes.
+    fn make_tree(root: &Utf8Path, reverse: bool, loose_modes: bool, mtime: SystemTime) {
+        let mut files: Vec<(&str, Vec<u8>, bool)> = vec![
+            ("bin/node-agent", payload(3 * CHUNK_SIZE + 1234, 1), true),
+            ("pkg/config.toml", b"listen = \"[::1]:8080\"\n".to_vec(), false),
+            ("pkg/empty", Vec::new(), false),
+            ("pkg/b/z.txt", payload(5000, 2), false),
+            ("pkg/b/a.txt", payload(70_000, 3), false),
+            (LONG_NAME, b"long\n".to_vec(), false),
+        ];
+        if reverse {
+            files.reverse();
+        }
+        for (name, bytes, exec) in &files {
+            let path = root.join(name);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(&path, bytes).unwrap();
+            let mode = match (exec, loose_modes) {
+                (true, true) => 0o775,
+                (true, false) => 0o700,
+                (false, true) => 0o664,
+                (false, false) => 0o600,
+            };
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            File::options().write(true).open(&path).unwrap().set_modified(mtime).unwrap();
+        }
+        std::os::unix::fs::symlink("b/a.txt", root.join("pkg/link")).unwrap();
+        let dir_mode = if loose_modes { 0o775 } else { 0o700 };
+        fs::set_permissions(root.join("pkg/b"), fs::Permissions::from_mode(dir_mode)).unwrap();
+    }
+
+    /// A zone-shaped archive of `tree`.
+    fn build(dest: &Utf8Path, tree: &Utf8Path, opts: &ArchiveOptions) -> ArchiveSummary {
+        let mut w = ArchiveWriter::create(dest, opts).unwrap();
+        w.append_bytes(Utf8Path::new("oxide.json"), br#"{"v":"1"}"#, 0o600).unwrap();
+        w.append_tree(Utf8Path::new("root/opt/flotilla/node-agent"), tree).unwrap();
+        w.finish().unwrap()
+    }
+
+    #[test]
+    fn bytes_do_not_depend_on_mtimes_modes_order_or_threads() {
+        let work = temp_dir();
+        let a = work.path.join("a");
+        let b = work.path.join("b");
+        make_tree(&a, false, false, SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000));
+        make_tree(&b, true, true, SystemTime::now());
+        for compression in [Compression::None, Compression::Gzip] {
+            let first = build(&work.path.join("1.out"), &a, &opts(compression, 1));
+            let bytes = fs::read(&first.path).unwrap();
+            assert_eq!(first.size, bytes.len() as u64);
+            assert_eq!(first.blake3, blake3::hash(&bytes).to_hex().to_string());
+            for (i, threads) in [1, 2, 3, 8].into_iter().enumerate() {
+                let dest = work.path.join(format!("{i}.again"));
+                let other = build(&dest, &b, &opts(compression, threads));
+                assert_eq!(other.blake3, first.blake3, "{compression:?} with {threads} threads");
+                assert_eq!(fs::read(&dest).unwrap(), bytes);
+            }
+        }
+    }
+
+    #[test]
+    fn gzip_output_is_the_plain_tar_and_has_a_fixed_header() {
+        let work = temp_dir();
+        let tree = work.path.join("tree");
+        make_tree(&tree, false, false, SystemTime::now());
+        let plain = build(&work.path.join("p.tar"), &tree, &opts(Compression::None, 1));
+        let gz = build(&work.path.join("p.tar.gz"), &tree, &opts(Compression::Gzip, 2));
+        let gz_bytes = fs::read(&gz.path).unwrap();
+        assert_eq!(gz_bytes[..10], GZIP_HEADER);
+        let mut unpacked = Vec::new();
+        flate2::read::GzDecoder::new(&gz_bytes[..]).read_to_end(&mut unpacked).unwrap();
+        assert_eq!(unpacked, fs::read(&plain.path).unwrap());
+        // GNU gzip checks the CRC and the length in the trailer.
+        let status = Command::new("gzip").arg("-t").arg(&gz.path).status().unwrap();
+        assert!(status.success());
+    }
+
+    #[test]
+    fn gnu_tar_lists_and_extracts_every_entry() {
+        let work = temp_dir();
+        let tree = work.path.join("tree");
+        make_tree(&tree, false, false, SystemTime::now());
+        let summary = build(&work.path.join("zone.tar.gz"), &tree, &opts(Compression::Gzip, 2));
+        let out = Command::new("tar")
+            .args(["--numeric-owner", "--utc", "-tvzf"])
+            .arg(&summary.path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let listing: Vec<String> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                // Mode, owner, size and name; the date column is the same for every entry.
+                let f: Vec<&str> = l.split_whitespace().collect();
+                assert_eq!(f[3..5], ["2006-07-24", "01:21"], "{l}");
+                format!("{} {} {} {}", f[0], f[1], f[2], f[5..].join(" "))
+            })
+            .collect();
+        let base = "root/opt/flotilla/node-agent";
+        let expected = [
+            "-rw-r--r-- 0/0 9 oxide.json".to_owned(),
+            "drwxr-xr-x 0/0 0 root".to_owned(),
+            "drwxr-xr-x 0/0 0 root/opt".to_owned(),
+            "drwxr-xr-x 0/0 0 root/opt/flotilla".to_owned(),
+            format!("drwxr-xr-x 0/0 0 {base}"),
+            format!("drwxr-xr-x 0/0 0 {base}/a-directory-name-that-is-quite-long"),
+            format!("drwxr-xr-x 0/0 0 {base}/a-directory-name-that-is-quite-long/another-directory-name-that-is-long"),
+            format!("-rw-r--r-- 0/0 5 {base}/{LONG_NAME}"),
+            format!("drwxr-xr-x 0/0 0 {base}/bin"),
+            format!("-rwxr-xr-x 0/0 {} {base}/bin/node-agent", 3 * CHUNK_SIZE + 1234),
+            format!("drwxr-xr-x 0/0 0 {base}/pkg"),
+            format!("drwxr-xr-x 0/0 0 {base}/pkg/b"),
+            format!("-rw-r--r-- 0/0 70000 {base}/pkg/b/a.txt"),
+            format!("-rw-r--r-- 0/0 5000 {base}/pkg/b/z.txt"),
+            format!("-rw-r--r-- 0/0 22 {base}/pkg/config.toml"),
+            format!("-rw-r--r-- 0/0 0 {base}/pkg/empty"),
+            format!("lrwxrwxrwx 0/0 0 {base}/pkg/link -> b/a.txt"),
+        ];
+        assert_eq!(listing, expected);
+
+        let dest = work.path.join("x");
+        fs::create_dir(&dest).unwrap();
+        let status = Command::new("tar")
+            .arg("-xzf")
+            .arg(&summary.path)
+            .arg("-C")
+            .arg(&dest)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let extracted = dest.join(base);
+        for name in ["bin/node-agent", "pkg/config.toml", "pkg/empty", "pkg/b/a.txt", LONG_NAME] {
+            assert_eq!(fs::read(extracted.join(name)).unwrap(), fs::read(tree.join(name)).unwrap());
+        }
+        let mode = |p: &str| fs::metadata(extracted.join(p)).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode("bin/node-agent") & 0o111, 0o111);
+        assert_eq!(mode("pkg/config.toml") & 0o111, 0);
+        assert_eq!(fs::read_link(extracted.join("pkg/link")).unwrap().to_str(), Some("b/a.txt"));
+    }
+
+    #[test]
+    fn a_dropped_writer_leaves_no_temporary_file_and_keeps_the_old_output() {
+        let work = temp_dir();
+        let dest = work.path.join("svc.tar.gz");
+        fs::write(&dest, b"previous good output").unwrap();
+        for threads in [1, 2] {
+            let mut w = ArchiveWriter::create(&dest, &opts(Compression::Gzip, threads)).unwrap();
+            w.append_bytes(Utf8Path::new("big"), &payload(5 * CHUNK_SIZE, 4), 0o644).unwrap();
+            drop(w);
+            let names: Vec<_> =
+                fs::read_dir(&work.path).unwrap().map(|e| e.unwrap().file_name()).collect();
+            assert_eq!(names, ["svc.tar.gz"]);
+            assert_eq!(fs::read(&dest).unwrap(), b"previous good output");
+        }
+    }
+
+    #[test]
+    fn composites_copy_entries_renamed_and_merge_directories() {
+        let work = temp_dir();
+        let tree = work.path.join("tree");
+        make_tree(&tree, false, false, SystemTime::now());
+        let part = build(&work.path.join("part.tar.gz"), &tree, &opts(Compression::Gzip, 2));
+        let dest = work.path.join("composite.tar.gz");
+        let mut w = ArchiveWriter::create(&dest, &opts(Compression::Gzip, 2)).unwrap();
+        w.append_bytes(Utf8Path::new("oxide.json"), b"{}", 0o644).unwrap();
+        w.append_dir(Utf8Path::new("root/opt")).unwrap();
+        w.append_archive(&part.path, |p| (p != "oxide.json").then(|| p.to_owned())).unwrap();
+        let summary = w.finish().unwrap();
+
+        let mut names = Vec::new();
+        let file = File::open(&summary.path).unwrap();
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            let name = entry.path().unwrap().to_str().unwrap().to_owned();
+            if name.ends_with("bin/node-agent") {
+                assert_eq!(entry.header().mode().unwrap(), 0o755);
+                let mut bytes = Vec::new();
+                entry.read_to_end(&mut bytes).unwrap();
+                assert_eq!(bytes, fs::read(tree.join("bin/node-agent")).unwrap());
+            }
+            names.push(name);
+        }
+        assert_eq!(names.iter().filter(|n| *n == "oxide.json").count(), 1);
+        assert_eq!(names.iter().filter(|n| *n == "root/opt").count(), 1);
+        assert!(names.iter().any(|n| n.ends_with(LONG_NAME)), "{names:?}");
+
+        // The same file from two parts is a mistake in the manifest, not something to merge.
+        let mut w =
+            ArchiveWriter::create(&work.path.join("dup.tar"), &opts(Compression::None, 1)).unwrap();
+        w.append_archive(&part.path, |p| Some(p.to_owned())).unwrap();
+        let err = w.append_archive(&part.path, |p| Some(p.to_owned())).unwrap_err().to_string();
+        assert!(err.ends_with("oxide.json is added twice"), "{err}");
+    }
+
+    #[test]
+    fn bad_paths_and_escaping_symlinks_are_refused() {
+        let work = temp_dir();
+        let dest = work.path.join("bad.tar");
+        let mut w = ArchiveWriter::create(&dest, &opts(Compression::None, 1)).unwrap();
+        let err = w.append_bytes(Utf8Path::new("/etc/passwd"), b"", 0o644).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("archive {dest}: entry path \"/etc/passwd\" is absolute")
+        );
+        let err = w.append_bytes(Utf8Path::new("a/../../b"), b"", 0o644).unwrap_err();
+        assert!(err.to_string().ends_with("contains `..`"), "{err}");
+
+        let tree = work.path.join("tree");
+        fs::create_dir_all(tree.join("sub")).unwrap();
+        std::os::unix::fs::symlink("../../outside", tree.join("sub/escape")).unwrap();
+        let err = w.append_tree(Utf8Path::new("t"), &tree).unwrap_err().to_string();
+        assert!(err.contains("sub/escape -> ../../outside: the target leaves"), "{err}");
+        fs::remove_file(tree.join("sub/escape")).unwrap();
+        std::os::unix::fs::symlink("/etc/hosts", tree.join("sub/abs")).unwrap();
+        let err = w.append_tree(Utf8Path::new("u"), &tree).unwrap_err().to_string();
+        assert!(err.contains("absolute symlinks are not packaged"), "{err}");
     }
 }

@@ -289,3 +289,170 @@ fn stamp_matches(meta: &fs::Metadata, stamp: &OutputStamp) -> bool {
 fn mtime_ns(meta: &fs::Metadata) -> i128 {
     i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::{ArchiveOptions, ArchiveWriter, Compression, DEFAULT_MTIME};
+
+    struct Fixture {
+        _guard: tempfile::TempDir,
+        dir: Utf8PathBuf,
+        out: Utf8PathBuf,
+        cache: Cache,
+    }
+
+    fn fixture() -> Fixture {
+        let guard = tempfile::tempdir().unwrap();
+        let dir = Utf8PathBuf::try_from(guard.path().to_owned()).unwrap();
+        fs::write(dir.join("a"), b"binary a").unwrap();
+        fs::write(dir.join("b"), b"config b").unwrap();
+        let out = dir.join("out");
+        fs::create_dir(&out).unwrap();
+        let cache = Cache::new(&out);
+        Fixture { _guard: guard, dir, out, cache }
+    }
+
+    fn key(f: &Fixture, labels: &[&str]) -> CacheKey {
+        let inputs = labels
+            .iter()
+            .map(|l| CacheKey::input_from_file(format!("/opt/{l}"), &f.dir.join(l)).unwrap())
+            .collect();
+        CacheKey { entry: "package svc, target default".to_owned(), inputs }
+    }
+
+    /// Builds the output from the key's inputs, as a package run would.
+    fn build(f: &Fixture, key: &CacheKey) -> (Utf8PathBuf, ArchiveSummary) {
+        let output = f.out.join("svc.tar.gz");
+        let opts =
+            ArchiveOptions { compression: Compression::Gzip, mtime: DEFAULT_MTIME, threads: 1 };
+        let mut w = ArchiveWriter::create(&output, &opts).unwrap();
+        for input in &key.inputs {
+            w.append_file(Utf8Path::new(input.label.trim_start_matches('/')), &input.source)
+                .unwrap();
+        }
+        let summary = w.finish().unwrap();
+        (output, summary)
+    }
+
+    fn built_and_recorded(f: &Fixture, key: &CacheKey) -> Utf8PathBuf {
+        let (output, summary) = build(f, key);
+        f.cache.record(&output, key, &summary).unwrap();
+        output
+    }
+
+    fn reason(status: CacheStatus) -> String {
+        match status {
+            CacheStatus::Hit => "hit".to_owned(),
+            CacheStatus::Miss { reason } => reason,
+        }
+    }
+
+    #[test]
+    fn an_unchanged_output_is_a_hit() {
+        let f = fixture();
+        let k = key(&f, &["a", "b"]);
+        let output = built_and_recorded(&f, &k);
+        assert_eq!(f.cache.lookup(&output, &k).unwrap(), CacheStatus::Hit);
+        // A new key computed from the same files is equal.
+        assert_eq!(f.cache.lookup(&output, &key(&f, &["a", "b"])).unwrap(), CacheStatus::Hit);
+    }
+
+    #[test]
+    fn no_record_is_a_miss() {
+        let f = fixture();
+        let k = key(&f, &["a"]);
+        let (output, _) = build(&f, &k);
+        assert_eq!(reason(f.cache.lookup(&output, &k).unwrap()), "no cache record");
+    }
+
+    #[test]
+    fn each_change_of_the_key_is_a_miss_with_its_reason() {
+        let f = fixture();
+        let k = key(&f, &["a", "b"]);
+        let output = built_and_recorded(&f, &k);
+
+        let mut entry = k.clone();
+        entry.entry.push_str(", target other");
+        assert_eq!(reason(f.cache.lookup(&output, &entry).unwrap()), "manifest entry changed");
+        assert_eq!(
+            reason(f.cache.lookup(&output, &key(&f, &["b", "a"])).unwrap()),
+            "inputs reordered"
+        );
+        assert_eq!(
+            reason(f.cache.lookup(&output, &key(&f, &["a"])).unwrap()),
+            "input /opt/b removed"
+        );
+        fs::write(f.dir.join("c"), b"new").unwrap();
+        assert_eq!(
+            reason(f.cache.lookup(&output, &key(&f, &["a", "b", "c"])).unwrap()),
+            "input /opt/c added"
+        );
+        fs::write(f.dir.join("a"), b"binary A").unwrap();
+        assert_eq!(
+            reason(f.cache.lookup(&output, &key(&f, &["a", "b"])).unwrap()),
+            "input /opt/a changed"
+        );
+    }
+
+    #[test]
+    fn a_missing_truncated_or_edited_output_is_a_miss() {
+        let f = fixture();
+        let k = key(&f, &["a", "b"]);
+        let output = built_and_recorded(&f, &k);
+        let good = fs::read(&output).unwrap();
+
+        // Truncated in place (same inode).
+        File::options().write(true).open(&output).unwrap().set_len(good.len() as u64 - 8).unwrap();
+        let r = reason(f.cache.lookup(&output, &k).unwrap());
+        assert!(r.starts_with("output changed since it was recorded (size"), "{r}");
+
+        // Same size, different bytes, written in place.
+        let mut edited = good.clone();
+        let last = edited.len() - 1;
+        edited[last] ^= 0xff;
+        fs::write(&output, &edited).unwrap();
+        let r = reason(f.cache.lookup(&output, &k).unwrap());
+        assert_eq!(r, "output changed since it was recorded (content)");
+
+        // The same bytes again under a new inode: still the recorded content, so a hit.
+        let copy = f.dir.join("copy");
+        fs::write(&copy, &good).unwrap();
+        fs::rename(&copy, &output).unwrap();
+        assert_eq!(f.cache.lookup(&output, &k).unwrap(), CacheStatus::Hit);
+
+        fs::remove_file(&output).unwrap();
+        assert_eq!(reason(f.cache.lookup(&output, &k).unwrap()), "output missing");
+    }
+
+    #[test]
+    fn an_output_from_a_run_that_stopped_before_recording_is_not_a_hit() {
+        let f = fixture();
+        let old = key(&f, &["a", "b"]);
+        let output = built_and_recorded(&f, &old);
+        // A later run builds from changed inputs and dies before writing its record...
+        fs::write(f.dir.join("a"), b"binary A, version 2").unwrap();
+        build(&f, &key(&f, &["a", "b"]));
+        // ...then the inputs go back: the record matches them, the output does not.
+        fs::write(f.dir.join("a"), b"binary a").unwrap();
+        let r = reason(f.cache.lookup(&output, &key(&f, &["a", "b"])).unwrap());
+        assert!(r.starts_with("output changed since it was recorded"), "{r}");
+    }
+
+    #[test]
+    fn a_corrupt_record_is_a_miss_not_an_error() {
+        let f = fixture();
+        let k = key(&f, &["a"]);
+        let output = built_and_recorded(&f, &k);
+        let record = f.cache.dir().join("svc.tar.gz.json");
+        let text = fs::read_to_string(&record).unwrap();
+        fs::write(&record, &text[..text.len() / 2]).unwrap();
+        let r = reason(f.cache.lookup(&output, &k).unwrap());
+        assert!(r.starts_with(&format!("cache record {record} is corrupt: ")), "{r}");
+        fs::write(&record, text.replace("\"version\": 1", "\"version\": 99")).unwrap();
+        let r = reason(f.cache.lookup(&output, &k).unwrap());
+        assert!(r.ends_with("has format version 99"), "{r}");
+        f.cache.forget(&output).unwrap();
+        assert_eq!(reason(f.cache.lookup(&output, &k).unwrap()), "no cache record");
+    }
+}
