@@ -1,0 +1,837 @@
+//! The installer's commands: install (unpack + activate), rollback, deactivate, uninstall,
+//! clean and status.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use camino::{Utf8Path, Utf8PathBuf};
+use serde::Serialize;
+
+use crate::digests::{verify_dir, VerifiedPackage};
+use crate::error::{io, Error, Result};
+use crate::health::{self, HEALTH_FILE};
+use crate::lock::{who, InstallLock};
+use crate::manager::{
+    self, parse_manifest, unit_dependencies, Action, ManagerKind, Plan, Planned, ServiceManager,
+    ServiceRef,
+};
+use crate::release::{
+    dependency_order, fsync_dir, now, release_id, tree_digest, write_atomic, Activation, Layout,
+    PackageInfo, ReleaseInfo, ServiceInfo, State, DEFAULT_PREFIX,
+};
+use crate::runner::{Runner, Step};
+use crate::unpack::{ensure_dirs, unpack, ArchiveKind};
+
+/// How a host is installed on. Every field matters, so there is no `Default`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The installation prefix, `/opt/flotilla` on servers.
+    pub prefix: Utf8PathBuf,
+    /// Where systemd unit files go, `/etc/systemd/system` on servers.
+    pub unit_dir: Utf8PathBuf,
+    /// The host's service manager (detected or given).
+    pub manager: ManagerKind,
+    /// How many releases to keep, the active one included (at least 1).
+    pub keep: usize,
+    /// How long to wait for another install to release the host's lock.
+    pub lock_wait: Duration,
+}
+
+/// What an install or rollback did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub release: String,
+    /// Whether the release was unpacked now (false: it was already on the host).
+    pub unpacked: bool,
+    /// The services restarted because their files changed (or started for the first time).
+    pub restarted: Vec<String>,
+    /// The services whose files did not change; started only if they were not running.
+    pub unchanged: Vec<String>,
+    /// Services of the previous release that the new one does not have.
+    pub removed: Vec<String>,
+    /// Releases removed to keep the configured number.
+    pub pruned: Vec<String>,
+}
+
+/// What `status` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub manager: String,
+    pub prefix: Utf8PathBuf,
+    pub active: Option<String>,
+    pub releases: Vec<ReleaseStatus>,
+    pub services: Vec<ServiceStatus>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReleaseStatus {
+    pub id: String,
+    pub created_at: u64,
+    pub active: bool,
+    pub packages: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub state: String,
+    pub running: bool,
+    /// `None` when the service declares no health check.
+    pub healthy: Option<bool>,
+    pub health_detail: Option<String>,
+}
+
+/// The installer of one host.
+pub struct Installer {
+    config: Config,
+    layout: Layout,
+    manager: Box<dyn ServiceManager>,
+    runner: Arc<dyn Runner>,
+    log: Box<dyn Fn(&str) + Send + Sync>,
+}
+
+impl Installer {
+    /// An installer that runs commands through `runner`.
+    pub fn new(config: Config, runner: Arc<dyn Runner>) -> Installer {
+        let layout = Layout { prefix: config.prefix.clone() };
+        let manager = manager::driver(config.manager, &config.unit_dir);
+        Installer { config, layout, manager, runner, log: Box::new(|_| {}) }
+    }
+
+    /// Sends a line per step to `log` (the binary prints them; the library never does).
+    pub fn with_log(mut self, log: impl Fn(&str) + Send + Sync + 'static) -> Installer {
+        self.log = Box::new(log);
+        self
+    }
+
+    /// The paths of this installation.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    fn lock(&self, what: &str) -> Result<InstallLock> {
+        fs::create_dir_all(&self.layout.prefix).map_err(io("create", &self.layout.prefix))?;
+        InstallLock::acquire(&self.layout.lock_file(), what, self.config.lock_wait)
+    }
+
+    /// Verifies and unpacks the packages of `packages_dir` (plus this host's `overlay`) into a
+    /// release, then activates it. Nothing is activated unless every package verified and
+    /// unpacked; if a service does not become healthy, the previous release is restored.
+    pub fn install(&self, packages_dir: &Utf8Path, overlay: Option<&Utf8Path>) -> Result<Outcome> {
+        let _lock = self.lock(&format!("install {packages_dir}"))?;
+        let verified = verify_dir(packages_dir)?;
+        (self.log)(&format!("verified {} packages against {}", verified.len(), crate::DIGEST_LIST));
+        let overlay_digest = match overlay {
+            Some(dir) => {
+                check_overlay(dir)?;
+                Some(tree_digest(dir)?)
+            }
+            None => None,
+        };
+        let packages: Vec<PackageInfo> = verified
+            .iter()
+            .map(|v| PackageInfo {
+                name: ArchiveKind::from_file_name(&v.file)
+                    .map_or(v.file.clone(), |(_, stem)| stem.to_owned()),
+                file: v.file.clone(),
+                digest: v.digest.clone(),
+            })
+            .collect();
+        let id = release_id(&packages, overlay_digest.as_deref());
+        let dir = self.layout.release(&id);
+        let unpacked = if dir.join(crate::release::RELEASE_RECORD).is_file() {
+            (self.log)(&format!("release {id} is already unpacked"));
+            false
+        } else {
+            self.unpack_release(&id, &verified, packages, overlay, overlay_digest)?;
+            (self.log)(&format!("unpacked release {id}"));
+            true
+        };
+        let mut outcome = self.activate(&id, "install")?;
+        outcome.unpacked = unpacked;
+        outcome.pruned = self.prune()?;
+        Ok(outcome)
+    }
+
+    /// Activates an earlier release: the one before the active one, or `to`.
+    pub fn rollback(&self, to: Option<&str>) -> Result<Outcome> {
+        let _lock = self.lock(&format!("rollback to {}", to.unwrap_or("the previous release")))?;
+        let active = self.layout.active()?;
+        let state = State::read(&self.layout)?;
+        let target = match to {
+            Some(id) => {
+                if !self.layout.release(id).join(crate::release::RELEASE_RECORD).is_file() {
+                    let known: Vec<String> =
+                        self.layout.releases_list()?.into_iter().map(|r| r.id).collect();
+                    return Err(Error::Release {
+                        action: "rollback",
+                        message: format!(
+                            "no release {id} on this host (releases: {})",
+                            known.join(", ")
+                        ),
+                    });
+                }
+                id.to_owned()
+            }
+            None => state.previous(active.as_deref(), &self.layout).ok_or(Error::Release {
+                action: "rollback",
+                message: "no previous release on this host to roll back to".into(),
+            })?,
+        };
+        self.activate(&target, "rollback")
+    }
+
+    /// Stops and disables the active release's services; files stay.
+    pub fn deactivate(&self) -> Result<Vec<String>> {
+        let _lock = self.lock("deactivate")?;
+        let Some(active) = self.layout.active()? else { return Ok(Vec::new()) };
+        let info = ReleaseInfo::read(&self.layout.release(&active))?;
+        let mut services = info.service_refs(&self.layout.release(&active));
+        services.reverse();
+        self.execute(&self.manager.deactivate(&services))?;
+        Ok(services.into_iter().map(|s| s.name).collect())
+    }
+
+    /// Stops the services, removes their definitions, every release and the state; the data
+    /// directory stays unless `purge`. Keeps going past errors so one stuck service does not
+    /// leave the rest installed, and reports them all at the end.
+    pub fn uninstall(&self, purge: bool) -> Result<Vec<String>> {
+        let lock = self.lock("uninstall")?;
+        let mut errors = Vec::new();
+        let active = self.layout.active()?;
+        // Every service any release on the host has, so a service that a failed or older
+        // release defined is removed too; the active release's view wins.
+        let mut services: BTreeMap<String, ServiceRef> = BTreeMap::new();
+        let mut running: Vec<ServiceRef> = Vec::new();
+        for info in self.layout.releases_list()? {
+            let dir = self.layout.release(&info.id);
+            for service in info.service_refs(&dir) {
+                if Some(&info.id) == active.as_ref() {
+                    running.push(service.clone());
+                    services.insert(service.name.clone(), service);
+                } else {
+                    services.entry(service.name.clone()).or_insert(service);
+                }
+            }
+        }
+        running.reverse();
+        let all: Vec<ServiceRef> = services.into_values().collect();
+        let mut steps = self.manager.deactivate(&running);
+        steps.extend(self.manager.remove(&all));
+        for step in &steps {
+            if let Err(e) = self.execute_step(step) {
+                errors.push(e.to_string());
+            }
+        }
+        if let Err(e) = self.layout.switch_current(None) {
+            errors.push(e.to_string());
+        }
+        for path in [self.layout.releases(), self.layout.state_file()] {
+            if let Err(e) = remove_path(&path) {
+                errors.push(e.to_string());
+            }
+        }
+        if purge {
+            if let Err(e) = remove_path(&self.layout.data()) {
+                errors.push(e.to_string());
+            }
+        }
+        drop(lock);
+        // The lock file goes last, and only if nothing else is left in the prefix (data).
+        let _ = fs::remove_file(self.layout.lock_file());
+        let _ = fs::remove_dir(&self.layout.prefix);
+        if !errors.is_empty() {
+            return Err(Error::Release { action: "uninstall", message: errors.join("; ") });
+        }
+        Ok(all.into_iter().map(|s| s.name).collect())
+    }
+
+    /// Removes every release but the active one, and leftovers of interrupted unpacks.
+    pub fn clean(&self) -> Result<Vec<String>> {
+        let _lock = self.lock("clean")?;
+        let active = self.layout.active()?;
+        let mut removed = Vec::new();
+        let dir = self.layout.releases();
+        let entries = match dir.read_dir_utf8() {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+            Err(e) => return Err(Error::Io { action: "list releases", path: dir, source: e }),
+        };
+        for entry in entries {
+            let entry = entry.map_err(io("list releases", &dir))?;
+            let name = entry.file_name().to_owned();
+            if Some(&name) != active.as_ref() {
+                remove_path(entry.path())?;
+                removed.push(name);
+            }
+        }
+        removed.sort();
+        Ok(removed)
+    }
+
+    /// The active release, every release, and each active service's state and health.
+    pub fn status(&self) -> Result<Status> {
+        let active = self.layout.active()?;
+        let releases = self.layout.releases_list()?;
+        let mut services = Vec::new();
+        if let Some(info) = releases.iter().find(|r| Some(&r.id) == active.as_ref()) {
+            let dir = self.layout.release(&info.id);
+            for (service, spec) in info.service_refs(&dir).iter().zip(&info.services) {
+                let out = self.runner.output(&self.manager.state_command(service))?;
+                let (state, running) = self.manager.parse_state(&out);
+                let (healthy, health_detail) = match &spec.health {
+                    None => (None, None),
+                    Some(check) => match health::probe(&check.probe) {
+                        Ok(()) => (Some(true), None),
+                        Err(e) => (Some(false), Some(e)),
+                    },
+                };
+                services.push(ServiceStatus {
+                    name: service.name.clone(),
+                    state,
+                    running,
+                    healthy,
+                    health_detail,
+                });
+            }
+        }
+        Ok(Status {
+            manager: self.config.manager.to_string(),
+            prefix: self.layout.prefix.clone(),
+            releases: releases
+                .iter()
+                .map(|r| ReleaseStatus {
+                    id: r.id.clone(),
+                    created_at: r.created_at,
+                    active: Some(&r.id) == active.as_ref(),
+                    packages: r
+                        .packages
+                        .iter()
+                        .map(|p| format!("{} {}", p.file, &p.digest[..12]))
+                        .collect(),
+                })
+                .collect(),
+            active,
+            services,
+        })
+    }
+
+    fn unpack_release(
+        &self,
+        id: &str,
+        verified: &[VerifiedPackage],
+        packages: Vec<PackageInfo>,
+        overlay: Option<&Utf8Path>,
+        overlay_digest: Option<String>,
+    ) -> Result<ReleaseInfo> {
+        let releases = self.layout.releases();
+        fs::create_dir_all(&releases).map_err(io("create", &releases))?;
+        let temp = releases.join(format!(".tmp-{id}-{}", std::process::id()));
+        remove_path(&temp)?;
+        fs::create_dir(&temp).map_err(io("create", &temp))?;
+        let guard = RemoveOnDrop(Some(temp.clone()));
+        let mut owners: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (package, info) in verified.iter().zip(&packages) {
+            let (kind, _) =
+                ArchiveKind::from_file_name(&package.file).expect("verify_dir lists archives only");
+            let unpacked = unpack(&package.path, kind, &info.name, &temp)?;
+            if kind == ArchiveKind::Zone {
+                if unpacked.top_dirs.is_empty() {
+                    return Err(Error::Package {
+                        package: info.name.clone(),
+                        message: format!("holds no service under {}/", crate::unpack::ZONE_ROOT),
+                    });
+                }
+                for dir in unpacked.top_dirs {
+                    owners.entry(dir).or_default().push(info.name.clone());
+                }
+            }
+        }
+        if let Some(overlay) = overlay {
+            place_overlay(overlay, &temp)?;
+        }
+        let mut services = Vec::new();
+        let mut smf_names: BTreeMap<String, String> = BTreeMap::new();
+        let mut raw_after: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (name, pkgs) in &owners {
+            let pkg = temp.join(name).join("pkg");
+            let definition = self.manager.definition_file(name);
+            let bad = |message: String| Error::Package { package: pkgs.join(", "), message };
+            if !pkg.join(&definition).is_file() {
+                return Err(bad(format!(
+                    "service {name} has no {} service definition: pkg/{definition} is missing",
+                    self.config.manager
+                )));
+            }
+            if self.layout.prefix != DEFAULT_PREFIX {
+                self.rewrite_prefix(&pkg.join(format!("{name}.service")))?;
+                self.rewrite_prefix(&pkg.join(crate::manager::SMF_MANIFEST))?;
+            }
+            let mut after = Vec::new();
+            let unit = pkg.join(format!("{name}.service"));
+            if unit.is_file() {
+                let text = fs::read_to_string(&unit).map_err(io("read", &unit))?;
+                after.extend(unit_dependencies(&text));
+            }
+            let manifest_path = pkg.join(crate::manager::SMF_MANIFEST);
+            let mut fmri = None;
+            if manifest_path.is_file() {
+                let text =
+                    fs::read_to_string(&manifest_path).map_err(io("read", &manifest_path))?;
+                let manifest = parse_manifest(&text)
+                    .map_err(|m| bad(format!("service {name}: pkg/manifest.xml: {m}")))?;
+                smf_names.insert(manifest.service_fmri.clone(), name.clone());
+                after.extend(manifest.dependencies);
+                fmri = Some(manifest.fmri);
+            }
+            raw_after.insert(name.clone(), after);
+            let health_path = pkg.join(HEALTH_FILE);
+            let health = if health_path.is_file() {
+                let text = fs::read_to_string(&health_path).map_err(io("read", &health_path))?;
+                Some(health::parse(&text).map_err(|m| Error::Service {
+                    service: name.clone(),
+                    message: format!("pkg/{HEALTH_FILE}: {m}"),
+                })?)
+            } else {
+                None
+            };
+            let fingerprint = tree_digest(&temp.join(name))?;
+            services.push(ServiceInfo {
+                name: name.clone(),
+                packages: pkgs.clone(),
+                fingerprint,
+                after: Vec::new(),
+                health,
+                fmri,
+            });
+        }
+        // Dependencies name units or FMRIs; only those that are services of this release
+        // order the start, the rest (network targets, milestones) are the manager's business.
+        for service in &mut services {
+            let mut after: Vec<String> = raw_after[&service.name]
+                .iter()
+                .filter_map(|d| {
+                    let by_unit = d.strip_suffix(".service").filter(|n| owners.contains_key(*n));
+                    by_unit.map(str::to_owned).or_else(|| smf_names.get(d).cloned())
+                })
+                .filter(|d| d != &service.name)
+                .collect();
+            after.sort();
+            after.dedup();
+            service.after = after;
+        }
+        let services = dependency_order(services)?;
+        let info = ReleaseInfo {
+            id: id.to_owned(),
+            created_at: now(),
+            packages,
+            overlay: overlay_digest,
+            services,
+        };
+        info.write(&temp)?;
+        let dir = self.layout.release(id);
+        remove_path(&dir)?;
+        fs::rename(&temp, &dir).map_err(io("move the unpacked release into place", &dir))?;
+        fsync_dir(&releases);
+        guard.disarm();
+        Ok(info)
+    }
+
+    /// Service definitions name paths under the default prefix; under another prefix (tests,
+    /// side-by-side installs) they are rewritten to it.
+    fn rewrite_prefix(&self, path: &Utf8Path) -> Result<()> {
+        if !path.is_file() {
+            return Ok(());
+        }
+        let text = fs::read_to_string(path).map_err(io("read", path))?;
+        let rewritten =
+            text.replace(&format!("{DEFAULT_PREFIX}/"), &format!("{}/", self.layout.prefix));
+        write_atomic(path, rewritten.as_bytes(), 0o644)
+    }
+
+    fn plan(&self, target: &ReleaseInfo, previous: Option<&ReleaseInfo>) -> Plan {
+        let target_dir = self.layout.release(&target.id);
+        let prev_refs: Vec<(ServiceRef, &ServiceInfo)> = match previous {
+            Some(p) => {
+                p.service_refs(&self.layout.release(&p.id)).into_iter().zip(&p.services).collect()
+            }
+            None => Vec::new(),
+        };
+        let services = target
+            .service_refs(&target_dir)
+            .into_iter()
+            .zip(&target.services)
+            .map(|(service, info)| {
+                let old = prev_refs.iter().find(|(r, _)| r.name == service.name);
+                let action = match old {
+                    Some((_, old)) if old.fingerprint == info.fingerprint => Action::Start,
+                    _ => Action::Restart,
+                };
+                let definition_changed =
+                    self.manager.definition_changed(&service, old.map(|(r, _)| r));
+                Planned { service, action, definition_changed }
+            })
+            .collect();
+        let mut removed: Vec<ServiceRef> = prev_refs
+            .into_iter()
+            .map(|(r, _)| r)
+            .filter(|r| !target.services.iter().any(|s| s.name == r.name))
+            .collect();
+        removed.reverse();
+        Plan { services, removed }
+    }
+
+    fn activate(&self, id: &str, kind: &str) -> Result<Outcome> {
+        let target = ReleaseInfo::read(&self.layout.release(id))?;
+        let previous_id = self.layout.active()?;
+        let previous = match &previous_id {
+            Some(p) if self.layout.release(p).join(crate::release::RELEASE_RECORD).is_file() => {
+                Some(ReleaseInfo::read(&self.layout.release(p))?)
+            }
+            _ => None,
+        };
+        let plan = self.plan(&target, previous.as_ref());
+        self.layout.switch_current(Some(id))?;
+        (self.log)(&format!("activating release {id} ({kind})"));
+        let mut failure = None;
+        for step in self.manager.activate(&plan) {
+            (self.log)(&format!("  {step}"));
+            if let Err(e) = self.execute_step(&step) {
+                let text = step.to_string();
+                let service = plan
+                    .services
+                    .iter()
+                    .rev()
+                    .find(|p| text.contains(&p.service.name))
+                    .map_or_else(|| "(activation)".to_owned(), |p| p.service.name.clone());
+                failure = Some((service, e.to_string()));
+                break;
+            }
+        }
+        if failure.is_none() {
+            failure = self.wait_healthy(&target).err();
+        }
+        if let Some((service, reason)) = failure {
+            let logs = target
+                .service_refs(&self.layout.release(id))
+                .into_iter()
+                .find(|s| s.name == service)
+                .map(|s| self.logs(&s))
+                .unwrap_or_default();
+            let outcome = self.revert(
+                &target,
+                previous.as_ref(),
+                previous_id.is_some() && previous.is_none(),
+            );
+            if kind == "install" && previous_id.as_deref() != Some(id) {
+                let _ = remove_path(&self.layout.release(id));
+            }
+            return Err(Error::Unhealthy {
+                release: id.to_owned(),
+                service,
+                reason,
+                outcome,
+                logs,
+            });
+        }
+        let mut state = State::read(&self.layout)?;
+        state.history.push(Activation {
+            release: id.to_owned(),
+            at: now(),
+            by: who(),
+            kind: kind.to_owned(),
+        });
+        state.write(&self.layout)?;
+        let mut outcome = Outcome {
+            release: id.to_owned(),
+            unpacked: false,
+            restarted: Vec::new(),
+            unchanged: Vec::new(),
+            removed: plan.removed.iter().map(|s| s.name.clone()).collect(),
+            pruned: Vec::new(),
+        };
+        for planned in plan.services {
+            match planned.action {
+                Action::Restart => outcome.restarted.push(planned.service.name),
+                Action::Start => outcome.unchanged.push(planned.service.name),
+            }
+        }
+        (self.log)(&format!("release {id} is active and healthy"));
+        Ok(outcome)
+    }
+
+    /// Puts the previous release back after a failed activation; returns what happened, for
+    /// the error message.
+    fn revert(
+        &self,
+        failed: &ReleaseInfo,
+        previous: Option<&ReleaseInfo>,
+        previous_lost: bool,
+    ) -> String {
+        let failed_dir = self.layout.release(&failed.id);
+        let Some(previous) = previous else {
+            let mut services = failed.service_refs(&failed_dir);
+            services.reverse();
+            let mut steps = self.manager.deactivate(&services);
+            steps.extend(self.manager.remove(&services));
+            let mut problems: Vec<String> = steps
+                .iter()
+                .filter_map(|s| self.execute_step(s).err())
+                .map(|e| e.to_string())
+                .collect();
+            if let Err(e) = self.layout.switch_current(None) {
+                problems.push(e.to_string());
+            }
+            let lost = if previous_lost {
+                " (the previously active release's files are missing)"
+            } else {
+                ""
+            };
+            return if problems.is_empty() {
+                format!("no previous release{lost}: the new services were stopped and removed")
+            } else {
+                format!(
+                    "no previous release{lost}; stopping the new services also failed: {}",
+                    problems.join("; ")
+                )
+            };
+        };
+        (self.log)(&format!("reverting to release {}", previous.id));
+        let plan = self.plan(previous, Some(failed));
+        let mut problems = Vec::new();
+        if let Err(e) = self.layout.switch_current(Some(&previous.id)) {
+            problems.push(e.to_string());
+        }
+        for step in self.manager.activate(&plan) {
+            if let Err(e) = self.execute_step(&step) {
+                problems.push(e.to_string());
+            }
+        }
+        if problems.is_empty() {
+            if let Err((service, reason)) = self.wait_healthy(previous) {
+                problems.push(format!(
+                    "service {service} of the restored release is not healthy either: {reason}"
+                ));
+            }
+        }
+        let mut state = State::read(&self.layout).unwrap_or_default();
+        state.history.push(Activation {
+            release: previous.id.clone(),
+            at: now(),
+            by: who(),
+            kind: "revert".into(),
+        });
+        if let Err(e) = state.write(&self.layout) {
+            problems.push(e.to_string());
+        }
+        if problems.is_empty() {
+            format!("reverted to release {}, which is active and healthy", previous.id)
+        } else {
+            format!("reverting to release {} had problems: {}", previous.id, problems.join("; "))
+        }
+    }
+
+    /// Waits until every service of the release runs and passes its health check, each
+    /// within its timeout counted from now. Returns the first service that did not, and why.
+    fn wait_healthy(&self, release: &ReleaseInfo) -> Result<(), (String, String)> {
+        let start = Instant::now();
+        let dir = self.layout.release(&release.id);
+        for (service, info) in release.service_refs(&dir).iter().zip(&release.services) {
+            let timeout = Duration::from_secs(
+                info.health.as_ref().map_or(health::DEFAULT_TIMEOUT_SECS, |h| h.timeout_secs),
+            );
+            loop {
+                let why = match self.runner.output(&self.manager.state_command(service)) {
+                    Err(e) => e.to_string(),
+                    Ok(out) => {
+                        let (state, running) = self.manager.parse_state(&out);
+                        if !running {
+                            format!("its state is `{state}`")
+                        } else {
+                            match &info.health {
+                                None => break,
+                                Some(check) => match health::probe(&check.probe) {
+                                    Ok(()) => break,
+                                    Err(e) => format!("health check failed: {e}"),
+                                },
+                            }
+                        }
+                    }
+                };
+                if start.elapsed() >= timeout {
+                    return Err((
+                        service.name.clone(),
+                        format!("{why} (after {}s)", timeout.as_secs()),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            (self.log)(&format!("  {} is running and healthy", service.name));
+        }
+        Ok(())
+    }
+
+    fn logs(&self, service: &ServiceRef) -> String {
+        match self.runner.output(&self.manager.logs_command(service)) {
+            Ok(out) => {
+                let text = format!("{}{}", out.stdout, out.stderr);
+                let lines: Vec<&str> = text.lines().collect();
+                lines[lines.len().saturating_sub(20)..].join("\n")
+            }
+            Err(e) => format!("(could not read the log: {e})"),
+        }
+    }
+
+    fn execute(&self, steps: &[Step]) -> Result<()> {
+        for step in steps {
+            self.execute_step(step)?;
+        }
+        Ok(())
+    }
+
+    fn execute_step(&self, step: &Step) -> Result<()> {
+        match step {
+            Step::Run(cmd) => self.runner.run(cmd).map(|_| ()),
+            Step::Install { from, to } => {
+                let contents = fs::read(from).map_err(io("read", from))?;
+                if let Some(parent) = to.parent() {
+                    fs::create_dir_all(parent).map_err(io("create", parent))?;
+                }
+                write_atomic(to, &contents, 0o644)
+            }
+            Step::Remove { path } => match fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(Error::Io { action: "remove", path: path.clone(), source: e })
+                }
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// Removes the oldest releases beyond `keep`, never the active one.
+    fn prune(&self) -> Result<Vec<String>> {
+        let active = self.layout.active()?;
+        let releases = self.layout.releases_list()?;
+        let keep = self.config.keep.max(1);
+        let mut excess = releases.len().saturating_sub(keep);
+        let mut pruned = Vec::new();
+        for release in releases {
+            if excess == 0 {
+                break;
+            }
+            if Some(&release.id) == active.as_ref() {
+                continue;
+            }
+            remove_path(&self.layout.release(&release.id))?;
+            pruned.push(release.id);
+            excess -= 1;
+        }
+        Ok(pruned)
+    }
+}
+
+/// Removes a file or directory tree if it exists.
+fn remove_path(path: &Utf8Path) -> Result<()> {
+    let result = match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    };
+    result.map_err(io("remove", path))
+}
+
+/// Removes a directory when dropped unless disarmed: a failed unpack leaves nothing behind.
+struct RemoveOnDrop(Option<Utf8PathBuf>);
+
+impl RemoveOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = fs::remove_dir_all(path);
+        }
+    }
+}
+
+/// The overlay mirrors install paths: everything must be under `opt/flotilla/<service>/`,
+/// regular files and directories only.
+fn check_overlay(dir: &Utf8Path) -> Result<()> {
+    if !dir.is_dir() {
+        return Err(Error::Overlay { path: dir.to_owned(), message: "not a directory".into() });
+    }
+    walk(dir, Utf8Path::new(""), &mut |rel, meta| {
+        let bad = |message: &str| Error::Overlay { path: dir.join(rel), message: message.into() };
+        if meta.file_type().is_symlink() {
+            return Err(bad("a symbolic link; overlays hold regular files only"));
+        }
+        if !meta.is_dir() && !meta.is_file() {
+            return Err(bad("not a regular file"));
+        }
+        let s = rel.as_str();
+        let allowed_dir = matches!(s, "opt" | "opt/flotilla");
+        if !allowed_dir && !s.starts_with("opt/flotilla/") {
+            return Err(bad("outside opt/flotilla/, the only tree the installer manages"));
+        }
+        if meta.is_file() && rel.components().count() < 4 {
+            return Err(bad("a file outside any service directory (opt/flotilla/<service>/...)"));
+        }
+        Ok(())
+    })
+}
+
+/// Copies the overlay into the release being unpacked, replacing package files it names.
+fn place_overlay(overlay: &Utf8Path, release: &Utf8Path) -> Result<()> {
+    walk(overlay, Utf8Path::new(""), &mut |rel, meta| {
+        let Ok(inner) = rel.strip_prefix("opt/flotilla") else { return Ok(()) };
+        if inner.as_str().is_empty() {
+            return Ok(());
+        }
+        let bad = |message: String| Error::Overlay { path: overlay.join(rel), message };
+        if meta.is_dir() {
+            return ensure_dirs(release, inner).map_err(bad);
+        }
+        if let Some(parent) = inner.parent() {
+            ensure_dirs(release, parent).map_err(bad)?;
+        }
+        let target = release.join(inner);
+        if fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(bad(format!("would replace the symbolic link {target} of a package")));
+        }
+        let contents = fs::read(overlay.join(rel)).map_err(io("read", overlay.join(rel)))?;
+        use std::os::unix::fs::PermissionsExt;
+        write_atomic(&target, &contents, meta.permissions().mode() & 0o777)
+    })
+}
+
+/// Calls `f` for every entry under `root` (relative path, metadata), parents before children,
+/// in sorted order, without following symbolic links.
+fn walk(
+    root: &Utf8Path,
+    rel: &Utf8Path,
+    f: &mut dyn FnMut(&Utf8Path, &fs::Metadata) -> Result<()>,
+) -> Result<()> {
+    let dir = root.join(rel);
+    let mut names: Vec<String> = dir
+        .read_dir_utf8()
+        .map_err(io("list", &dir))?
+        .map(|e| e.map(|e| e.file_name().to_owned()))
+        .collect::<Result<_, _>>()
+        .map_err(io("list", &dir))?;
+    names.sort();
+    for name in names {
+        let rel = rel.join(name);
+        let meta = fs::symlink_metadata(root.join(&rel)).map_err(io("inspect", root.join(&rel)))?;
+        f(&rel, &meta)?;
+        if meta.is_dir() {
+            walk(root, &rel, f)?;
+        }
+    }
+    Ok(())
+}
