@@ -1,9 +1,272 @@
 //! `cargo xtask testbed`: a local fleet of real servers.
+//!
+//! Each node is a network namespace plus a systemd-nspawn container booting systemd from a
+//! cached Debian image, with its own sshd, host keys, hostname and overlay layer. Everything
+//! lives under the testbed directory, `target/testbed/` of the workspace unless
+//! `FLOTILLA_TESTBED_DIR` says otherwise:
+//!
+//! ```text
+//! images/<recipe hash>/rootfs     the node image, shared read-only by every node
+//! beds/<name>/state.json          what `down` needs: written before anything is created
+//! beds/<name>/id_ed25519          the testbed's ssh key (0600) and its .pub
+//! beds/<name>/known_hosts         every node's host key, by name, IPv4 and IPv6; the builder's
+//! beds/<name>/ssh_config          a Host entry per node (`nodeN`, `nodeN-v6`) and `builder`
+//! beds/<name>/deployment.toml     the topology for `cargo xtask fling` (IPv4 addresses)
+//! beds/<name>/deployment-v6.toml  the same over IPv6
+//! beds/<name>/nodes/<node>/       the node's overlay layer (`upper`) and console log
+//! beds/<name>/builder/            the loopback sshd of the builder: config, host key, log
+//! ```
 
-use xshell::Shell;
+mod down;
+mod image;
+mod layout;
+mod render;
+mod state;
+#[cfg(test)]
+pub mod test_support;
+mod up;
 
-use crate::cli;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
 
-pub fn run(_sh: &Shell, _args: cli::TestbedArgs) -> anyhow::Result<()> {
-    anyhow::bail!("testbed: being written")
+use anyhow::{bail, Context as _};
+use camino::{Utf8Path, Utf8PathBuf};
+use xshell::{cmd, Shell};
+
+use crate::cli::{self, TestbedCommand};
+use layout::{Layout, TestbedName};
+use state::State;
+
+pub fn run(sh: &Shell, args: cli::TestbedArgs) -> anyhow::Result<()> {
+    let root = testbed_root();
+    match args.command {
+        TestbedCommand::Prereqs => prereqs(sh),
+        TestbedCommand::Up { nodes, name } => {
+            let name = TestbedName::new(&name)?;
+            up::up(sh, &root, &name, nodes)
+        }
+        TestbedCommand::Status { name } => status(&root, &TestbedName::new(&name)?),
+        TestbedCommand::Ssh { name, node, command } => {
+            ssh(sh, &root, &TestbedName::new(&name)?, &node, &command)
+        }
+        TestbedCommand::Down { name, all } => {
+            require_root("down")?;
+            if all {
+                down::down_all(sh, &root)
+            } else {
+                down::down(sh, &root, &TestbedName::new(&name)?)
+            }
+        }
+    }
+}
+
+/// The directory that holds images and testbeds.
+pub fn testbed_root() -> Utf8PathBuf {
+    match std::env::var("FLOTILLA_TESTBED_DIR") {
+        Ok(dir) if !dir.is_empty() => Utf8PathBuf::from(dir),
+        _ => crate::project_root().join("target/testbed"),
+    }
+}
+
+/// The files of one testbed.
+pub struct Paths {
+    pub dir: Utf8PathBuf,
+    pub state: Utf8PathBuf,
+    pub identity: Utf8PathBuf,
+    pub known_hosts: Utf8PathBuf,
+    pub ssh_config: Utf8PathBuf,
+    pub deployment: Utf8PathBuf,
+    pub deployment_v6: Utf8PathBuf,
+    pub builder: Utf8PathBuf,
+}
+
+impl Paths {
+    pub fn new(root: &Utf8Path, name: &TestbedName) -> Paths {
+        let dir = root.join("beds").join(name.as_str());
+        Paths {
+            state: dir.join("state.json"),
+            identity: dir.join("id_ed25519"),
+            known_hosts: dir.join("known_hosts"),
+            ssh_config: dir.join("ssh_config"),
+            deployment: dir.join("deployment.toml"),
+            deployment_v6: dir.join("deployment-v6.toml"),
+            builder: dir.join("builder"),
+            dir,
+        }
+    }
+
+    pub fn node_dir(&self, node: &str) -> Utf8PathBuf {
+        self.dir.join("nodes").join(node)
+    }
+
+    pub fn builder_config(&self) -> Utf8PathBuf {
+        self.builder.join("sshd_config")
+    }
+}
+
+/// The commands the testbed runs, with the Debian package that provides each.
+const REQUIRED: &[(&str, &str)] = &[
+    ("debootstrap", "debootstrap"),
+    ("systemd-nspawn", "systemd-container"),
+    ("ssh", "openssh-client"),
+    ("ssh-keygen", "openssh-client"),
+    ("sshd", "openssh-server"),
+    ("ip", "iproute2"),
+    ("rsync", "rsync"),
+];
+
+/// debootstrap verifies the Debian archive with this keyring.
+const KEYRING: (&str, &str) =
+    ("/usr/share/keyrings/debian-archive-keyring.gpg", "debian-archive-keyring");
+
+fn missing_packages() -> Vec<&'static str> {
+    let mut missing: Vec<&str> = REQUIRED
+        .iter()
+        .filter(|(bin, _)| find_command(bin).is_none())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if !Utf8Path::new(KEYRING.0).is_file() {
+        missing.push(KEYRING.1);
+    }
+    missing.dedup();
+    missing
+}
+
+/// Looks a command up in PATH and in the sbin directories, which a non-login root shell may
+/// not have in PATH.
+fn find_command(name: &str) -> Option<Utf8PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let dirs = path.split(':').chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"]);
+    let found = dirs.map(|d| Utf8Path::new(d).join(name)).find(|p| p.is_file());
+    found
+}
+
+fn prereqs(sh: &Shell) -> anyhow::Result<()> {
+    let missing = missing_packages();
+    if missing.is_empty() {
+        println!("testbed: every prerequisite is installed");
+        return Ok(());
+    }
+    let list = missing.join(" ");
+    if !crate::is_root() {
+        bail!(
+            "testbed prerequisites missing ({list}); install them as root: \
+             `sudo apt-get update && sudo apt-get install -y {list}`"
+        );
+    }
+    let _env = sh.push_env("DEBIAN_FRONTEND", "noninteractive");
+    cmd!(sh, "apt-get update").run().context("apt-get update")?;
+    cmd!(sh, "apt-get install -y --no-install-recommends {missing...}")
+        .run()
+        .with_context(|| format!("install the testbed's prerequisites ({list})"))?;
+    let still = missing_packages();
+    if !still.is_empty() {
+        bail!("testbed prerequisites still missing after apt-get install: {}", still.join(" "));
+    }
+    Ok(())
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    if !crate::is_root() {
+        bail!(
+            "testbed {what}: needs root (network namespaces, bridges and systemd-nspawn); \
+             run it as root, for example `sudo -E cargo xtask testbed {what}`"
+        );
+    }
+    Ok(())
+}
+
+/// Root and every package: what `up` needs before it creates anything.
+fn preflight() -> anyhow::Result<()> {
+    require_root("up")?;
+    let missing = missing_packages();
+    if !missing.is_empty() {
+        bail!(
+            "testbed up: missing packages {}; run `cargo xtask testbed prereqs` as root",
+            missing.join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn status(root: &Utf8Path, name: &TestbedName) -> anyhow::Result<()> {
+    let paths = Paths::new(root, name);
+    let Some(state) = State::load(&paths.state)? else {
+        println!("testbed {name}: not up (no state in {})", paths.dir);
+        return Ok(());
+    };
+    let layout = Layout::new(name, state.nodes)?;
+    println!(
+        "testbed {name}: {} nodes, bridge {}, image {}",
+        state.nodes, layout.bridge, state.image
+    );
+    println!("{:<8} {:<16} {:<28} {:<9} {:<8} sshd", "node", "ipv4", "ipv6", "pid", "process");
+    for node in &layout.nodes {
+        let pid = state.node_pids.iter().find(|(n, _)| *n == node.name).map(|(_, p)| *p);
+        let alive = pid.is_some_and(|p| down::is_our_process(p, &node.machine));
+        let sshd = sshd_answers(SocketAddr::new(node.ipv4.into(), 22), Duration::from_millis(500));
+        println!(
+            "{:<8} {:<16} {:<28} {:<9} {:<8} {}",
+            node.name,
+            node.ipv4,
+            node.ipv6,
+            pid.map_or("-".to_owned(), |p| p.to_string()),
+            if alive { "running" } else { "gone" },
+            if sshd { "answers" } else { "silent" }
+        );
+    }
+    if let Some(b) = &state.builder {
+        let sshd =
+            sshd_answers(SocketAddr::from(([127, 0, 0, 1], b.port)), Duration::from_millis(500));
+        println!(
+            "builder  127.0.0.1:{} pid {} sshd {}",
+            b.port,
+            b.pid,
+            if sshd { "answers" } else { "silent" }
+        );
+    }
+    println!("ssh config: {}", paths.ssh_config);
+    Ok(())
+}
+
+fn ssh(
+    sh: &Shell,
+    root: &Utf8Path,
+    name: &TestbedName,
+    node: &str,
+    command: &[String],
+) -> anyhow::Result<()> {
+    let paths = Paths::new(root, name);
+    let Some(state) = State::load(&paths.state)? else {
+        bail!("testbed {name}: not up; run `cargo xtask testbed up --name {name}`");
+    };
+    let layout = Layout::new(name, state.nodes)?;
+    let known = node == render::BUILDER || layout.node(node.trim_end_matches("-v6")).is_some();
+    if !known {
+        let names: Vec<&str> = layout.nodes.iter().map(|n| n.name.as_str()).collect();
+        bail!("testbed {name}: no node {node:?}; nodes are {} and builder", names.join(", "));
+    }
+    let config = &paths.ssh_config;
+    // ssh joins its arguments with spaces for the remote shell, so each one is quoted here to
+    // reach the remote command unchanged.
+    let remote = (!command.is_empty()).then(|| render::remote_command(command));
+    let remote = remote.as_slice();
+    cmd!(sh, "ssh -F {config} {node} {remote...}")
+        .quiet()
+        .run()
+        .with_context(|| format!("testbed {name}: ssh {node}"))?;
+    Ok(())
+}
+
+/// Whether an ssh server answers at `addr` with its banner.
+pub fn sshd_answers(addr: SocketAddr, timeout: Duration) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, timeout) else { return false };
+    let _ = stream.set_read_timeout(Some(timeout));
+    let mut banner = [0u8; 4];
+    stream.read_exact(&mut banner).is_ok() && &banner == b"SSH-" && {
+        // A polite end: identify ourselves so sshd does not log a protocol error.
+        let _ = stream.write_all(b"SSH-2.0-flotilla-probe\r\n");
+        true
+    }
 }

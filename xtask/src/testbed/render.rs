@@ -1,0 +1,277 @@
+//! The files `up` hands to users and to `cargo xtask fling`: known_hosts, an ssh config and a
+//! deployment config. Rendering is kept pure so it is tested without a testbed.
+
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use camino::Utf8Path;
+
+/// What the rendered files need to know about one node.
+pub struct NodeEntry<'a> {
+    pub name: &'a str,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+    /// The node's public host key, `<type> <base64>`.
+    pub host_key: &'a str,
+}
+
+/// The builder: this machine, reached over ssh on loopback.
+pub struct BuilderEntry<'a> {
+    pub port: u16,
+    pub username: &'a str,
+    pub host_key: &'a str,
+    /// Where the builder keeps its copy of the workspace.
+    pub source_path: &'a Utf8Path,
+}
+
+/// The paths written into the configs.
+pub struct Files<'a> {
+    pub identity: &'a Utf8Path,
+    pub known_hosts: &'a Utf8Path,
+    pub ssh_config: &'a Utf8Path,
+}
+
+/// The name of the builder in the ssh config and the deployment config.
+pub const BUILDER: &str = "builder";
+
+/// One known_hosts line per node, naming it by its aliases, IPv4 and IPv6, so strict host key
+/// checking succeeds whichever way a tool addresses it; then the builder by `[127.0.0.1]:port`.
+pub fn known_hosts(nodes: &[NodeEntry<'_>], builder: Option<&BuilderEntry<'_>>) -> String {
+    let mut out = String::new();
+    for node in nodes {
+        let key = node.host_key.trim();
+        let _ = writeln!(out, "{0},{0}-v6,{1},{2} {key}", node.name, node.ipv4, node.ipv6);
+    }
+    if let Some(b) = builder {
+        let _ =
+            writeln!(out, "[127.0.0.1]:{},[{BUILDER}]:{} {}", b.port, b.port, b.host_key.trim());
+    }
+    out
+}
+
+/// An ssh config with a Host entry per node (`nodeN` over IPv4, `nodeN-v6` over IPv6) and one
+/// for the builder; every entry checks host keys strictly against the testbed's known_hosts.
+pub fn ssh_config(
+    testbed: &str,
+    nodes: &[NodeEntry<'_>],
+    builder: Option<&BuilderEntry<'_>>,
+    files: &Files<'_>,
+) -> String {
+    let mut out = format!(
+        "# Written by `cargo xtask testbed up --name {testbed}`; use it with `ssh -F {}`.\n",
+        files.ssh_config
+    );
+    let mut host = |alias: &str, addr: &str, port: u16, user: &str| {
+        let _ = write!(
+            out,
+            "\nHost {alias}\n    HostName {addr}\n    Port {port}\n    User {user}\n    \
+             IdentityFile {}\n    IdentitiesOnly yes\n    UserKnownHostsFile {}\n    \
+             GlobalKnownHostsFile /dev/null\n    StrictHostKeyChecking yes\n    \
+             ConnectTimeout 5\n",
+            files.identity, files.known_hosts
+        );
+    };
+    for node in nodes {
+        host(node.name, &node.ipv4.to_string(), 22, "root");
+        host(&format!("{}-v6", node.name), &node.ipv6.to_string(), 22, "root");
+    }
+    if let Some(b) = builder {
+        host(BUILDER, "127.0.0.1", b.port, b.username);
+    }
+    out
+}
+
+/// The deployment config in the format of `deployment-example.toml`, extended with what a real
+/// deploy to the testbed needs: ports, IPv6 addresses and the ssh files.
+pub fn deployment(
+    testbed: &str,
+    source_path: &Utf8Path,
+    nodes: &[NodeEntry<'_>],
+    builder: &BuilderEntry<'_>,
+    files: &Files<'_>,
+    address: AddressFamily,
+) -> String {
+    let q = |s: &str| toml::Value::from(s).to_string();
+    let mut out = format!(
+        "# Written by `cargo xtask testbed up --name {testbed}` for `cargo xtask fling`.\n\
+         # The builder is this machine over ssh on loopback; the servers are the testbed's nodes.\n\
+         source_path = {}\n\n[builder]\nserver = {}\nsource_path = {}\n\n",
+        q(source_path.as_str()),
+        q(BUILDER),
+        q(builder.source_path.as_str()),
+    );
+    let names: Vec<String> = nodes.iter().map(|n| q(n.name)).collect();
+    let _ = write!(
+        out,
+        "[deployment]\nservers = [{}]\nstaging_dir = \"/var/tmp/flotilla-staging\"\n\n",
+        names.join(", ")
+    );
+    let _ = write!(
+        out,
+        "# Every server is reached with these files and strict host key checking.\n[ssh]\n\
+         identity_file = {}\nknown_hosts = {}\nconfig = {}\n\n",
+        q(files.identity.as_str()),
+        q(files.known_hosts.as_str()),
+        q(files.ssh_config.as_str()),
+    );
+    let _ = write!(
+        out,
+        "[servers.{BUILDER}]\nusername = {}\naddr = \"127.0.0.1\"\nport = {}\n",
+        q(builder.username),
+        builder.port
+    );
+    for node in nodes {
+        let (addr, other_key, other) = match address {
+            AddressFamily::V4 => (node.ipv4.to_string(), "addr_v6", node.ipv6.to_string()),
+            AddressFamily::V6 => (node.ipv6.to_string(), "addr_v4", node.ipv4.to_string()),
+        };
+        let _ = write!(
+            out,
+            "\n[servers.{}]\nusername = \"root\"\naddr = {}\nport = 22\n{other_key} = {}\n",
+            node.name,
+            q(&addr),
+            q(&other)
+        );
+    }
+    out
+}
+
+/// Which address of each node a deployment config uses as `addr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressFamily {
+    V4,
+    V6,
+}
+
+/// Quotes one argument for a POSIX shell, the remote shell ssh hands its command to. Plain
+/// words stay as they are so commands remain readable in logs.
+pub fn shell_quote(arg: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "@%+=:,./_-".contains(c);
+    if !arg.is_empty() && arg.chars().all(plain) {
+        return arg.to_owned();
+    }
+    format!("'{}'", arg.replace('\'', r"'\''"))
+}
+
+/// Joins arguments into one command line for a remote shell, each quoted.
+pub fn remote_command(args: &[String]) -> String {
+    args.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nodes() -> Vec<NodeEntry<'static>> {
+        vec![
+            NodeEntry {
+                name: "node1",
+                ipv4: "10.200.1.11".parse().unwrap(),
+                ipv6: "fd00:1:2::b".parse().unwrap(),
+                host_key: "ssh-ed25519 AAAAone root@x\n",
+            },
+            NodeEntry {
+                name: "node2",
+                ipv4: "10.200.1.12".parse().unwrap(),
+                ipv6: "fd00:1:2::c".parse().unwrap(),
+                host_key: "ssh-ed25519 AAAAtwo",
+            },
+        ]
+    }
+
+    fn builder() -> BuilderEntry<'static> {
+        BuilderEntry {
+            port: 40022,
+            username: "root",
+            host_key: "ssh-ed25519 AAAAb",
+            source_path: Utf8Path::new("/t/builder/flotilla"),
+        }
+    }
+
+    fn files() -> Files<'static> {
+        Files {
+            identity: Utf8Path::new("/t/id_ed25519"),
+            known_hosts: Utf8Path::new("/t/known_hosts"),
+            ssh_config: Utf8Path::new("/t/ssh_config"),
+        }
+    }
+
+    #[test]
+    fn known_hosts_names_every_address() {
+        let text = known_hosts(&nodes(), Some(&builder()));
+        assert_eq!(
+            text,
+            "node1,node1-v6,10.200.1.11,fd00:1:2::b ssh-ed25519 AAAAone root@x\n\
+             node2,node2-v6,10.200.1.12,fd00:1:2::c ssh-ed25519 AAAAtwo\n\
+             [127.0.0.1]:40022,[builder]:40022 ssh-ed25519 AAAAb\n"
+        );
+    }
+
+    #[test]
+    fn ssh_config_is_strict_and_complete() {
+        let text = ssh_config("t", &nodes(), Some(&builder()), &files());
+        assert!(text.contains(
+            "\nHost node2\n    HostName 10.200.1.12\n    Port 22\n    User root\n    \
+             IdentityFile /t/id_ed25519\n    IdentitiesOnly yes\n    \
+             UserKnownHostsFile /t/known_hosts\n"
+        ));
+        assert!(text.contains("\nHost node1-v6\n    HostName fd00:1:2::b\n"));
+        assert!(text.contains("\nHost builder\n    HostName 127.0.0.1\n    Port 40022\n"));
+        assert_eq!(text.matches("StrictHostKeyChecking yes").count(), 5);
+        assert!(!text.to_lowercase().contains("stricthostkeychecking no"));
+    }
+
+    #[test]
+    fn deployment_config_parses_and_names_every_server() {
+        let text = deployment(
+            "t",
+            Utf8Path::new("/src"),
+            &nodes(),
+            &builder(),
+            &files(),
+            AddressFamily::V4,
+        );
+        let doc: toml::Table = text.parse().expect(&text);
+        assert_eq!(doc["source_path"].as_str(), Some("/src"));
+        assert_eq!(doc["builder"]["server"].as_str(), Some("builder"));
+        assert_eq!(doc["builder"]["source_path"].as_str(), Some("/t/builder/flotilla"));
+        let servers = doc["deployment"]["servers"].as_array().unwrap();
+        assert_eq!(servers.len(), 2);
+        assert_eq!(doc["servers"]["node2"]["addr"].as_str(), Some("10.200.1.12"));
+        assert_eq!(doc["servers"]["node2"]["addr_v6"].as_str(), Some("fd00:1:2::c"));
+        assert_eq!(doc["servers"]["node2"]["port"].as_integer(), Some(22));
+        assert_eq!(doc["servers"]["builder"]["port"].as_integer(), Some(40022));
+        assert_eq!(doc["ssh"]["known_hosts"].as_str(), Some("/t/known_hosts"));
+
+        let text = deployment(
+            "t",
+            Utf8Path::new("/src"),
+            &nodes(),
+            &builder(),
+            &files(),
+            AddressFamily::V6,
+        );
+        let doc: toml::Table = text.parse().unwrap();
+        assert_eq!(doc["servers"]["node1"]["addr"].as_str(), Some("fd00:1:2::b"));
+        assert_eq!(doc["servers"]["node1"]["addr_v4"].as_str(), Some("10.200.1.11"));
+    }
+
+    #[test]
+    fn remote_arguments_survive_the_remote_shell() {
+        assert_eq!(shell_quote("systemctl"), "systemctl");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote("$(reboot)"), "'$(reboot)'");
+        let args: Vec<String> = ["echo", "a;b", "*"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(remote_command(&args), "echo 'a;b' '*'");
+        // The quoted line, run by a real shell, gives back the original arguments.
+        let args: Vec<String> = ["printf", "%s|", "it's", "a b", "$HOME", "\\n", ""]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let out =
+            std::process::Command::new("sh").arg("-c").arg(remote_command(&args)).output().unwrap();
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), "it's|a b|$HOME|\\n||");
+    }
+}
