@@ -4,10 +4,13 @@
 //! line, terminal or shell dependencies, so other front ends can drive it.
 
 pub mod archive;
+pub mod build;
 pub mod cache;
 mod error;
+mod fetch;
 pub mod fsutil;
 pub mod manifest;
 pub mod plan;
 
 pub use error::Error;
+pub use fetch::{sha256_file, Retry};

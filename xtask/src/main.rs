@@ -6,6 +6,7 @@
 mod bench;
 mod cli;
 mod package;
+mod progress;
 mod testbed;
 mod workflow;
 

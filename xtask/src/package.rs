@@ -1,27 +1,348 @@
 //! `package`, `list-outputs`, `check`, `clean`, `stamp`, `dot` and `target`.
+//!
+//! Each command loads the manifest and target, asks the library for a plan and either prints it
+//! or executes it. Every process (cargo) runs here, through xshell.
 
-use xshell::Shell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
+use anyhow::{bail, Context as _};
+use camino::Utf8PathBuf;
+use flotilla_package::build::{self, CacheMode, CargoRunner, ExecuteConfig, Outcome, Rebuild};
+use flotilla_package::manifest::{
+    Manifest, PackageName, PackageSource, Target, TargetName, TargetOrigin, TargetStore,
+};
+use flotilla_package::plan::{self, CargoBuild, Plan, PlanConfig, Workspace};
+use flotilla_package::Retry;
+use xshell::{cmd, Shell};
+
+use crate::progress::{human_size, TermProgress};
 use crate::{cli, Context};
 
-pub fn package(_sh: &Shell, _ctx: &Context, _args: cli::PackageArgs) -> anyhow::Result<()> {
-    anyhow::bail!("package: being written")
+/// The manifest, where outputs go and the target, as every command needs them.
+struct Loaded {
+    manifest: Manifest,
+    out: Utf8PathBuf,
+    target: Target,
+    origin: TargetOrigin,
 }
-pub fn list_outputs(_sh: &Shell, _ctx: &Context, _args: cli::ManifestArgs) -> anyhow::Result<()> {
-    anyhow::bail!("list-outputs: being written")
+
+fn load(ctx: &Context, args: &cli::ManifestArgs) -> anyhow::Result<Loaded> {
+    let manifest = Manifest::load(&ctx.user_path(&args.manifest))?;
+    let out = ctx.user_path(&args.out);
+    let name = match &args.target {
+        Some(name) => Some(TargetName::new(name.as_str()).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let (target, origin) = TargetStore::new(&out).resolve(&manifest, name.as_ref())?;
+    Ok(Loaded { manifest, out, target, origin })
 }
-pub fn check(_sh: &Shell, _ctx: &Context, _args: cli::ManifestArgs) -> anyhow::Result<()> {
-    anyhow::bail!("check: being written")
+
+pub fn package(sh: &Shell, ctx: &Context, args: cli::PackageArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let loaded = load(ctx, &args.manifest)?;
+    let only = parse_names(&args.only)?;
+    let workspace = workspace(sh)?;
+    let plan = plan::plan(&PlanConfig {
+        manifest: &loaded.manifest,
+        target: &loaded.target,
+        workspace: &workspace,
+        out_dir: &loaded.out,
+        only: &only,
+    })?;
+    if args.dry_run {
+        let status = build::cache_status(&plan, &loaded.out);
+        println!("{}", plan.render(&status).trim_end());
+        return Ok(());
+    }
+    eprintln!("packaging for {} ({})", loaded.origin, loaded.target);
+    let jobs =
+        args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if !(0.0..=3600.0).contains(&args.retry_duration) {
+        bail!(
+            "--retry-duration {}: give a number of seconds between 0 and 3600",
+            args.retry_duration
+        );
+    }
+    let config = ExecuteConfig {
+        plan: &plan,
+        out_dir: &loaded.out,
+        jobs,
+        cache: if args.disable_cache { CacheMode::Disabled } else { CacheMode::Enabled },
+        rebuild: if args.no_rebuild { Rebuild::No } else { Rebuild::Cargo },
+        mtime: flotilla_package::archive::source_date_epoch()?,
+        retry: Retry {
+            count: args.retry_count,
+            delay: Duration::from_secs_f64(args.retry_duration),
+        },
+    };
+    let progress = TermProgress::new();
+    let report = build::execute(&config, &XshellCargo { sh }, &progress)?;
+    print_summary(&plan, &report, started.elapsed());
+    if !report.failed.is_empty() {
+        for (name, message) in &report.failed {
+            eprintln!("error: package {name}: {message}");
+        }
+        bail!("{} of {} packages failed", report.failed.len(), plan.outputs.len());
+    }
+    Ok(())
 }
-pub fn clean(_sh: &Shell, _ctx: &Context, _args: cli::ManifestArgs) -> anyhow::Result<()> {
-    anyhow::bail!("clean: being written")
+
+fn print_summary(plan: &Plan, report: &build::BuildReport, elapsed: Duration) {
+    println!("{:<40} {:>10}  {:<12}  {:<7} {:>7}", "OUTPUT", "SIZE", "BLAKE3", "STATUS", "TIME");
+    for r in &report.outputs {
+        let file = r.path.file_name().unwrap_or("");
+        let status = match r.outcome {
+            Outcome::Built => "built",
+            Outcome::Cached => "cached",
+            Outcome::Fetched => "fetched",
+            Outcome::Manual => "manual",
+        };
+        let note = if plan.outputs[&r.package].intermediate_only { " (intermediate)" } else { "" };
+        println!(
+            "{:<40} {:>10}  {:<12}  {:<7} {:>6.2}s{note}",
+            file,
+            human_size(r.size),
+            &r.blake3[..12.min(r.blake3.len())],
+            status,
+            r.elapsed.as_secs_f64(),
+        );
+    }
+    for (name, _) in &report.failed {
+        println!("{:<40} {:>10}  {:<12}  {:<7}", plan.outputs[name].file_name, "-", "-", "FAILED");
+    }
+    println!("{} outputs in {:.2}s", report.outputs.len(), elapsed.as_secs_f64());
 }
-pub fn stamp(_sh: &Shell, _ctx: &Context, _args: cli::StampArgs) -> anyhow::Result<()> {
-    anyhow::bail!("stamp: being written")
+
+pub fn list_outputs(_sh: &Shell, ctx: &Context, args: cli::ManifestArgs) -> anyhow::Result<()> {
+    let loaded = load(ctx, &args)?;
+    for (name, pkg) in &loaded.manifest.packages {
+        if loaded.target.includes(pkg.only_for_targets.as_ref()) {
+            println!("{}", loaded.out.join(pkg.output_file(name)));
+        }
+    }
+    Ok(())
 }
-pub fn dot(_sh: &Shell, _ctx: &Context, _args: cli::ManifestArgs) -> anyhow::Result<()> {
-    anyhow::bail!("dot: being written")
+
+pub fn check(sh: &Shell, ctx: &Context, args: cli::ManifestArgs) -> anyhow::Result<()> {
+    let loaded = load(ctx, &args)?;
+    let crates: BTreeSet<String> = loaded
+        .manifest
+        .packages
+        .iter()
+        .filter(|(_, p)| loaded.target.includes(p.only_for_targets.as_ref()) && p.rust().is_some())
+        .map(|(n, _)| n.to_string())
+        .collect();
+    if crates.is_empty() {
+        println!("the manifest is valid; no rust package to check");
+        return Ok(());
+    }
+    let packages: Vec<String> =
+        crates.iter().flat_map(|c| ["--package".to_owned(), c.clone()]).collect();
+    let cargo = crate::workflow::cargo();
+    scrub(cmd!(sh, "{cargo} check {packages...}")).run().with_context(|| {
+        format!("cargo check of {}", crates.into_iter().collect::<Vec<_>>().join(", "))
+    })?;
+    Ok(())
 }
-pub fn target(_sh: &Shell, _ctx: &Context, _args: cli::TargetArgs) -> anyhow::Result<()> {
-    anyhow::bail!("target: being written")
+
+pub fn clean(_sh: &Shell, ctx: &Context, args: cli::ManifestArgs) -> anyhow::Result<()> {
+    let out = ctx.user_path(&args.out);
+    let entries = match std::fs::read_dir(&out) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!("{out} does not exist; nothing to clean");
+            return Ok(());
+        }
+        Err(e) => return Err(e).with_context(|| format!("list {out}")),
+    };
+    // Named targets are configuration, not build output: they survive a clean.
+    for entry in entries {
+        let entry = entry.with_context(|| format!("list {out}"))?;
+        if entry.file_name() == "target" {
+            continue;
+        }
+        let path = entry.path();
+        let result = if entry.file_type()?.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        result.with_context(|| format!("remove {}", path.display()))?;
+    }
+    println!("removed the outputs, cache records and downloads under {out}");
+    Ok(())
+}
+
+pub fn stamp(sh: &Shell, ctx: &Context, args: cli::StampArgs) -> anyhow::Result<()> {
+    let loaded = load(ctx, &args.manifest)?;
+    let name = PackageName::new(args.package.as_str()).map_err(anyhow::Error::msg)?;
+    let version = semver::Version::parse(&args.version)
+        .with_context(|| format!("stamp {name}: `{}` is not a semver version", args.version))?;
+    let workspace = workspace(sh)?;
+    let plan = plan::plan(&PlanConfig {
+        manifest: &loaded.manifest,
+        target: &loaded.target,
+        workspace: &workspace,
+        out_dir: &loaded.out,
+        only: std::slice::from_ref(&name),
+    })?;
+    let mtime = flotilla_package::archive::source_date_epoch()?;
+    let summary = build::stamp(&plan.outputs[&name], &loaded.out, &version, mtime)?;
+    println!("{}  {}", summary.blake3, summary.path);
+    Ok(())
+}
+
+pub fn dot(_sh: &Shell, ctx: &Context, args: cli::ManifestArgs) -> anyhow::Result<()> {
+    let loaded = load(ctx, &args)?;
+    let m = &loaded.manifest;
+    println!("digraph packages {{");
+    println!("  rankdir=LR;");
+    for (name, pkg) in &m.packages {
+        if !loaded.target.includes(pkg.only_for_targets.as_ref()) {
+            continue;
+        }
+        let shape = match pkg.source {
+            PackageSource::Composite { .. } => "box3d",
+            PackageSource::Prebuilt { .. } => "cylinder",
+            PackageSource::Manual {} => "note",
+            PackageSource::Local { .. } => "box",
+        };
+        println!("  \"{name}\" [shape={shape}, label=\"{}\"];", pkg.output_file(name));
+        if let Some(rust) = pkg.rust() {
+            for bin in &rust.binary_names {
+                println!("  \"bin:{bin}\" [shape=ellipse, label=\"{bin}\"];");
+                println!("  \"bin:{bin}\" -> \"{name}\";");
+            }
+        }
+        for component in m.components(name) {
+            println!("  \"{component}\" -> \"{name}\";");
+        }
+    }
+    println!("}}");
+    Ok(())
+}
+
+pub fn target(_sh: &Shell, ctx: &Context, args: cli::TargetArgs) -> anyhow::Result<()> {
+    let manifest = Manifest::load(&ctx.user_path(&args.manifest.manifest))?;
+    let store = TargetStore::new(&ctx.user_path(&args.manifest.out));
+    let parse = |n: &str| TargetName::new(n).map_err(anyhow::Error::msg);
+    match args.command {
+        cli::TargetCommand::Create { name, preset, values } => {
+            let name = parse(&name)?;
+            let overrides = Target::parse_pairs(values.iter().map(String::as_str))
+                .map_err(|e| anyhow::anyhow!("target create {name}: {e}"))?;
+            let target = store.create(&manifest, &name, preset.as_deref(), &overrides)?;
+            println!("created target {name} ({target}) and made it active");
+        }
+        cli::TargetCommand::List => {
+            let active = store.active()?;
+            let targets = store.list()?;
+            if targets.is_empty() {
+                let fallback = if manifest.presets.contains_key("default") {
+                    "the manifest's default preset"
+                } else {
+                    "the empty target"
+                };
+                println!("no named targets; builds use {fallback}");
+            }
+            for (name, target) in targets {
+                let mark = if active.as_ref() == Some(&name) { "*" } else { " " };
+                println!("{mark} {name}: {target}");
+            }
+        }
+        cli::TargetCommand::Set { name } => {
+            let name = parse(&name)?;
+            store.set_active(&name)?;
+            println!("target {name} is now active");
+        }
+        cli::TargetCommand::Delete { name } => {
+            let name = parse(&name)?;
+            store.delete(&name)?;
+            println!("deleted target {name}");
+        }
+    }
+    Ok(())
+}
+
+fn parse_names(names: &[String]) -> anyhow::Result<Vec<PackageName>> {
+    names
+        .iter()
+        .map(|n| PackageName::new(n.as_str()).map_err(|e| anyhow::anyhow!("--only {n}: {e}")))
+        .collect()
+}
+
+/// Runs planned cargo builds through xshell with cargo's variables scrubbed.
+struct XshellCargo<'a> {
+    sh: &'a Shell,
+}
+
+impl CargoRunner for XshellCargo<'_> {
+    fn run(&self, build: &CargoBuild) -> Result<(), String> {
+        let cargo = crate::workflow::cargo();
+        let args = build.args();
+        scrub(cmd!(self.sh, "{cargo} {args...}")).run().map_err(|e| e.to_string())
+    }
+}
+
+/// Removes the `CARGO_*` variables cargo sets for the process it runs (`CARGO_PKG_*`,
+/// `CARGO_MANIFEST_DIR`, ...): a nested cargo that sees them rebuilds needlessly (omicron PR
+/// 7945). Variables a user sets to configure cargo are kept, because dropping them would
+/// build with another configuration (or into another target directory) than the user asked.
+fn scrub(mut cmd: xshell::Cmd<'_>) -> xshell::Cmd<'_> {
+    const USER_CONFIG: [&str; 11] = [
+        "CARGO_HOME",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_",
+        "CARGO_PROFILE_",
+        "CARGO_TERM_",
+        "CARGO_NET_",
+        "CARGO_HTTP_",
+        "CARGO_REGISTRIES_",
+        "CARGO_REGISTRY_",
+        "CARGO_INCREMENTAL",
+        "CARGO_LOG",
+    ];
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if key.starts_with("CARGO_") && !USER_CONFIG.iter().any(|k| key.starts_with(k)) {
+            cmd = cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
+/// The workspace's target directory and each crate's binaries, from `cargo metadata`.
+fn workspace(sh: &Shell) -> anyhow::Result<Workspace> {
+    #[derive(serde::Deserialize)]
+    struct Metadata {
+        target_directory: Utf8PathBuf,
+        packages: Vec<MetaPackage>,
+    }
+    #[derive(serde::Deserialize)]
+    struct MetaPackage {
+        name: String,
+        targets: Vec<MetaTarget>,
+    }
+    #[derive(serde::Deserialize)]
+    struct MetaTarget {
+        name: String,
+        kind: Vec<String>,
+    }
+    let cargo = crate::workflow::cargo();
+    let json = scrub(cmd!(sh, "{cargo} metadata --format-version 1 --no-deps"))
+        .quiet()
+        .read()
+        .context("read the workspace layout with cargo metadata")?;
+    let meta: Metadata = serde_json::from_str(&json).context("parse cargo metadata output")?;
+    let crates: BTreeMap<String, BTreeSet<String>> = meta
+        .packages
+        .into_iter()
+        .map(|p| {
+            let bins =
+                p.targets.into_iter().filter(|t| t.kind.iter().any(|k| k == "bin")).map(|t| t.name);
+            (p.name, bins.collect())
+        })
+        .collect();
+    Ok(Workspace { target_dir: meta.target_directory, crates })
 }
