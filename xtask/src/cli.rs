@@ -173,6 +173,13 @@ pub enum BenchCommand {
         /// documentation.
         #[arg(long, default_value_t = 400)]
         size_mb: u64,
+        /// How many interleaved rounds of every measurement; the table shows medians.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Also measure the alternatives: other gzip levels, one thread, and the deflate
+        /// backends on a sample of the payload.
+        #[arg(long)]
+        full: bool,
     },
 }
 
