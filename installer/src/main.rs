@@ -1,1 +1,182 @@
-fn main() {}
+//! `flotilla-installer`: the on-host half of a deploy. It is copied to each server next to the
+//! packages and run there (by `cargo xtask fling`, or by `cargo xtask install` locally).
+//!
+//! Exit codes: 0 success; 1 any error before activation (nothing changed on the host); 2 the
+//! install lock is held by someone else; 3 a service was not healthy after activation and the
+//! previous release was restored.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use camino::Utf8PathBuf;
+use clap::{Parser, Subcommand};
+use installer::runner::SystemRunner;
+use installer::{detect, Config, Error, Installer, ManagerKind, Outcome, DEFAULT_PREFIX};
+
+/// Install, activate, roll back and remove flotilla releases on this host [runs on: servers].
+#[derive(Debug, Parser)]
+#[command(name = "flotilla-installer", version)]
+struct Cli {
+    /// Where releases are installed.
+    #[arg(long, default_value = DEFAULT_PREFIX, global = true)]
+    prefix: Utf8PathBuf,
+    /// Where systemd unit files are written.
+    #[arg(long, default_value = installer::manager::DEFAULT_UNIT_DIR, global = true)]
+    unit_dir: Utf8PathBuf,
+    /// The service manager (`systemd` or `smf`); detected when not given.
+    #[arg(long, global = true)]
+    service_manager: Option<ManagerKind>,
+    /// How many releases to keep, the active one included.
+    #[arg(long, default_value_t = 3, global = true)]
+    keep: usize,
+    /// Seconds to wait for another install on this host to finish before giving up.
+    #[arg(long, default_value_t = 0, global = true)]
+    lock_wait: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Verify, unpack and activate the packages of a directory holding `digests.b3`.
+    Install {
+        /// The directory with the `*.tar.gz`/`*.tar` packages and `digests.b3`.
+        packages: Utf8PathBuf,
+        /// This server's overlay: files under `opt/flotilla/<service>/` placed into the
+        /// release before any service starts.
+        #[arg(long)]
+        overlay: Option<Utf8PathBuf>,
+    },
+    /// Activate the previous release, or the one given.
+    Rollback {
+        /// The release id to activate (see `status`).
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Show the active release, every release, and each service's state and health.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop and disable the services; keep the files.
+    Deactivate,
+    /// Stop the services and remove them, every release and the state.
+    Uninstall {
+        /// Remove the services' data directory too.
+        #[arg(long)]
+        purge: bool,
+    },
+    /// Remove every release except the active one.
+    Clean,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            match err.downcast_ref::<Error>() {
+                Some(Error::Locked { .. }) => ExitCode::from(2),
+                Some(Error::Unhealthy { .. }) => ExitCode::from(3),
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let manager = match cli.service_manager {
+        Some(kind) => kind,
+        None => detect("/".into())?,
+    };
+    let config = Config {
+        prefix: cli.prefix,
+        unit_dir: cli.unit_dir,
+        manager,
+        keep: cli.keep,
+        lock_wait: Duration::from_secs(cli.lock_wait),
+    };
+    let installer =
+        Installer::new(config, Arc::new(SystemRunner)).with_log(|line| eprintln!("{line}"));
+    match cli.command {
+        Command::Install { packages, overlay } => {
+            let outcome = installer.install(&packages, overlay.as_deref())?;
+            print_outcome(&outcome);
+        }
+        Command::Rollback { to } => {
+            let outcome = installer.rollback(to.as_deref())?;
+            print_outcome(&outcome);
+        }
+        Command::Status { json } => {
+            let status = installer.status()?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).context("write the status as JSON")?
+                );
+            } else {
+                print_status(&status);
+            }
+        }
+        Command::Deactivate => {
+            let services = installer.deactivate()?;
+            println!("stopped and disabled: {}", list(&services));
+        }
+        Command::Uninstall { purge } => {
+            let services = installer.uninstall(purge)?;
+            println!("uninstalled; removed services: {}", list(&services));
+        }
+        Command::Clean => {
+            let removed = installer.clean()?;
+            println!("removed releases: {}", list(&removed));
+        }
+    }
+    Ok(())
+}
+
+fn list(items: &[String]) -> String {
+    if items.is_empty() {
+        "none".to_owned()
+    } else {
+        items.join(", ")
+    }
+}
+
+fn print_outcome(outcome: &Outcome) {
+    println!("active release: {}", outcome.release);
+    println!("restarted: {}", list(&outcome.restarted));
+    println!("unchanged: {}", list(&outcome.unchanged));
+    if !outcome.removed.is_empty() {
+        println!("removed services: {}", list(&outcome.removed));
+    }
+    if !outcome.pruned.is_empty() {
+        println!("pruned releases: {}", list(&outcome.pruned));
+    }
+}
+
+fn print_status(status: &installer::Status) {
+    println!("service manager: {}", status.manager);
+    println!("prefix: {}", status.prefix);
+    println!("active release: {}", status.active.as_deref().unwrap_or("none"));
+    for release in &status.releases {
+        let mark = if release.active { "*" } else { " " };
+        println!(
+            "{mark} {} (unpacked at {}): {}",
+            release.id,
+            release.created_at,
+            release.packages.join(", ")
+        );
+    }
+    for service in &status.services {
+        let health = match (service.healthy, &service.health_detail) {
+            (None, _) => "no health check".to_owned(),
+            (Some(true), _) => "healthy".to_owned(),
+            (Some(false), detail) => format!("unhealthy: {}", detail.as_deref().unwrap_or("")),
+        };
+        println!("  {}: {} ({health})", service.name, service.state);
+    }
+}

@@ -1,0 +1,556 @@
+//! The installer on a temporary prefix, with a recording runner standing in for systemd and
+//! SMF: what is unpacked where, which commands run in which order, what is restarted, and that
+//! every bad input leaves the previous release active and nothing half-installed.
+
+mod support;
+
+use std::fs;
+use std::sync::Arc;
+use std::time::Duration;
+
+use camino::Utf8Path;
+use installer::runner::{Output, RecordingRunner};
+use installer::{Config, Error, Installer, ManagerKind};
+use support::{packages_dir, smf_manifest, tar_bytes, zone_bytes, Entry, Service, TempDir};
+
+/// A runner where every command succeeds and every service reports itself running.
+fn running() -> Arc<RecordingRunner> {
+    Arc::new(RecordingRunner::with(|cmd| {
+        let stdout = if cmd.args.first().map(String::as_str) == Some("is-active") {
+            "active\n"
+        } else if cmd.program.ends_with("svcs")
+            && cmd.args.first().map(String::as_str) == Some("-H")
+        {
+            "online\n"
+        } else {
+            ""
+        };
+        Output {
+            success: true,
+            status: "exit status: 0".into(),
+            stdout: stdout.into(),
+            stderr: String::new(),
+        }
+    }))
+}
+
+fn installer(root: &Utf8Path, manager: ManagerKind, runner: &Arc<RecordingRunner>) -> Installer {
+    let config = Config {
+        prefix: root.join("prefix"),
+        unit_dir: root.join("units"),
+        manager,
+        keep: 3,
+        lock_wait: Duration::ZERO,
+    };
+    Installer::new(config, runner.clone())
+}
+
+fn listing(dir: &Utf8Path) -> Vec<String> {
+    let mut names: Vec<String> = match dir.read_dir_utf8() {
+        Ok(entries) => entries.map(|e| e.unwrap().file_name().to_owned()).collect(),
+        Err(_) => Vec::new(),
+    };
+    names.sort();
+    names
+}
+
+/// Two services, `a` and `b` (b starts after a), each in its own zone image.
+fn two_services(
+    root: &Utf8Path,
+    tag: &str,
+    b_config: &str,
+    b_health: Option<&str>,
+) -> camino::Utf8PathBuf {
+    let a = Service::new("a");
+    let b = Service {
+        config: b_config,
+        health: b_health,
+        unit_extra: "After=a.service",
+        ..Service::new("b")
+    };
+    packages_dir(root, tag, &[("a.tar.gz", a.zone()), ("b.tar.gz", b.zone())])
+}
+
+#[test]
+fn install_is_idempotent_and_restarts_only_what_changed() {
+    let tmp = TempDir::new("install");
+    let root = tmp.path();
+    let runner = running();
+    let inst = installer(root, ManagerKind::Systemd, &runner);
+    let v1 = two_services(root, "v1", "v = 1\n", None);
+
+    let first = inst.install(&v1, None).unwrap();
+    assert!(first.unpacked);
+    assert_eq!(first.restarted, ["a", "b"]);
+    let prefix = root.join("prefix");
+    let units = root.join("units");
+    let release = prefix.join("releases").join(&first.release);
+    assert_eq!(
+        fs::read_link(prefix.join("current")).unwrap().to_str().unwrap(),
+        format!("releases/{}", first.release)
+    );
+    assert_eq!(fs::read_to_string(release.join("b/pkg/config.toml")).unwrap(), "v = 1\n");
+    assert!(release.join("a/bin/a").is_file());
+    // Unit files name paths under the default prefix; under another one they are rewritten.
+    let unit = fs::read_to_string(units.join("a.service")).unwrap();
+    assert!(unit.contains(&format!(
+        "ExecStart={prefix}/current/a/bin/a --config {prefix}/current/a/pkg/config.toml"
+    )));
+    assert_eq!(listing(&units), ["a.service", "b.service"]);
+    // Units are in place before the reload; a starts before b, which is ordered after it.
+    assert_eq!(
+        runner.take(),
+        [
+            "systemctl daemon-reload",
+            "systemctl enable a.service b.service",
+            "systemctl restart a.service",
+            "systemctl restart b.service",
+            "systemctl is-active a.service",
+            "systemctl is-active b.service",
+        ]
+    );
+
+    // The same packages again: the same release, nothing reloaded, nothing restarted.
+    let again = inst.install(&v1, None).unwrap();
+    assert_eq!(again.release, first.release);
+    assert!(!again.unpacked);
+    assert!(again.restarted.is_empty(), "{again:?}");
+    let commands = runner.take();
+    assert!(
+        commands.iter().all(|c| !c.contains("restart") && !c.contains("daemon-reload")),
+        "{commands:?}"
+    );
+
+    // One package changed: only its service restarts.
+    let v2 = two_services(root, "v2", "v = 2\n", None);
+    let second = inst.install(&v2, None).unwrap();
+    assert_ne!(second.release, first.release);
+    assert_eq!(second.restarted, ["b"]);
+    assert_eq!(second.unchanged, ["a"]);
+    let commands = runner.take();
+    assert!(commands.contains(&"systemctl restart b.service".to_owned()), "{commands:?}");
+    assert!(commands.contains(&"systemctl start a.service".to_owned()), "{commands:?}");
+    assert!(!commands.iter().any(|c| c.contains("restart a.service")), "{commands:?}");
+    // Neither unit file changed, so systemd is not reloaded.
+    assert!(!commands.iter().any(|c| c.contains("daemon-reload")), "{commands:?}");
+
+    // Rollback goes to the first release and restarts b again; rollback --to returns.
+    let back = inst.rollback(None).unwrap();
+    assert_eq!(back.release, first.release);
+    assert_eq!(back.restarted, ["b"]);
+    assert_eq!(fs::read_to_string(prefix.join("current/b/pkg/config.toml")).unwrap(), "v = 1\n");
+    let forward = inst.rollback(Some(&second.release)).unwrap();
+    assert_eq!(forward.release, second.release);
+    let err = inst.rollback(Some("nonexistent")).unwrap_err().to_string();
+    assert!(err.starts_with("rollback: no release nonexistent on this host"), "{err}");
+
+    // Status reads the state of each service through the manager.
+    runner.take();
+    let status = inst.status().unwrap();
+    assert_eq!(status.active.as_deref(), Some(second.release.as_str()));
+    assert_eq!(status.releases.len(), 2);
+    assert!(status.services.iter().all(|s| s.running && s.state == "active"));
+
+    // Deactivate stops in reverse dependency order and keeps the files.
+    runner.take();
+    assert_eq!(inst.deactivate().unwrap(), ["b", "a"]);
+    assert_eq!(
+        runner.take(),
+        ["systemctl disable --now b.service", "systemctl disable --now a.service"]
+    );
+    assert!(prefix.join("current/a/bin/a").is_file());
+
+    // Uninstall removes units, releases and state, and keeps the data directory.
+    fs::create_dir_all(prefix.join("data/a")).unwrap();
+    fs::write(prefix.join("data/a/db"), "keep").unwrap();
+    inst.uninstall(false).unwrap();
+    assert_eq!(listing(&units), Vec::<String>::new());
+    assert_eq!(listing(&prefix), ["data"]);
+    inst.uninstall(true).unwrap();
+    assert!(!prefix.exists());
+}
+
+#[test]
+fn keeps_the_configured_number_of_releases() {
+    let tmp = TempDir::new("keep");
+    let root = tmp.path();
+    let runner = running();
+    let mut config = Config {
+        prefix: root.join("prefix"),
+        unit_dir: root.join("units"),
+        manager: ManagerKind::Systemd,
+        keep: 2,
+        lock_wait: Duration::ZERO,
+    };
+    let inst = Installer::new(config.clone(), runner.clone());
+    let mut ids = Vec::new();
+    for v in 1..=3 {
+        let dir = two_services(root, &format!("v{v}"), &format!("v = {v}\n"), None);
+        // Release creation times are whole seconds; the order among equal times is by id,
+        // so each install waits for a new second to keep "oldest" unambiguous.
+        std::thread::sleep(Duration::from_millis(1100));
+        ids.push(inst.install(&dir, None).unwrap());
+    }
+    assert_eq!(ids[2].pruned, [ids[0].release.clone()]);
+    let mut expected = vec![ids[1].release.clone(), ids[2].release.clone()];
+    expected.sort();
+    assert_eq!(listing(&root.join("prefix/releases")), expected);
+    config.keep = 1;
+    let removed = Installer::new(config, runner).clean().unwrap();
+    assert_eq!(removed, [ids[1].release.clone()]);
+}
+
+#[test]
+fn an_unhealthy_upgrade_restores_the_previous_release() {
+    let tmp = TempDir::new("unhealthy");
+    let root = tmp.path();
+    let runner = running();
+    let inst = installer(root, ManagerKind::Systemd, &runner);
+    let good = inst.install(&two_services(root, "v1", "v = 1\n", None), None).unwrap();
+    runner.take();
+
+    let never = "command = [\"false\"]\ntimeout_secs = 1\n";
+    let bad = two_services(root, "v2", "v = 2\n", Some(never));
+    let err = inst.install(&bad, None).unwrap_err();
+    assert!(matches!(err, Error::Unhealthy { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains("service b is not healthy: health check failed"), "{text}");
+    assert!(text.contains(&format!("reverted to release {}", good.release)), "{text}");
+    let commands = runner.take();
+    // b was restarted into the new release, its log read, then restarted into the old one.
+    let restarts = commands.iter().filter(|c| *c == "systemctl restart b.service").count();
+    assert_eq!(restarts, 2, "{commands:?}");
+    assert!(
+        commands.contains(&"journalctl -u b.service -n 20 --no-pager".to_owned()),
+        "{commands:?}"
+    );
+    assert!(!commands.iter().any(|c| c.contains("restart a.service")), "{commands:?}");
+    assert_previous_active(root, &good.release);
+}
+
+#[test]
+fn an_unhealthy_first_install_leaves_nothing_active() {
+    let tmp = TempDir::new("unhealthy-first");
+    let root = tmp.path();
+    let runner = running();
+    let inst = installer(root, ManagerKind::Systemd, &runner);
+    let never = "command = [\"false\"]\ntimeout_secs = 1\n";
+    let err = inst
+        .install(&two_services(root, "v1", "v = 1\n", Some(never)), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no previous release: the new services were stopped and removed"),
+        "{err}"
+    );
+    assert!(fs::symlink_metadata(root.join("prefix/current")).is_err());
+    assert_eq!(listing(&root.join("units")), Vec::<String>::new());
+    assert_eq!(listing(&root.join("prefix/releases")), Vec::<String>::new());
+    let commands = runner.take();
+    assert!(commands.contains(&"systemctl disable --now b.service".to_owned()), "{commands:?}");
+}
+
+/// The previous release is active, its units are in place, and nothing else was left.
+fn assert_previous_active(root: &Utf8Path, id: &str) {
+    let prefix = root.join("prefix");
+    assert_eq!(
+        fs::read_link(prefix.join("current")).unwrap().to_str().unwrap(),
+        format!("releases/{id}")
+    );
+    assert_eq!(listing(&prefix.join("releases")), [id.to_owned()]);
+    assert_eq!(listing(&root.join("units")), ["a.service", "b.service"]);
+    assert_eq!(fs::read_to_string(prefix.join("current/b/pkg/config.toml")).unwrap(), "v = 1\n");
+}
+
+#[test]
+fn every_bad_input_is_refused_and_the_previous_release_stays_active() {
+    let tmp = TempDir::new("bad");
+    let root = tmp.path();
+    let runner = running();
+    let inst = installer(root, ManagerKind::Systemd, &runner);
+    let good = inst.install(&two_services(root, "good", "v = 1\n", None), None).unwrap();
+    let a = Service::new("a").zone();
+    let svc = "root/opt/flotilla/b";
+    let b_with = |extra: Vec<Entry>| {
+        let mut entries = Service { config: "v = 1\n", ..Service::new("b") }.entries();
+        entries.extend(extra);
+        zone_bytes("b", entries)
+    };
+
+    let mut corrupt = Service::new("b").zone();
+    let middle = corrupt.len() / 2;
+    corrupt.truncate(middle);
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("corrupt", corrupt, "unpack"),
+        (
+            "dotdot",
+            b_with(vec![Entry::file(&format!("{svc}/../../../../../evil"), "x")]),
+            "contains `..`",
+        ),
+        ("absolute", b_with(vec![Entry::file("/etc/evil", "x")]), "an absolute path"),
+        (
+            "outside",
+            b_with(vec![Entry::file("root/etc/evil", "x")]),
+            "lands outside root/opt/flotilla/",
+        ),
+        (
+            "symlink-abs",
+            b_with(vec![Entry::Symlink { path: format!("{svc}/l"), target: "/etc".into() }]),
+            "a symbolic link to the absolute path /etc",
+        ),
+        (
+            "symlink-up",
+            b_with(vec![Entry::Symlink { path: format!("{svc}/l"), target: "../../..".into() }]),
+            "outside the release",
+        ),
+        (
+            "through-symlink",
+            b_with(vec![
+                Entry::Symlink { path: format!("{svc}/l"), target: ".".into() },
+                Entry::file(&format!("{svc}/l/x"), "x"),
+            ]),
+            "goes through the symbolic link",
+        ),
+        (
+            "hardlink-out",
+            b_with(vec![Entry::HardLink {
+                path: format!("{svc}/h"),
+                target: "/etc/passwd".into(),
+            }]),
+            "hard link target: an absolute path",
+        ),
+        (
+            "hardlink-missing",
+            b_with(vec![Entry::HardLink {
+                path: format!("{svc}/h"),
+                target: format!("{svc}/nothing"),
+            }]),
+            "not earlier in the archive",
+        ),
+        (
+            "device",
+            b_with(vec![Entry::CharDevice { path: format!("{svc}/null") }]),
+            "a device file",
+        ),
+        (
+            "no-oxide-json",
+            support::gzip(&tar_bytes(&Service::new("b").entries())),
+            "the first entry is `root/`, not the file oxide.json",
+        ),
+        (
+            "no-unit",
+            Service { with_unit: false, ..Service::new("b") }.zone(),
+            "package b: service b has no systemd service definition: pkg/b.service is missing",
+        ),
+        (
+            "bad-manifest",
+            zone_bytes("b", {
+                let mut e = Service { with_manifest: false, ..Service::new("b") }.entries();
+                e.push(Entry::file(&format!("{svc}/pkg/manifest.xml"), "<service_bundle"));
+                e
+            }),
+            "pkg/manifest.xml: not valid XML",
+        ),
+        (
+            "bad-health",
+            Service { health: Some("http = \"ftp://x\""), ..Service::new("b") }.zone(),
+            "service b: pkg/health.toml: field `http`",
+        ),
+    ];
+    for (tag, b, expected) in cases {
+        let dir = packages_dir(root, tag, &[("a.tar.gz", a.clone()), ("b.tar.gz", b)]);
+        let err = inst.install(&dir, None).unwrap_err().to_string();
+        assert!(err.contains(expected), "{tag}: {err:?} should contain {expected:?}");
+        assert_previous_active(root, &good.release);
+    }
+
+    // A digest mismatch, a package missing from the list, a listed package that is missing.
+    let dir = packages_dir(root, "mismatch", &[("a.tar.gz", a.clone())]);
+    fs::write(dir.join("a.tar.gz"), Service { config: "tampered", ..Service::new("a") }.zone())
+        .unwrap();
+    let err = inst.install(&dir, None).unwrap_err().to_string();
+    assert!(err.contains("a.tar.gz: digest mismatch"), "{err}");
+    fs::write(dir.join("stray.tar"), tar_bytes(&[])).unwrap();
+    let err = inst.install(&dir, None).unwrap_err().to_string();
+    assert!(err.contains("stray.tar: not listed in"), "{err}");
+    fs::remove_file(dir.join("stray.tar")).unwrap();
+    fs::remove_file(dir.join("a.tar.gz")).unwrap();
+    let err = inst.install(&dir, None).unwrap_err().to_string();
+    assert!(err.contains("a.tar.gz: listed in") && err.contains("but missing"), "{err}");
+    assert_previous_active(root, &good.release);
+}
+
+#[test]
+fn a_second_install_is_refused_while_the_lock_is_held() {
+    let tmp = TempDir::new("lock");
+    let root = tmp.path();
+    let runner = running();
+    let inst = installer(root, ManagerKind::Systemd, &runner);
+    fs::create_dir_all(root.join("prefix")).unwrap();
+    let held = installer::lock::InstallLock::acquire(
+        &root.join("prefix/install.lock"),
+        "install from a test",
+        Duration::ZERO,
+    )
+    .unwrap();
+    let err = inst.install(&two_services(root, "v1", "v = 1\n", None), None).unwrap_err();
+    assert!(matches!(err, Error::Locked { .. }), "{err:?}");
+    assert!(err.to_string().contains("what=install from a test"), "{err}");
+    assert!(runner.take().is_empty(), "nothing ran");
+    drop(held);
+    inst.install(&two_services(root, "v1b", "v = 1\n", None), None).unwrap();
+}
+
+#[test]
+fn the_overlay_is_in_place_before_services_start() {
+    let tmp = TempDir::new("overlay");
+    let root = tmp.path();
+    let runner = running();
+    let inst = installer(root, ManagerKind::Systemd, &runner);
+    let packages = two_services(root, "v1", "v = 1\n", None);
+    let plain = inst.install(&packages, None).unwrap();
+    let overlay = root.join("overlay");
+    fs::create_dir_all(overlay.join("opt/flotilla/b/pkg")).unwrap();
+    fs::write(overlay.join("opt/flotilla/b/pkg/config.toml"), "v = 'node1'\n").unwrap();
+    fs::write(overlay.join("opt/flotilla/b/pkg/share.json"), "{}").unwrap();
+    let with = inst.install(&packages, Some(&overlay)).unwrap();
+    assert_ne!(with.release, plain.release, "the overlay is part of the release");
+    assert_eq!(with.restarted, ["b"], "only the service whose files the overlay changed");
+    let current = root.join("prefix/current/b/pkg");
+    assert_eq!(fs::read_to_string(current.join("config.toml")).unwrap(), "v = 'node1'\n");
+    assert!(current.join("share.json").is_file());
+
+    fs::write(overlay.join("stray"), "x").unwrap();
+    let err = inst.install(&packages, Some(&overlay)).unwrap_err().to_string();
+    assert!(err.contains("stray: outside opt/flotilla/"), "{err}");
+    fs::remove_file(overlay.join("stray")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", overlay.join("opt/flotilla/b/pkg/link")).unwrap();
+    let err = inst.install(&packages, Some(&overlay)).unwrap_err().to_string();
+    assert!(err.contains("a symbolic link"), "{err}");
+}
+
+#[test]
+fn smf_command_sequences() {
+    let tmp = TempDir::new("smf");
+    let root = tmp.path();
+    let runner = running();
+    let inst = installer(root, ManagerKind::Smf, &runner);
+    let mut b = Service { with_manifest: false, with_unit: false, ..Service::new("b") }.entries();
+    b.push(Entry::file("root/opt/flotilla/b/pkg/manifest.xml", &smf_manifest("b", &["a"])));
+    let v1 = packages_dir(
+        root,
+        "v1",
+        &[
+            ("a.tar.gz", Service { with_unit: false, ..Service::new("a") }.zone()),
+            ("b.tar.gz", zone_bytes("b", b)),
+        ],
+    );
+    let first = inst.install(&v1, None).unwrap();
+    let rel = root.join("prefix/releases").join(&first.release);
+    assert_eq!(
+        runner.take(),
+        [
+            format!("/usr/sbin/svccfg import {rel}/a/pkg/manifest.xml"),
+            format!("/usr/sbin/svccfg import {rel}/b/pkg/manifest.xml"),
+            "/usr/sbin/svcadm enable -s svc:/flotilla/a:default".into(),
+            "/usr/sbin/svcadm restart svc:/flotilla/a:default".into(),
+            "/usr/sbin/svcadm enable -s svc:/flotilla/b:default".into(),
+            "/usr/sbin/svcadm restart svc:/flotilla/b:default".into(),
+            "/usr/bin/svcs -H -o state svc:/flotilla/a:default".into(),
+            "/usr/bin/svcs -H -o state svc:/flotilla/b:default".into(),
+        ]
+    );
+    // The manifest is imported from the release with the prefix rewritten.
+    let manifest = fs::read_to_string(rel.join("a/pkg/manifest.xml")).unwrap();
+    assert!(
+        manifest.contains(&format!("exec=\"{}/current/a/bin/a &amp;\"", root.join("prefix"))),
+        "{manifest}"
+    );
+
+    // The same packages: enable (a no-op for online services), nothing imported or restarted.
+    inst.install(&v1, None).unwrap();
+    assert_eq!(
+        runner.take(),
+        [
+            "/usr/sbin/svcadm enable -s svc:/flotilla/a:default",
+            "/usr/sbin/svcadm enable -s svc:/flotilla/b:default",
+            "/usr/bin/svcs -H -o state svc:/flotilla/a:default",
+            "/usr/bin/svcs -H -o state svc:/flotilla/b:default",
+        ]
+    );
+
+    inst.uninstall(false).unwrap();
+    assert_eq!(
+        runner.take(),
+        [
+            "/usr/sbin/svcadm disable -s svc:/flotilla/b:default",
+            "/usr/sbin/svcadm disable -s svc:/flotilla/a:default",
+            "/usr/sbin/svccfg delete -f svc:/flotilla/a",
+            "/usr/sbin/svccfg delete -f svc:/flotilla/b",
+        ]
+    );
+}
+
+#[test]
+fn smf_failure_reports_svcs_diagnosis() {
+    let tmp = TempDir::new("smf-fail");
+    let root = tmp.path();
+    let runner = Arc::new(RecordingRunner::with(|cmd| {
+        let stdout = match cmd.args.first().map(String::as_str) {
+            Some("-H") => "maintenance\n",
+            Some("-xv") => "svc:/flotilla/a:default (a)\n State: maintenance since now\nReason: Start method failed.\n",
+            _ => "",
+        };
+        Output {
+            success: true,
+            status: "exit status: 0".into(),
+            stdout: stdout.into(),
+            stderr: String::new(),
+        }
+    }));
+    let inst = installer(root, ManagerKind::Smf, &runner);
+    let a = Service {
+        with_unit: false,
+        health: Some("command = [\"true\"]\ntimeout_secs = 1"),
+        ..Service::new("a")
+    };
+    let dir = packages_dir(root, "v1", &[("a.tar.gz", a.zone())]);
+    let err = inst.install(&dir, None).unwrap_err().to_string();
+    assert!(err.contains("service a is not healthy: its state is `maintenance`"), "{err}");
+    assert!(err.contains("Reason: Start method failed."), "{err}");
+    let commands = runner.take();
+    assert!(
+        commands.contains(&"/usr/bin/svcs -xv svc:/flotilla/a:default".to_owned()),
+        "{commands:?}"
+    );
+    assert!(
+        commands.contains(&"/usr/sbin/svccfg delete -f svc:/flotilla/a".to_owned()),
+        "{commands:?}"
+    );
+}
+
+#[test]
+fn the_binary_refuses_an_unknown_service_manager() {
+    // This machine runs neither systemd as init nor SMF, which is the case under test; on a
+    // host that does, the override flag is checked instead.
+    let tmp = TempDir::new("bin");
+    let root = tmp.path();
+    let dir = two_services(root, "v1", "v = 1\n", None);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla-installer"))
+        .args(["--prefix", root.join("prefix").as_str(), "install", dir.as_str()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if Utf8Path::new("/run/systemd/system").is_dir() || Utf8Path::new("/usr/sbin/svcadm").exists() {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla-installer"))
+            .args(["--service-manager", "upstart", "status"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("unknown service manager `upstart`"));
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("detect the service manager: neither /run/systemd/system"), "{stderr}");
+    assert!(!root.join("prefix").exists(), "nothing was written");
+}
