@@ -93,7 +93,8 @@ pub struct StampArgs {
     /// The package to stamp.
     pub package: String,
     /// The version to stamp it with (semver).
-    pub version: String,
+    #[arg(value_name = "VERSION")]
+    pub semver: String,
 }
 
 #[derive(Debug, Args)]

@@ -177,8 +177,8 @@ pub fn clean(_sh: &Shell, ctx: &Context, args: cli::ManifestArgs) -> anyhow::Res
 pub fn stamp(sh: &Shell, ctx: &Context, args: cli::StampArgs) -> anyhow::Result<()> {
     let loaded = load(ctx, &args.manifest)?;
     let name = PackageName::new(args.package.as_str()).map_err(anyhow::Error::msg)?;
-    let version = semver::Version::parse(&args.version)
-        .with_context(|| format!("stamp {name}: `{}` is not a semver version", args.version))?;
+    let version = semver::Version::parse(&args.semver)
+        .with_context(|| format!("stamp {name}: `{}` is not a semver version", args.semver))?;
     let workspace = workspace(sh)?;
     let plan = plan::plan(&PlanConfig {
         manifest: &loaded.manifest,
