@@ -99,23 +99,6 @@ fn mentions(cmdline: &[u8], marker: &[u8]) -> bool {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn processes_are_recognised_by_whole_words_of_their_command_line() {
-        let nspawn = b"systemd-nspawn\0-q\0-M\0flt-abcdef-node1\0--console=read-only\0";
-        assert!(mentions(nspawn, b"flt-abcdef-node1"));
-        assert!(!mentions(nspawn, b"flt-abcdef-node"));
-        assert!(!mentions(b"-M\0flt-abcdef-node10\0", b"flt-abcdef-node1"));
-        let sshd =
-            b"sshd: /usr/sbin/sshd -D -e -f /t/beds/x/builder/sshd_config [listener] 0 of 10";
-        assert!(mentions(sshd, b"/t/beds/x/builder/sshd_config"));
-        assert!(!mentions(sshd, b"/t/beds/x/builder/sshd"));
-    }
-}
-
 /// SIGTERM to each process, then SIGKILL to those still running after the timeout.
 fn stop(processes: &[(u32, String)]) {
     let ours: Vec<(u32, &str)> = processes
@@ -217,4 +200,21 @@ fn list_dir(dir: &str) -> Vec<String> {
     std::fs::read_dir(dir)
         .map(|entries| entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn processes_are_recognised_by_whole_words_of_their_command_line() {
+        let nspawn = b"systemd-nspawn\0-q\0-M\0flt-abcdef-node1\0--console=read-only\0";
+        assert!(mentions(nspawn, b"flt-abcdef-node1"));
+        assert!(!mentions(nspawn, b"flt-abcdef-node"));
+        assert!(!mentions(b"-M\0flt-abcdef-node10\0", b"flt-abcdef-node1"));
+        let sshd =
+            b"sshd: /usr/sbin/sshd -D -e -f /t/beds/x/builder/sshd_config [listener] 0 of 10";
+        assert!(mentions(sshd, b"/t/beds/x/builder/sshd_config"));
+        assert!(!mentions(sshd, b"/t/beds/x/builder/sshd"));
+    }
 }

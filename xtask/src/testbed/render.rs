@@ -257,6 +257,21 @@ mod tests {
     }
 
     #[test]
+    fn fling_reads_the_deployment_configs() {
+        for family in [AddressFamily::V4, AddressFamily::V6] {
+            let text =
+                deployment("t", Utf8Path::new("/src"), &nodes(), &builder(), &files(), family);
+            let config =
+                crate::fling::config::Config::parse(Utf8Path::new("deployment.toml"), &text)
+                    .unwrap_or_else(|err| {
+                        panic!("fling rejects the testbed's config: {err}\n{text}")
+                    });
+            assert_eq!(config.deployment.servers.len(), 2);
+            assert_eq!(config.builder_server().port, 40022);
+        }
+    }
+
+    #[test]
     fn remote_arguments_survive_the_remote_shell() {
         assert_eq!(shell_quote("systemctl"), "systemctl");
         assert_eq!(shell_quote(""), "''");
