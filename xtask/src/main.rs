@@ -5,6 +5,7 @@
 
 mod bench;
 mod cli;
+mod fling;
 mod package;
 mod progress;
 mod testbed;
@@ -48,6 +49,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
         Command::Completions(args) => workflow::completions(args),
         Command::Bench(args) => bench::run(&sh, &ctx, args),
         Command::Testbed(args) => testbed::run(&sh, args),
+        Command::Fling(args) => fling::run(&sh, &ctx, args),
     }
 }
 

@@ -57,16 +57,24 @@ fn every_smf_directory_belongs_to_a_package() {
     }
 }
 
-/// The example deployment config is well-formed: every server it refers to is defined.
+/// The example deployment config passes `fling`'s own parser and validation (every server it
+/// refers to exists, no duplicates, paths absolute or `$HOME`-relative), and plans a deploy
+/// to every one of its servers. `--dry-run` runs nothing.
 #[test]
 fn deployment_example_refers_to_defined_servers() {
-    let config = read_toml("deployment-example.toml");
-    let servers = config["servers"].as_table().expect("[servers.*] tables");
-    let builder = config["builder"]["server"].as_str().expect("builder.server");
-    assert!(servers.contains_key(builder), "builder.server {builder:?} is not in [servers]");
-    for server in config["deployment"]["servers"].as_array().expect("deployment.servers") {
-        let server = server.as_str().expect("server names are strings");
-        assert!(servers.contains_key(server), "deployment.servers: {server:?} is not in [servers]");
+    let output = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["fling", "--config", "deployment-example.toml", "--dry-run", "deploy", "install"])
+        .current_dir(root())
+        .output()
+        .expect("run cargo xtask fling --dry-run");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "deployment-example.toml was refused:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for server in ["node1", "node2", "node3"] {
+        assert!(stdout.contains(&format!("[{server}] install (runs on builder -> {server})")));
     }
 }
 

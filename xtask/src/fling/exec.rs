@@ -1,0 +1,650 @@
+//! Walks a plan: setup against the builder, then every host concurrently (bounded, with a
+//! separate bound on connection starts), then teardown; streams host-prefixed output, keeps
+//! what the recap needs, and turns the results into an exit code.
+//!
+//! One host failing never stops the others: a host stops at its own first failing step.
+
+use std::{
+    collections::VecDeque,
+    io::{BufRead, BufReader, IsTerminal, Read, Write},
+    process::{Command, Stdio},
+    sync::{Condvar, Mutex},
+    time::{Duration, Instant},
+};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde_json::json;
+use xshell::{cmd, Shell};
+
+use super::plan::{Plan, Step, StepKind, LOCK_HELD_STATUS};
+
+/// Every host succeeded.
+pub const EXIT_OK: i32 = 0;
+// Exit code 1 is `cargo xtask`'s own: fling could not run at all (a bad config, bad
+// arguments, a local error).
+/// At least one host failed a step (and none was unreachable).
+pub const EXIT_FAILED: i32 = 2;
+/// Another run holds the deploy lock on the builder.
+pub const EXIT_LOCKED: i32 = 3;
+/// At least one host could not be reached (and none failed otherwise).
+pub const EXIT_UNREACHABLE: i32 = 4;
+/// Some hosts failed and some could not be reached.
+pub const EXIT_FAILED_AND_UNREACHABLE: i32 = 6;
+
+/// How many stderr lines of a failed step the recap shows.
+const TAIL_LINES: usize = 8;
+
+/// How a run is carried out.
+pub struct Options {
+    pub parallel: usize,
+    pub connect_parallel: usize,
+    pub json: bool,
+    /// Environment for every command (the private agent's socket).
+    pub env: Vec<(String, String)>,
+}
+
+/// How one host ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Failed {
+        code: Option<i32>,
+    },
+    Unreachable,
+    /// Never started, with the reason.
+    Skipped(String),
+}
+
+/// The recap line of one host.
+#[derive(Debug, Clone)]
+pub struct HostReport {
+    pub host: String,
+    /// The last step that ran (or would have).
+    pub step: String,
+    pub outcome: Outcome,
+    pub duration: Duration,
+    pub bytes_sent: u64,
+    /// The last lines the failing step wrote to stderr.
+    pub stderr_tail: Vec<String>,
+}
+
+/// The result of a run.
+pub struct Report {
+    pub command: String,
+    pub hosts: Vec<HostReport>,
+    /// Set when setup failed: why every host was skipped.
+    pub setup_failure: Option<HostReport>,
+    pub exit_code: i32,
+    pub duration: Duration,
+}
+
+/// Runs the plan and reports. Teardown runs whenever the builder was reached.
+pub fn execute(sh: &Shell, plan: &Plan, options: &Options) -> Report {
+    let started = Instant::now();
+    let ui = Ui::new(options.json, plan);
+    let mut setup_report = HostReport::new(&plan.builder);
+    let mut builder_reached = false;
+    for step in &plan.setup {
+        run_step(sh, &plan.builder, step, options, &ui, &mut setup_report);
+        if setup_report.outcome != Outcome::Ok {
+            break;
+        }
+        builder_reached = true;
+    }
+    let setup_failure = (setup_report.outcome != Outcome::Ok).then(|| setup_report.clone());
+
+    let hosts: Vec<HostReport> = if let Some(failure) = &setup_failure {
+        let reason = format!("the builder {}: {} did not succeed", plan.builder, failure.step);
+        plan.hosts
+            .iter()
+            .map(|h| {
+                let mut report = HostReport::new(&h.host);
+                report.outcome = Outcome::Skipped(reason.clone());
+                report
+            })
+            .collect()
+    } else {
+        fan_out(sh, plan, options, &ui)
+    };
+
+    if builder_reached || setup_failure.is_none() {
+        for step in &plan.teardown {
+            let mut report = HostReport::new(&plan.builder);
+            run_step(sh, &plan.builder, step, options, &ui, &mut report);
+            if report.outcome != Outcome::Ok {
+                ui.line(&plan.builder, "warning", &format!("{} did not succeed", step.name));
+            }
+        }
+    } else if let Some(close) = plan.teardown.last() {
+        // The shared connection may exist even when its first session failed.
+        let _ = command(sh, &close.argv).output();
+    }
+    ui.finish();
+
+    let exit_code = exit_code(setup_failure.as_ref(), &hosts);
+    Report {
+        command: plan.command.clone(),
+        hosts,
+        setup_failure,
+        exit_code,
+        duration: started.elapsed(),
+    }
+}
+
+fn exit_code(setup_failure: Option<&HostReport>, hosts: &[HostReport]) -> i32 {
+    if let Some(failure) = setup_failure {
+        return match failure.outcome {
+            Outcome::Unreachable => EXIT_UNREACHABLE,
+            Outcome::Failed { code: Some(LOCK_HELD_STATUS) } if failure.step == "lock" => {
+                EXIT_LOCKED
+            }
+            _ => EXIT_FAILED,
+        };
+    }
+    let failed = hosts.iter().any(|h| matches!(h.outcome, Outcome::Failed { .. }));
+    let unreachable = hosts.iter().any(|h| h.outcome == Outcome::Unreachable);
+    match (failed, unreachable) {
+        (false, false) => EXIT_OK,
+        (true, false) => EXIT_FAILED,
+        (false, true) => EXIT_UNREACHABLE,
+        (true, true) => EXIT_FAILED_AND_UNREACHABLE,
+    }
+}
+
+/// Runs every host's steps on at most `parallel` threads.
+fn fan_out(sh: &Shell, plan: &Plan, options: &Options, ui: &Ui) -> Vec<HostReport> {
+    let next = Mutex::new(0usize);
+    let reports: Mutex<Vec<Option<HostReport>>> = Mutex::new(vec![None; plan.hosts.len()]);
+    let connects = Semaphore::new(options.connect_parallel);
+    let workers = options.parallel.min(plan.hosts.len()).max(1);
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            // xshell's Shell is not Sync; each worker builds its commands from its own copy.
+            let sh = sh.clone();
+            scope.spawn(|| {
+                let sh = sh;
+                loop {
+                    let index = {
+                        let mut next = next.lock().unwrap();
+                        let index = *next;
+                        *next += 1;
+                        index
+                    };
+                    let Some(host) = plan.hosts.get(index) else { break };
+                    let mut report = HostReport::new(&host.host);
+                    for step in &host.steps {
+                        let permit = (step.kind == StepKind::Connect).then(|| connects.acquire());
+                        run_step(&sh, &host.host, step, options, ui, &mut report);
+                        drop(permit);
+                        if report.outcome != Outcome::Ok {
+                            break;
+                        }
+                    }
+                    ui.host_done(&report);
+                    reports.lock().unwrap()[index] = Some(report);
+                }
+            });
+        }
+    });
+    reports.into_inner().unwrap().into_iter().map(|r| r.expect("every host ran")).collect()
+}
+
+impl HostReport {
+    fn new(host: &str) -> HostReport {
+        HostReport {
+            host: host.to_owned(),
+            step: String::new(),
+            outcome: Outcome::Ok,
+            duration: Duration::ZERO,
+            bytes_sent: 0,
+            stderr_tail: Vec::new(),
+        }
+    }
+}
+
+/// Runs one step, streaming its output, and records the result in `report`.
+fn run_step(
+    sh: &Shell,
+    host: &str,
+    step: &Step,
+    options: &Options,
+    ui: &Ui,
+    report: &mut HostReport,
+) {
+    let started = Instant::now();
+    report.step = step.name.to_owned();
+    ui.step_started(host, step);
+    let mut command = command(sh, &step.argv);
+    for (key, value) in &options.env {
+        command.env(key, value);
+    }
+    command
+        .stdin(if step.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(err) => {
+            report.outcome = Outcome::Failed { code: None };
+            report.stderr_tail = vec![format!("start {}: {err}", step.argv[0])];
+            report.duration += started.elapsed();
+            ui.step_finished(host, step, &report.outcome, started.elapsed());
+            return;
+        }
+    };
+    if let (Some(text), Some(mut stdin)) = (&step.stdin, child.stdin.take()) {
+        // Written from a thread so a child that fills its output pipes first cannot deadlock.
+        let text = text.clone();
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(text.as_bytes());
+        });
+    }
+    let stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    let transfer = step.kind == StepKind::Transfer;
+    let (sent, tail) = std::thread::scope(|scope| {
+        let out = scope.spawn(|| stream(stdout, host, step, "stdout", transfer, ui));
+        let err = scope.spawn(|| stream(stderr, host, step, "stderr", transfer, ui));
+        let (sent_out, _) = out.join().expect("the stdout reader does not panic");
+        let (sent_err, tail) = err.join().expect("the stderr reader does not panic");
+        (sent_out + sent_err, tail)
+    });
+    let status = child.wait();
+    report.bytes_sent += sent;
+    report.duration += started.elapsed();
+    report.outcome = match status {
+        Ok(status) if status.success() => Outcome::Ok,
+        Ok(status) if step.kind == StepKind::Connect && status.code() == Some(255) => {
+            Outcome::Unreachable
+        }
+        Ok(status) => Outcome::Failed { code: status.code() },
+        Err(_) => Outcome::Failed { code: None },
+    };
+    if report.outcome != Outcome::Ok {
+        report.stderr_tail = tail.into_iter().collect();
+    }
+    ui.step_finished(host, step, &report.outcome, started.elapsed());
+}
+
+/// The process of a step, built by xshell from the plan's words (no shell involved) and
+/// turned into a std `Command` so its output can be streamed line by line.
+fn command(sh: &Shell, argv: &[String]) -> Command {
+    let (program, args) = argv.split_first().expect("a step has a program");
+    Command::from(cmd!(sh, "{program} {args...}"))
+}
+
+/// Forwards a child's output line by line to the UI. rsync's summary lines (`sent N bytes
+/// received M bytes ...`, `total size is ...`) are counted, not shown. Returns the bytes
+/// sent and the last lines.
+fn stream(
+    pipe: impl Read,
+    host: &str,
+    step: &Step,
+    name: &str,
+    transfer: bool,
+    ui: &Ui,
+) -> (u64, VecDeque<String>) {
+    let mut sent = 0;
+    let mut tail = VecDeque::new();
+    for line in BufReader::new(pipe).split(b'\n') {
+        let Ok(line) = line else { break };
+        let line = String::from_utf8_lossy(&line).trim_end_matches('\r').to_owned();
+        if transfer {
+            if let Some(bytes) = rsync_bytes_sent(&line) {
+                sent += bytes;
+                continue;
+            }
+            if line.is_empty() || line.starts_with("total size is ") {
+                continue;
+            }
+        }
+        ui.output(host, step.name, name, &line);
+        if tail.len() == TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line);
+    }
+    (sent, tail)
+}
+
+/// Parses rsync's `sent 1,234 bytes  received 56 bytes  ...` line.
+pub fn rsync_bytes_sent(line: &str) -> Option<u64> {
+    let rest = line.strip_prefix("sent ")?;
+    let (number, rest) = rest.split_once(' ')?;
+    if !rest.starts_with("bytes") {
+        return None;
+    }
+    let digits: String = number.chars().filter(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// A counting semaphore bounding concurrent connection starts.
+struct Semaphore {
+    free: Mutex<usize>,
+    available: Condvar,
+}
+
+struct Permit<'a>(&'a Semaphore);
+
+impl Semaphore {
+    fn new(count: usize) -> Semaphore {
+        Semaphore { free: Mutex::new(count.max(1)), available: Condvar::new() }
+    }
+
+    fn acquire(&self) -> Permit<'_> {
+        let mut free = self.free.lock().unwrap();
+        while *free == 0 {
+            free = self.available.wait(free).unwrap();
+        }
+        *free -= 1;
+        Permit(self)
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap() += 1;
+        self.0.available.notify_one();
+    }
+}
+
+/// Where progress goes: spinners on a terminal, host-prefixed lines otherwise, or JSON events.
+enum Ui {
+    Json(Mutex<std::io::Stdout>),
+    Bars { multi: MultiProgress, bars: Vec<(String, ProgressBar)> },
+    Plain(Mutex<std::io::Stderr>),
+}
+
+impl Ui {
+    fn new(json: bool, plan: &Plan) -> Ui {
+        if json {
+            return Ui::Json(Mutex::new(std::io::stdout()));
+        }
+        if !std::io::stderr().is_terminal() {
+            return Ui::Plain(Mutex::new(std::io::stderr()));
+        }
+        let multi = MultiProgress::new();
+        let style = ProgressStyle::with_template("{spinner} {prefix:>12} {wide_msg} {elapsed:>4}")
+            .expect("the template is valid");
+        let mut names = vec![plan.builder.clone()];
+        names.extend(plan.hosts.iter().map(|h| h.host.clone()).filter(|h| *h != plan.builder));
+        let bars = names
+            .into_iter()
+            .map(|name| {
+                let bar = multi.add(ProgressBar::new_spinner());
+                bar.set_style(style.clone());
+                bar.set_prefix(name.clone());
+                bar.set_message("waiting");
+                bar.enable_steady_tick(Duration::from_millis(120));
+                (name, bar)
+            })
+            .collect();
+        Ui::Bars { multi, bars }
+    }
+
+    fn bar(&self, host: &str) -> Option<&ProgressBar> {
+        match self {
+            Ui::Bars { bars, .. } => bars.iter().find(|(n, _)| n == host).map(|(_, b)| b),
+            _ => None,
+        }
+    }
+
+    fn event(&self, value: serde_json::Value) {
+        if let Ui::Json(out) = self {
+            let mut out = out.lock().unwrap();
+            let _ = writeln!(out, "{value}");
+        }
+    }
+
+    fn line(&self, host: &str, tag: &str, text: &str) {
+        match self {
+            Ui::Json(_) => {
+                self.event(json!({"event": "output", "host": host, "stream": tag, "line": text}))
+            }
+            Ui::Bars { multi, .. } => {
+                let _ = multi.println(format!("[{host}] {text}"));
+            }
+            Ui::Plain(err) => {
+                let _ = writeln!(err.lock().unwrap(), "[{host}] {text}");
+            }
+        }
+    }
+
+    fn output(&self, host: &str, step: &str, stream: &str, text: &str) {
+        match self {
+            Ui::Json(_) => self.event(json!({
+                "event": "output", "host": host, "step": step, "stream": stream, "line": text,
+            })),
+            _ => self.line(host, stream, text),
+        }
+    }
+
+    fn step_started(&self, host: &str, step: &Step) {
+        match self {
+            Ui::Json(_) => self.event(json!({
+                "event": "step", "host": host, "step": step.name, "runs_on": step.runs_on,
+                "status": "started",
+            })),
+            Ui::Bars { .. } => {
+                if let Some(bar) = self.bar(host) {
+                    bar.set_message(format!("{} (on {})", step.name, step.runs_on));
+                }
+            }
+            Ui::Plain(err) => {
+                let _ = writeln!(err.lock().unwrap(), "[{host}] {} ...", step.name);
+            }
+        }
+    }
+
+    fn step_finished(&self, host: &str, step: &Step, outcome: &Outcome, took: Duration) {
+        let status = outcome_name(outcome);
+        match self {
+            Ui::Json(_) => self.event(json!({
+                "event": "step", "host": host, "step": step.name, "runs_on": step.runs_on,
+                "status": status, "exit_code": exit_status(outcome),
+                "duration_ms": took.as_millis() as u64,
+            })),
+            Ui::Bars { .. } => {}
+            Ui::Plain(err) => {
+                let _ = writeln!(
+                    err.lock().unwrap(),
+                    "[{host}] {} {status} in {:.2}s",
+                    step.name,
+                    took.as_secs_f64()
+                );
+            }
+        }
+    }
+
+    fn host_done(&self, report: &HostReport) {
+        if let Some(bar) = self.bar(&report.host) {
+            bar.finish_with_message(format!("{} {}", report.step, outcome_name(&report.outcome)));
+        }
+    }
+
+    fn finish(&self) {
+        if let Ui::Bars { bars, .. } = self {
+            for (_, bar) in bars {
+                if !bar.is_finished() {
+                    bar.finish();
+                }
+            }
+        }
+    }
+}
+
+fn outcome_name(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Ok => "ok",
+        Outcome::Failed { .. } => "failed",
+        Outcome::Unreachable => "unreachable",
+        Outcome::Skipped(_) => "skipped",
+    }
+}
+
+fn exit_status(outcome: &Outcome) -> Option<i32> {
+    match outcome {
+        Outcome::Ok => Some(0),
+        Outcome::Failed { code } => *code,
+        Outcome::Unreachable => Some(255),
+        Outcome::Skipped(_) => None,
+    }
+}
+
+impl Report {
+    /// The recap table and, for every host that did not succeed, its step and last stderr
+    /// lines.
+    pub fn recap(&self) -> String {
+        use std::fmt::Write as _;
+        let mut rows: Vec<&HostReport> = self.setup_failure.iter().collect();
+        rows.extend(&self.hosts);
+        let width = rows.iter().map(|r| r.host.len()).max().unwrap_or(4).max(4);
+        let mut out = format!(
+            "\n{:<width$}  {:<10}  {:<11}  {:>9}  {:>10}\n",
+            "HOST", "STEP", "RESULT", "DURATION", "SENT"
+        );
+        for row in &rows {
+            let _ = writeln!(
+                out,
+                "{:<width$}  {:<10}  {:<11}  {:>8.2}s  {:>10}",
+                row.host,
+                if row.step.is_empty() { "-" } else { &row.step },
+                outcome_name(&row.outcome),
+                row.duration.as_secs_f64(),
+                human_bytes(row.bytes_sent)
+            );
+        }
+        for row in &rows {
+            match &row.outcome {
+                Outcome::Ok => {}
+                Outcome::Skipped(reason) => {
+                    let _ = writeln!(out, "\n{}: skipped: {reason}", row.host);
+                }
+                Outcome::Failed { code } => {
+                    let code =
+                        code.map_or("killed by a signal".to_owned(), |c| format!("exit {c}"));
+                    let _ = writeln!(
+                        out,
+                        "\n{}: {} failed ({code}); last stderr lines:",
+                        row.host, row.step
+                    );
+                    for line in &row.stderr_tail {
+                        let _ = writeln!(out, "    {line}");
+                    }
+                }
+                Outcome::Unreachable => {
+                    let _ = writeln!(
+                        out,
+                        "\n{}: {} unreachable; last stderr lines:",
+                        row.host, row.step
+                    );
+                    for line in &row.stderr_tail {
+                        let _ = writeln!(out, "    {line}");
+                    }
+                }
+            }
+        }
+        let _ = writeln!(
+            out,
+            "\n{}: {} of {} hosts ok in {:.2}s (exit code {})",
+            self.command,
+            self.hosts.iter().filter(|h| h.outcome == Outcome::Ok).count(),
+            self.hosts.len(),
+            self.duration.as_secs_f64(),
+            self.exit_code
+        );
+        out
+    }
+
+    /// The final JSON object of `--json`.
+    pub fn summary(&self) -> serde_json::Value {
+        let host = |r: &HostReport| {
+            json!({
+                "host": r.host,
+                "last_step": r.step,
+                "result": outcome_name(&r.outcome),
+                "exit_code": exit_status(&r.outcome),
+                "duration_ms": r.duration.as_millis() as u64,
+                "bytes_sent": r.bytes_sent,
+                "stderr_tail": r.stderr_tail,
+                "reason": match &r.outcome { Outcome::Skipped(why) => Some(why.as_str()), _ => None },
+            })
+        };
+        json!({
+            "event": "summary",
+            "command": self.command,
+            "exit_code": self.exit_code,
+            "duration_ms": self.duration.as_millis() as u64,
+            "setup_failure": self.setup_failure.as_ref().map(host),
+            "hosts": self.hosts.iter().map(host).collect::<Vec<_>>(),
+        })
+    }
+}
+
+fn human_bytes(bytes: u64) -> String {
+    match bytes {
+        0..1_000 => format!("{bytes} B"),
+        1_000..1_000_000 => format!("{:.1} kB", bytes as f64 / 1e3),
+        _ => format!("{:.1} MB", bytes as f64 / 1e6),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rsync_summary_lines_are_parsed() {
+        assert_eq!(
+            rsync_bytes_sent("sent 10,812,345 bytes  received 35 bytes  7,208,253.33 bytes/sec"),
+            Some(10_812_345)
+        );
+        assert_eq!(
+            rsync_bytes_sent("sent 64 bytes  received 12 bytes  152.00 bytes/sec"),
+            Some(64)
+        );
+        assert_eq!(rsync_bytes_sent("sent the file"), None);
+    }
+
+    fn report(host: &str, outcome: Outcome) -> HostReport {
+        HostReport { outcome, ..HostReport::new(host) }
+    }
+
+    #[test]
+    fn exit_codes_tell_failed_from_unreachable() {
+        let ok = report("a", Outcome::Ok);
+        let failed = report("b", Outcome::Failed { code: Some(1) });
+        let gone = report("c", Outcome::Unreachable);
+        assert_eq!(exit_code(None, &[ok.clone()]), EXIT_OK);
+        assert_eq!(exit_code(None, &[ok.clone(), failed.clone()]), EXIT_FAILED);
+        assert_eq!(exit_code(None, &[ok, gone.clone()]), EXIT_UNREACHABLE);
+        assert_eq!(exit_code(None, &[failed, gone.clone()]), EXIT_FAILED_AND_UNREACHABLE);
+        assert_eq!(exit_code(Some(&gone), &[]), EXIT_UNREACHABLE);
+        let mut locked = report("b", Outcome::Failed { code: Some(LOCK_HELD_STATUS) });
+        locked.step = "lock".into();
+        assert_eq!(exit_code(Some(&locked), &[]), EXIT_LOCKED);
+    }
+
+    #[test]
+    fn the_recap_names_failed_hosts_with_their_stderr() {
+        let mut failed = report("node2", Outcome::Failed { code: Some(3) });
+        failed.step = "install".into();
+        failed.stderr_tail = vec!["health check failed".into()];
+        let report = Report {
+            command: "deploy install".into(),
+            hosts: vec![report("node1", Outcome::Ok), failed],
+            setup_failure: None,
+            exit_code: EXIT_FAILED,
+            duration: Duration::from_secs(1),
+        };
+        let recap = report.recap();
+        assert!(
+            recap.contains(
+                "node2: install failed (exit 3); last stderr lines:\n    health check failed"
+            ),
+            "{recap}"
+        );
+        assert!(recap.contains("1 of 2 hosts ok"), "{recap}");
+        assert_eq!(report.summary()["hosts"][1]["result"], "failed");
+    }
+}

@@ -1,0 +1,283 @@
+//! `cargo xtask fling`: from the client, through a builder, to many servers, over OpenSSH.
+//!
+//! `config` reads the topology, `quote` is the one quoting helper for remote shells, `ssh`
+//! builds the command lines of both hops, `plan` turns each command into per-host steps as
+//! data, `exec` walks them concurrently and recaps, `overlay` writes each server's own files.
+//!
+//! Exit codes: 0 every host succeeded; 1 fling could not run (config, arguments, local error);
+//! 2 some hosts failed; 3 the deploy lock is held by another run; 4 some hosts were
+//! unreachable; 6 some failed and some were unreachable.
+
+pub mod config;
+pub mod exec;
+pub mod overlay;
+pub mod plan;
+pub mod quote;
+pub mod ssh;
+
+use std::{
+    io::Read,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{bail, Context as _};
+use camino::{Utf8Path, Utf8PathBuf};
+use xshell::{cmd, Shell};
+
+use crate::{
+    cli::{self, FlingBuildCommand, FlingCommand, FlingDeployCommand, FlingLockCommand},
+    Context,
+};
+use config::Config;
+use plan::{BuildKind, DeployAction};
+
+pub fn run(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Result<()> {
+    let code = run_inner(sh, ctx, args)?;
+    // Every guard (agent, control directory) has been dropped by now, so exiting here leaves
+    // nothing behind.
+    if code != exec::EXIT_OK {
+        std::process::exit(code);
+    }
+    Ok(())
+}
+
+fn run_inner(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Result<i32> {
+    let config = if args.config.as_str() == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("read the deployment config from stdin")?;
+        Config::parse(Utf8Path::new("<stdin>"), &text)?
+    } else {
+        Config::load(&ctx.user_path(&args.config))?
+    };
+
+    if let FlingCommand::Overlay { generate_here: true } = &args.command {
+        // This half runs on the builder, started by the client's `overlay` below from the
+        // root of the builder's workspace.
+        let out = ctx.invoked_from.join("out");
+        overlay::generate(&config, &out)?;
+        println!(
+            "wrote the overlay of {} servers under {out}/overlay",
+            config.deployment.servers.len()
+        );
+        return Ok(exec::EXIT_OK);
+    }
+
+    if !args.json {
+        for name in config::unused_servers(&config) {
+            eprintln!(
+                "warning: {}: servers.{name} is neither the builder nor a deployment server",
+                config.path
+            );
+        }
+    }
+    let servers = config.select_servers(&args.servers)?;
+    let run_id = run_id();
+    let control = ControlDir::new(&run_id, args.dry_run)?;
+    let local_source = match &config.source_path {
+        Some(path) => path.clone(),
+        None => crate::project_root(),
+    };
+    let cx = plan::Context {
+        config: &config,
+        builder: ssh::BuilderHop::new(&config, &control.path)?,
+        // Not the local directory's name: the builder may be this very machine.
+        builder_control_dir: format!("/tmp/fling-b-{run_id}"),
+        run_id,
+        local_source,
+        who: who(),
+        lock_wait: args.lock_wait,
+    };
+    let plan = match &args.command {
+        FlingCommand::Sync => plan::sync(&cx),
+        FlingCommand::InstallPrereqs => plan::install_prereqs(&cx, &servers),
+        FlingCommand::Build { command } => match command {
+            FlingBuildCommand::Check { args } => plan::build(&cx, BuildKind::Check, args),
+            FlingBuildCommand::Package { args } => plan::build(&cx, BuildKind::Package, args),
+        },
+        FlingCommand::Overlay { .. } => plan::overlay(&cx),
+        FlingCommand::Deploy { command } => {
+            let action = match command {
+                FlingDeployCommand::Install => DeployAction::Install,
+                FlingDeployCommand::Uninstall => DeployAction::Uninstall,
+                FlingDeployCommand::Status => DeployAction::Status,
+                FlingDeployCommand::Rollback => DeployAction::Rollback,
+            };
+            plan::deploy(&cx, action, &servers)
+        }
+        FlingCommand::Install => plan::deploy(&cx, DeployAction::Install, &servers),
+        FlingCommand::Uninstall => plan::deploy(&cx, DeployAction::Uninstall, &servers),
+        FlingCommand::Exec { command } => plan::exec(&cx, &servers, &command.join(" ")),
+        FlingCommand::Lock { command } => {
+            plan::lock(&cx, matches!(command, FlingLockCommand::Release))
+        }
+    };
+
+    // Keys named in the config are offered to the builder through a private agent, started
+    // for this run only, so the user's own agent is neither needed nor changed.
+    let identities = agent_identities(&config, &servers);
+    let needs_agent = plan.hosts.iter().any(|h| h.host != plan.builder) && !identities.is_empty();
+
+    if args.dry_run {
+        if needs_agent {
+            let sock = control.path.join("agent");
+            println!("[client] agent (runs on client):\n    ssh-agent -D -a {sock}");
+            let ids: Vec<String> = identities.iter().map(|p| p.to_string()).collect();
+            println!("    SSH_AUTH_SOCK={sock} ssh-add -q -- {}", quote::quote_words(&ids));
+        }
+        if args.json {
+            for (host, step) in plan
+                .setup
+                .iter()
+                .map(|s| (&plan.builder, s))
+                .chain(plan.hosts.iter().flat_map(|h| h.steps.iter().map(move |s| (&h.host, s))))
+                .chain(plan.teardown.iter().map(|s| (&plan.builder, s)))
+            {
+                let event = serde_json::json!({
+                    "event": "plan", "host": host, "step": step.name, "runs_on": step.runs_on,
+                    "argv": step.argv,
+                });
+                println!("{event}");
+            }
+        } else {
+            print!("{}", plan::render(&plan));
+        }
+        return Ok(exec::EXIT_OK);
+    }
+
+    let agent =
+        if needs_agent { Some(Agent::start(sh, &control.path, &identities)?) } else { None };
+    let mut env = Vec::new();
+    if let Some(agent) = &agent {
+        env.push(("SSH_AUTH_SOCK".to_owned(), agent.socket.to_string()));
+    }
+    let options = exec::Options {
+        parallel: args.parallel.unwrap_or(config.deployment.parallel).max(1),
+        connect_parallel: args
+            .connect_parallel
+            .unwrap_or(config.deployment.connect_parallel)
+            .max(1),
+        json: args.json,
+        env,
+    };
+    let report = exec::execute(sh, &plan, &options);
+    drop(agent);
+    if args.json {
+        println!("{}", report.summary());
+    } else {
+        print!("{}", report.recap());
+    }
+    Ok(report.exit_code)
+}
+
+/// The private keys to offer the builder for the servers.
+fn agent_identities(config: &Config, servers: &[&config::Server]) -> Vec<Utf8PathBuf> {
+    let mut ids: Vec<Utf8PathBuf> = servers
+        .iter()
+        .filter_map(|s| s.identity_file.clone().or_else(|| config.ssh.identity_file.clone()))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+/// A unique id for this run: time and process id, hex.
+fn run_id() -> String {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{:08x}{:04x}", (nanos as u64 >> 16) as u32, std::process::id() & 0xffff)
+}
+
+/// `user@host` of the client, for the lock record.
+fn who() -> String {
+    let uid = || {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap_or("?");
+        format!("uid {}", uid.split_whitespace().next().unwrap_or("?"))
+    };
+    let user =
+        std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| uid());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_owned())
+        .unwrap_or("?".into());
+    format!("{user}@{host} (pid {})", std::process::id())
+}
+
+/// The private directory of this run's local sockets: the shared connection to the builder
+/// and the agent. Created 0700, removed on drop.
+struct ControlDir {
+    path: Utf8PathBuf,
+    created: bool,
+}
+
+impl ControlDir {
+    fn new(run_id: &str, dry_run: bool) -> anyhow::Result<ControlDir> {
+        // Short, because a unix socket path is limited to about 100 bytes.
+        let path = Utf8PathBuf::from(format!("/tmp/fling-{run_id}"));
+        if dry_run {
+            return Ok(ControlDir { path, created: false });
+        }
+        use std::os::unix::fs::DirBuilderExt;
+        if let Err(err) = std::fs::DirBuilder::new().mode(0o700).create(&path) {
+            bail!("create the private socket directory {path}: {err}");
+        }
+        Ok(ControlDir { path, created: true })
+    }
+}
+
+impl Drop for ControlDir {
+    fn drop(&mut self) {
+        if self.created {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// An ssh-agent started for this run, holding the config's keys; stopped by pid on drop.
+struct Agent {
+    child: Child,
+    socket: Utf8PathBuf,
+}
+
+impl Agent {
+    fn start(sh: &Shell, dir: &Utf8Path, identities: &[Utf8PathBuf]) -> anyhow::Result<Agent> {
+        let socket = dir.join("agent");
+        let child = Command::from(cmd!(sh, "ssh-agent -D -a {socket}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("start a private ssh-agent for this run")?;
+        let agent = Agent { child, socket };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !agent.socket.exists() {
+            if Instant::now() > deadline {
+                bail!("start a private ssh-agent: its socket {} did not appear", agent.socket);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let added = cmd!(sh, "ssh-add -q -- {identities...}")
+            .env("SSH_AUTH_SOCK", &agent.socket)
+            .ignore_status()
+            .ignore_stdout()
+            .quiet()
+            .output();
+        match added {
+            Ok(out) if out.status.success() => Ok(agent),
+            Ok(out) => bail!(
+                "add the config's keys to the private agent: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Err(err) => bail!("add the config's keys to the private agent: {err}"),
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,518 @@
+//! Every command of `fling` as data: the steps each host goes through, each a local command
+//! line, computed before anything runs. `--dry-run` prints the plan; execution walks it.
+
+use std::fmt::Write as _;
+
+use camino::Utf8PathBuf;
+
+use super::{
+    config::{Config, Server},
+    quote::{quote, quote_words, RemotePath},
+    ssh::{Agent, BuilderHop, ServerHop},
+};
+
+/// The exit status the lock script uses when another run holds the deploy lock.
+pub const LOCK_HELD_STATUS: i32 = 75;
+
+/// The name of the installer binary on the builder and in each server's staging directory.
+pub const INSTALLER: &str = "flotilla-installer";
+
+/// One command of the plan.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// A short name shown in progress, the recap and JSON events: `connect`, `push`, ...
+    pub name: &'static str,
+    /// Where the work of the step happens, for people reading a dry run: `client`,
+    /// `builder`, `builder -> node1`, ...
+    pub runs_on: String,
+    /// The local command line: the program and its arguments.
+    pub argv: Vec<String>,
+    pub kind: StepKind,
+    /// Text fed to the command's standard input.
+    pub stdin: Option<String>,
+}
+
+/// What a step's exit status means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepKind {
+    /// The first contact with a host: ssh's status 255 means the host is unreachable.
+    Connect,
+    /// Moves files with rsync: the bytes it reports are counted as sent.
+    Transfer,
+    /// Anything else.
+    Work,
+}
+
+/// The steps of one host.
+#[derive(Debug, Clone)]
+pub struct HostPlan {
+    pub host: String,
+    pub steps: Vec<Step>,
+}
+
+/// A whole run.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// What the run does, for the lock and the summary: `deploy install`, `sync`, ...
+    pub command: String,
+    /// The builder's name, the host of `setup` and `teardown`.
+    pub builder: String,
+    /// Run first, in order, against the builder; a failure skips every host.
+    pub setup: Vec<Step>,
+    /// Run concurrently, each host's steps in order until one fails.
+    pub hosts: Vec<HostPlan>,
+    /// Run last, whatever happened, when the builder was reached: releases and closes.
+    pub teardown: Vec<Step>,
+}
+
+/// What every plan is computed from.
+pub struct Context<'a> {
+    pub config: &'a Config,
+    pub builder: BuilderHop,
+    /// A unique id of this run, recorded in the lock.
+    pub run_id: String,
+    /// The builder-side directory of this run's shared connections to the servers.
+    pub builder_control_dir: String,
+    /// The client's workspace, the source of `sync`.
+    pub local_source: Utf8PathBuf,
+    /// Who runs this: `user@host` of the client.
+    pub who: String,
+    /// How long to wait for the deploy lock, in seconds.
+    pub lock_wait: u64,
+}
+
+/// Whether a command takes the deploy lock on the builder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Locking {
+    Lock,
+    NoLock,
+}
+
+/// What a deploy does on each server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeployAction {
+    Install,
+    Uninstall,
+    Status,
+    Rollback,
+}
+
+impl DeployAction {
+    pub fn name(self) -> &'static str {
+        match self {
+            DeployAction::Install => "install",
+            DeployAction::Uninstall => "uninstall",
+            DeployAction::Status => "status",
+            DeployAction::Rollback => "rollback",
+        }
+    }
+}
+
+impl Context<'_> {
+    fn builder_name(&self) -> String {
+        self.config.builder.server.to_string()
+    }
+
+    fn source(&self) -> String {
+        self.config.builder.source_path.shell_word()
+    }
+
+    /// A step that runs `remote` in the builder's shell.
+    fn on_builder(&self, name: &'static str, kind: StepKind, agent: Agent, remote: &str) -> Step {
+        Step {
+            name,
+            runs_on: "builder".into(),
+            argv: self.builder.run(agent, remote),
+            kind,
+            stdin: None,
+        }
+    }
+
+    /// A step that runs `remote` in a server's shell, through the builder.
+    fn on_server(&self, server: &Server, name: &'static str, kind: StepKind, remote: &str) -> Step {
+        let hop = self.server_hop(server);
+        Step {
+            name,
+            runs_on: format!("builder -> {}", server.name),
+            argv: self.builder.run(Agent::Forward, &hop.run(remote)),
+            kind,
+            stdin: None,
+        }
+    }
+
+    fn server_hop(&self, server: &Server) -> ServerHop {
+        ServerHop::new(self.config, server, &self.builder_control_dir)
+    }
+
+    fn staging(&self) -> &RemotePath {
+        &self.config.deployment.staging_dir
+    }
+
+    /// The plan skeleton every command shares: reach the builder (creating the directory of
+    /// the server connections when servers are involved), take the lock if asked, and undo
+    /// both at the end.
+    fn plan(&self, command: String, locking: Locking, servers: bool, agent: Agent) -> Plan {
+        let dir = quote(&self.builder_control_dir);
+        let connect = if servers { format!("mkdir -m 700 -- {dir}") } else { "true".to_owned() };
+        let mut setup = vec![self.on_builder("connect", StepKind::Connect, agent, &connect)];
+        let mut teardown_script = String::new();
+        if servers {
+            // Close every shared connection to a server, then remove their directory.
+            let _ = write!(
+                teardown_script,
+                "for s in {dir}/*; do [ -S \"$s\" ] && ssh -o ControlPath=\"$s\" -O exit \
+                 flotilla-fling >/dev/null 2>&1; done; rm -rf -- {dir}"
+            );
+        }
+        if locking == Locking::Lock {
+            setup.push(self.on_builder(
+                "lock",
+                StepKind::Work,
+                Agent::NoForward,
+                &self.lock_script(&command),
+            ));
+            let lock = self.config.builder.lock_dir.shell_word();
+            if !teardown_script.is_empty() {
+                teardown_script.push_str("; ");
+            }
+            // Release the lock only if this run holds it.
+            let _ = write!(
+                teardown_script,
+                "if grep -qx {} {lock}/info 2>/dev/null; then rm -rf -- {lock}; fi",
+                quote(&format!("run={}", self.run_id))
+            );
+        }
+        let mut teardown = Vec::new();
+        if !teardown_script.is_empty() {
+            teardown.push(self.on_builder(
+                "release",
+                StepKind::Work,
+                Agent::NoForward,
+                &teardown_script,
+            ));
+        }
+        teardown.push(Step {
+            name: "disconnect",
+            runs_on: "client".into(),
+            argv: self.builder.close(),
+            kind: StepKind::Work,
+            stdin: None,
+        });
+        Plan { command, builder: self.builder_name(), setup, hosts: Vec::new(), teardown }
+    }
+
+    /// Takes the deploy lock: a directory created atomically by `mkdir`, holding who, when
+    /// and what. A held lock is waited for up to `lock_wait` seconds, then refused with the
+    /// holder's record.
+    fn lock_script(&self, command: &str) -> String {
+        let lock = self.config.builder.lock_dir.shell_word();
+        let record =
+            format!("run={}\nwho={}\nwhat=cargo xtask fling {command}\n", self.run_id, self.who);
+        format!(
+            "l={lock}; mkdir -p -- \"$(dirname -- \"$l\")\" || exit 1; n=0; \
+             while ! mkdir -- \"$l\" 2>/dev/null; do \
+             if [ \"$n\" -ge {wait} ]; then echo \"the deploy lock $l is held: \
+             $(tr '\\n' ' ' < \"$l/info\" 2>/dev/null)\" >&2; exit {held}; fi; \
+             n=$((n+1)); sleep 1; done; \
+             {{ printf %s {record}; printf 'when=%s\\n' \"$(date -u +%Y-%m-%dT%H:%M:%SZ)\"; }} \
+             > \"$l/info\"",
+            wait = self.lock_wait,
+            held = LOCK_HELD_STATUS,
+            record = quote(&record),
+        )
+    }
+
+    /// The first step on a server: open the shared connection and prepare the staging
+    /// directory, private to the deploying user.
+    fn connect_server(&self, server: &Server) -> Step {
+        let s = self.staging();
+        let remote = format!(
+            "umask 077 && mkdir -p -- {} {} {}",
+            s.join("packages").shell_word(),
+            s.join("bin").shell_word(),
+            s.join("overlay").shell_word(),
+        );
+        self.on_server(server, "connect", StepKind::Connect, &remote)
+    }
+
+    /// The installer in the staging directory with `words`, each already one shell word.
+    fn installer(&self, words: &[String]) -> String {
+        let bin = self.staging().join("bin").join(INSTALLER).shell_word();
+        format!("{bin} {}", words.join(" "))
+    }
+}
+
+/// `sync`: the client's workspace to the builder, honouring `.gitignore`.
+pub fn sync(cx: &Context<'_>) -> Plan {
+    let mut plan = cx.plan("sync".into(), Locking::Lock, false, Agent::NoForward);
+    plan.setup[0] = cx.on_builder(
+        "connect",
+        StepKind::Connect,
+        Agent::NoForward,
+        &format!("mkdir -p -- {}", cx.source()),
+    );
+    let (rsh, target) = cx.builder.rsync_target(&cx.config.builder.source_path);
+    let mut argv: Vec<String> =
+        ["rsync", "-az", "--delete", "--info=stats1", "-e", &rsh].map(String::from).to_vec();
+    // `target/`, `out/` and `.git/` never travel: the builder builds its own, and `.git/`
+    // is large and unused there. `--delete` leaves excluded files on the builder alone.
+    argv.extend(
+        ["--filter=:- .gitignore", "--exclude=/target/", "--exclude=/out/", "--exclude=/.git/"]
+            .map(String::from),
+    );
+    argv.extend(cx.config.builder.excludes.iter().map(|e| format!("--exclude={e}")));
+    argv.extend(["--".into(), format!("{}/", cx.local_source), format!("{target}/")]);
+    plan.hosts.push(HostPlan {
+        host: cx.builder_name(),
+        steps: vec![Step {
+            name: "sync",
+            runs_on: "client".into(),
+            argv,
+            kind: StepKind::Transfer,
+            stdin: None,
+        }],
+    });
+    plan
+}
+
+/// What `build` runs on the builder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildKind {
+    Check,
+    Package,
+}
+
+/// `build check|package`: `cargo xtask check|package` on the builder with the user's flags.
+/// `package` also builds the installer that `deploy` ships to every server.
+pub fn build(cx: &Context<'_>, kind: BuildKind, args: &[String]) -> Plan {
+    let (name, command) = match kind {
+        BuildKind::Check => ("check", "check"),
+        BuildKind::Package => ("package", "package"),
+    };
+    let mut plan = cx.plan(format!("build {name}"), Locking::Lock, false, Agent::NoForward);
+    let mut script = format!(
+        "cd -- {} && PATH=\"$HOME/.cargo/bin:$PATH\" && cargo xtask {command}",
+        cx.source()
+    );
+    if !args.is_empty() {
+        script.push(' ');
+        script.push_str(&quote_words(args));
+    }
+    if kind == BuildKind::Package {
+        let _ = write!(script, " && cargo build --release --package {INSTALLER} --bin {INSTALLER}");
+    }
+    plan.hosts.push(HostPlan {
+        host: cx.builder_name(),
+        steps: vec![cx.on_builder(name, StepKind::Work, Agent::NoForward, &script)],
+    });
+    plan
+}
+
+/// `overlay`: the builder generates every server's own files under `out/overlay/<server>/`
+/// from the config, which travels on standard input.
+pub fn overlay(cx: &Context<'_>) -> Plan {
+    let mut plan = cx.plan("overlay".into(), Locking::Lock, false, Agent::NoForward);
+    let script = format!(
+        "cd -- {} && PATH=\"$HOME/.cargo/bin:$PATH\" && cargo xtask fling --config - overlay \
+         --generate-here",
+        cx.source()
+    );
+    let mut step = cx.on_builder("overlay", StepKind::Work, Agent::NoForward, &script);
+    step.stdin = Some(cx.config.text.clone());
+    plan.hosts.push(HostPlan { host: cx.builder_name(), steps: vec![step] });
+    plan
+}
+
+/// `install-prereqs`: checks and prepares what the builder and the servers need. Every step
+/// is idempotent.
+pub fn install_prereqs(cx: &Context<'_>, servers: &[&Server]) -> Plan {
+    let mut plan = cx.plan("install-prereqs".into(), Locking::Lock, true, Agent::Forward);
+    let builder_script = format!(
+        "PATH=\"$HOME/.cargo/bin:$PATH\"; missing=; for t in cargo rsync ssh; do command -v \
+         \"$t\" >/dev/null || missing=\"$missing $t\"; done; if [ -n \"$missing\" ]; then echo \
+         \"the builder lacks:$missing (install them, e.g. apt-get install rsync openssh-client, \
+         and rustup for cargo)\" >&2; exit 1; fi; mkdir -p -- {}",
+        cx.source()
+    );
+    plan.hosts.push(HostPlan {
+        host: cx.builder_name(),
+        steps: vec![cx.on_builder("prereqs", StepKind::Work, Agent::NoForward, &builder_script)],
+    });
+    let manager = match cx.config.deployment.service_manager {
+        super::config::ServiceManager::Systemd => "systemctl",
+        super::config::ServiceManager::Smf => "svcadm",
+    };
+    // Servers may have no route to the internet, so nothing is fetched there: what they need
+    // beyond rsync and their service manager (the installer) is carried by every deploy.
+    let server_script = format!(
+        "missing=; for t in rsync {manager}; do command -v \"$t\" >/dev/null || \
+         missing=\"$missing $t\"; done; if [ -n \"$missing\" ]; then echo \"this server lacks:\
+         $missing\" >&2; exit 1; fi"
+    );
+    for server in servers {
+        plan.hosts.push(HostPlan {
+            host: server.name.to_string(),
+            steps: vec![
+                cx.connect_server(server),
+                cx.on_server(server, "prereqs", StepKind::Work, &server_script),
+            ],
+        });
+    }
+    plan
+}
+
+/// `deploy install|uninstall|status|rollback`.
+pub fn deploy(cx: &Context<'_>, action: DeployAction, servers: &[&Server]) -> Plan {
+    let locking = if action == DeployAction::Status { Locking::NoLock } else { Locking::Lock };
+    let mut plan = cx.plan(format!("deploy {}", action.name()), locking, true, Agent::Forward);
+    let manager = cx.config.deployment.service_manager.as_str();
+    let packages = cx.staging().join("packages");
+    let overlay = cx.staging().join("overlay");
+    for server in servers {
+        let mut steps = vec![cx.connect_server(server)];
+        match action {
+            DeployAction::Install => {
+                steps.push(push(cx, server));
+                let remote = cx.installer(&[
+                    quote("--service-manager"),
+                    quote(manager),
+                    quote("install"),
+                    packages.shell_word(),
+                    quote("--overlay"),
+                    overlay.shell_word(),
+                ]);
+                steps.push(cx.on_server(server, "install", StepKind::Work, &remote));
+            }
+            DeployAction::Uninstall => {
+                // A server that never received the installer has nothing installed.
+                let bin = cx.staging().join("bin").join(INSTALLER).shell_word();
+                let remote = format!(
+                    "if [ -x {bin} ]; then {}; fi && rm -rf -- {}",
+                    cx.installer(&[quote("--service-manager"), quote(manager), quote("uninstall")]),
+                    cx.staging().shell_word()
+                );
+                steps.push(cx.on_server(server, "uninstall", StepKind::Work, &remote));
+            }
+            DeployAction::Status => {
+                let remote =
+                    cx.installer(&[quote("--service-manager"), quote(manager), quote("status")]);
+                steps.push(cx.on_server(server, "status", StepKind::Work, &remote));
+            }
+            DeployAction::Rollback => {
+                let remote =
+                    cx.installer(&[quote("--service-manager"), quote(manager), quote("rollback")]);
+                steps.push(cx.on_server(server, "rollback", StepKind::Work, &remote));
+            }
+        }
+        plan.hosts.push(HostPlan { host: server.name.to_string(), steps });
+    }
+    plan
+}
+
+/// `exec`: one shell command line on every selected server, through the builder.
+pub fn exec(cx: &Context<'_>, servers: &[&Server], command: &str) -> Plan {
+    let mut plan = cx.plan("exec".into(), Locking::NoLock, true, Agent::Forward);
+    for server in servers {
+        plan.hosts.push(HostPlan {
+            host: server.name.to_string(),
+            steps: vec![
+                cx.on_server(server, "connect", StepKind::Connect, "true"),
+                cx.on_server(server, "exec", StepKind::Work, command),
+            ],
+        });
+    }
+    plan
+}
+
+/// `lock status|release`.
+pub fn lock(cx: &Context<'_>, release: bool) -> Plan {
+    let mut plan = cx.plan(
+        format!("lock {}", if release { "release" } else { "status" }),
+        Locking::NoLock,
+        false,
+        Agent::NoForward,
+    );
+    let lock = cx.config.builder.lock_dir.shell_word();
+    let script = if release {
+        format!(
+            "if [ -d {lock} ]; then echo 'released the deploy lock:'; cat {lock}/info 2>/dev/null; \
+             rm -rf -- {lock}; else echo 'the deploy lock is not held'; fi"
+        )
+    } else {
+        format!(
+            "if [ -d {lock} ]; then echo 'the deploy lock is held:'; cat {lock}/info 2>/dev/null; \
+             else echo 'the deploy lock is not held'; fi"
+        )
+    };
+    plan.hosts.push(HostPlan {
+        host: cx.builder_name(),
+        steps: vec![cx.on_builder("lock", StepKind::Work, Agent::NoForward, &script)],
+    });
+    plan
+}
+
+/// The builder pushes the packages, the digest list, the installer and this server's overlay
+/// (nothing of any other server's) to the server's staging directory. rsync sends only what
+/// changed, so a redeploy of the same packages sends no payload.
+fn push(cx: &Context<'_>, server: &Server) -> Step {
+    let hop = cx.server_hop(server);
+    let staging = cx.staging();
+    let dest = |sub: &str| format!("{}:{}/", hop.rsync_destination, staging.join(sub).for_rsync());
+    let overlay_dir = format!("out/overlay/{}", server.name);
+    let rsync = |args: &[&str]| -> String {
+        let mut words = vec!["rsync", "-a", "--info=stats1", "-e", &hop.rsync_shell];
+        words.extend_from_slice(args);
+        quote_words(&words)
+    };
+    let packages = rsync(&[
+        "--delete",
+        "--include=/*.tar.gz",
+        "--include=/*.tar",
+        "--include=/digests.b3",
+        "--exclude=*",
+        "--",
+        "out/",
+        &dest("packages"),
+    ]);
+    let installer = rsync(&["--", &format!("target/release/{INSTALLER}"), &dest("bin")]);
+    let overlay = rsync(&["--delete", "--", &format!("{overlay_dir}/"), &dest("overlay")]);
+    let script = format!(
+        "set -e; cd -- {src}; \
+         [ -f out/digests.b3 ] || {{ echo 'no out/digests.b3 on the builder: run `fling build \
+         package` first' >&2; exit 1; }}; \
+         [ -x target/release/{INSTALLER} ] || {{ echo 'no target/release/{INSTALLER} on the \
+         builder: run `fling build package` first' >&2; exit 1; }}; \
+         [ -d {od} ] || {{ echo {missing} >&2; exit 1; }}; \
+         {packages}; {installer}; {overlay}",
+        src = cx.source(),
+        od = quote(&overlay_dir),
+        missing = quote(&format!("no {overlay_dir} on the builder: run `fling overlay` first")),
+    );
+    Step {
+        name: "push",
+        runs_on: format!("builder -> {}", server.name),
+        argv: cx.builder.run(Agent::Forward, &script),
+        kind: StepKind::Transfer,
+        stdin: None,
+    }
+}
+
+/// Prints a plan as the commands it would run, host by host.
+pub fn render(plan: &Plan) -> String {
+    let mut out = String::new();
+    let mut section = |host: &str, steps: &[Step]| {
+        for step in steps {
+            let _ = writeln!(out, "[{host}] {} (runs on {}):", step.name, step.runs_on);
+            let _ = writeln!(out, "    {}", quote_words(&step.argv));
+            if step.stdin.is_some() {
+                let _ = writeln!(out, "    (the deployment config on standard input)");
+            }
+        }
+    };
+    section(&plan.builder, &plan.setup);
+    for host in &plan.hosts {
+        section(&host.host, &host.steps);
+    }
+    section(&plan.builder, &plan.teardown);
+    out
+}

@@ -1,0 +1,205 @@
+//! The ssh and rsync command lines of both hops: client -> builder and builder -> server.
+//!
+//! Everything goes through the system OpenSSH client, so users' `~/.ssh/config` (ProxyJump,
+//! Match, agents) keeps working. Each hop shares one connection per host for the whole run
+//! (`ControlMaster=auto` with a socket in a private directory), host keys are always checked
+//! strictly, and agent forwarding is asked for only on the client -> builder hop of commands
+//! whose builder must reach the servers.
+
+use camino::Utf8Path;
+
+use super::{
+    config::{Config, Server},
+    quote::{quote_words, RemotePath},
+};
+
+/// How long an idle shared connection outlives its last session. Every run closes its masters
+/// explicitly; this only bounds how long one lingers after a crash.
+const CONTROL_PERSIST: &str = "ControlPersist=60";
+
+/// Options every hop gets. `ServerAlive*` notices a cut link within about ten seconds instead of
+/// waiting for TCP to give up.
+const COMMON: &[&str] = &[
+    "-o",
+    "BatchMode=yes",
+    "-o",
+    "StrictHostKeyChecking=yes",
+    "-o",
+    "ConnectTimeout=10",
+    "-o",
+    "ServerAliveInterval=3",
+    "-o",
+    "ServerAliveCountMax=3",
+];
+
+/// Whether a session may use the agent of the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Agent {
+    Forward,
+    NoForward,
+}
+
+/// The client -> builder hop.
+#[derive(Debug, Clone)]
+pub struct BuilderHop {
+    /// Words of `ssh` up to, not including, the destination.
+    options: Vec<String>,
+    /// The destination and the `--` before it.
+    destination: Vec<String>,
+    /// `user@host` for rsync, IPv6 in brackets.
+    rsync_destination: String,
+    /// The `-e` option of rsync: the shared connection, strict host keys.
+    rsync_shell: String,
+}
+
+/// The builder -> server hop, as words for the builder's shell.
+#[derive(Debug, Clone)]
+pub struct ServerHop {
+    /// `ssh ... -- addr`, to be followed by the remote command.
+    pub ssh: Vec<String>,
+    /// rsync's `-e` value: ssh through the builder's shared connection to this server.
+    pub rsync_shell: String,
+    /// `user@host` for rsync, IPv6 in brackets.
+    pub rsync_destination: String,
+}
+
+impl BuilderHop {
+    pub fn new(config: &Config, control_dir: &Utf8Path) -> anyhow::Result<BuilderHop> {
+        let server = config.builder_server();
+        let control_path = control_dir.join("builder");
+        let mut options: Vec<String> = vec!["ssh".into()];
+        if let Some(file) = &config.ssh.config {
+            options.extend(["-F".into(), file.to_string()]);
+        }
+        // ssh takes the first value of an option, so the config's options come before the
+        // defaults they may override; the ones that must not change are refused by config.
+        let user_options = user_options(config, server);
+        options.extend(user_options.iter().cloned());
+        options.extend(COMMON.iter().map(|s| s.to_string()));
+        if let Some(kh) = &config.ssh.known_hosts {
+            let kh = kh.local().map_err(|e| anyhow::anyhow!("ssh.known_hosts: {e}"))?;
+            options.extend(["-o".into(), format!("UserKnownHostsFile={kh}")]);
+        }
+        if let Some(identity) = server.identity_file.as_ref().or(config.ssh.identity_file.as_ref())
+        {
+            options.extend(["-i".into(), identity.to_string()]);
+            options.extend(["-o".into(), "IdentitiesOnly=yes".into()]);
+        }
+        let shared = [
+            "-o".to_owned(),
+            "ControlMaster=auto".to_owned(),
+            "-o".to_owned(),
+            format!("ControlPath={control_path}"),
+        ];
+        options.extend(shared.iter().cloned());
+        options.extend(["-o".into(), CONTROL_PERSIST.into()]);
+        options.extend([
+            "-p".into(),
+            server.port.to_string(),
+            "-l".into(),
+            server.username.clone(),
+        ]);
+
+        // rsync splits `-e` on whitespace; every word here is free of it (validated config
+        // paths, a control directory `fling` names itself).
+        let mut rsync_shell: Vec<String> = vec!["ssh".into()];
+        if let Some(file) = &config.ssh.config {
+            rsync_shell.extend(["-F".into(), file.to_string()]);
+        }
+        rsync_shell.extend(user_options);
+        rsync_shell.extend(COMMON.iter().map(|s| s.to_string()));
+        rsync_shell.extend(shared.iter().cloned());
+        rsync_shell.extend(["-p".into(), server.port.to_string()]);
+        Ok(BuilderHop {
+            options,
+            destination: vec!["--".into(), server.addr.for_ssh()],
+            rsync_destination: format!("{}@{}", server.username, server.addr.for_rsync()),
+            rsync_shell: rsync_shell.join(" "),
+        })
+    }
+
+    /// The local command that runs `remote` (one string for the builder's shell) there.
+    pub fn run(&self, agent: Agent, remote: &str) -> Vec<String> {
+        let mut argv = self.options.clone();
+        argv.push(match agent {
+            Agent::Forward => "-A".into(),
+            Agent::NoForward => "-a".into(),
+        });
+        argv.extend(self.destination.iter().cloned());
+        argv.push(remote.to_owned());
+        argv
+    }
+
+    /// The local command that closes the shared connection.
+    pub fn close(&self) -> Vec<String> {
+        let mut argv = self.options.clone();
+        argv.extend(["-q".into(), "-O".into(), "exit".into()]);
+        argv.extend(self.destination.iter().cloned());
+        argv
+    }
+
+    /// rsync's `-e` value and the `user@host:path` of a path on the builder.
+    pub fn rsync_target(&self, path: &RemotePath) -> (String, String) {
+        (self.rsync_shell.clone(), format!("{}:{}", self.rsync_destination, path.for_rsync()))
+    }
+}
+
+impl ServerHop {
+    /// The hop from the builder to `server`, sharing one connection per server through
+    /// sockets under `control_dir` on the builder.
+    pub fn new(config: &Config, server: &Server, control_dir: &str) -> ServerHop {
+        let known_hosts =
+            config.deployment.known_hosts.as_ref().or(config.ssh.known_hosts.as_ref());
+        let mut common = user_options(config, server);
+        common.extend(COMMON.iter().map(|s| s.to_string()));
+        if let Some(kh) = known_hosts {
+            // ssh expands `~` itself, so the path needs no help from the builder's shell.
+            let path = match kh {
+                RemotePath::Absolute(path) => path.clone(),
+                RemotePath::Home(rest) => format!("~/{rest}"),
+            };
+            common.extend(["-o".into(), format!("UserKnownHostsFile={path}")]);
+        }
+        common.extend([
+            "-o".into(),
+            "ControlMaster=auto".into(),
+            "-o".into(),
+            format!("ControlPath={control_dir}/%C"),
+        ]);
+        common.extend(["-p".into(), server.port.to_string()]);
+
+        let mut ssh = vec!["ssh".to_owned()];
+        ssh.extend(common.iter().cloned());
+        ssh.extend(["-o".into(), CONTROL_PERSIST.into()]);
+        // The last hop never forwards the agent: servers have no business with the user's keys.
+        ssh.extend(["-a".into(), "-l".into(), server.username.clone()]);
+        ssh.extend(["--".into(), server.addr.for_ssh()]);
+
+        let mut rsync_shell = vec!["ssh".to_owned()];
+        rsync_shell.extend(common);
+        rsync_shell.push("-a".into());
+        ServerHop {
+            ssh,
+            rsync_shell: rsync_shell.join(" "),
+            rsync_destination: format!("{}@{}", server.username, server.addr.for_rsync()),
+        }
+    }
+
+    /// The builder-side command that runs `remote` (one string for the server's shell).
+    pub fn run(&self, remote: &str) -> String {
+        let mut words = self.ssh.clone();
+        words.push(remote.to_owned());
+        quote_words(&words)
+    }
+}
+
+/// The `-o` options of the config for a server: `[ssh] options` then the server's own.
+fn user_options(config: &Config, server: &Server) -> Vec<String> {
+    config
+        .ssh
+        .options
+        .iter()
+        .chain(&server.ssh_options)
+        .flat_map(|o| ["-o".to_owned(), o.clone()])
+        .collect()
+}
