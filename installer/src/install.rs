@@ -83,6 +83,51 @@ pub struct ServiceStatus {
     pub health_detail: Option<String>,
 }
 
+fn list(items: &[String]) -> String {
+    if items.is_empty() {
+        "none".to_owned()
+    } else {
+        items.join(", ")
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "active release: {}", self.release)?;
+        writeln!(f, "restarted: {}", list(&self.restarted))?;
+        write!(f, "unchanged: {}", list(&self.unchanged))?;
+        if !self.removed.is_empty() {
+            write!(f, "\nremoved services: {}", list(&self.removed))?;
+        }
+        if !self.pruned.is_empty() {
+            write!(f, "\npruned releases: {}", list(&self.pruned))?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "service manager: {}", self.manager)?;
+        writeln!(f, "prefix: {}", self.prefix)?;
+        write!(f, "active release: {}", self.active.as_deref().unwrap_or("none"))?;
+        for release in &self.releases {
+            let mark = if release.active { "*" } else { " " };
+            let packages = release.packages.join(", ");
+            write!(f, "\n{mark} {} (unpacked at {}): {packages}", release.id, release.created_at)?;
+        }
+        for service in &self.services {
+            let health = match (service.healthy, &service.health_detail) {
+                (None, _) => "no health check".to_owned(),
+                (Some(true), _) => "healthy".to_owned(),
+                (Some(false), detail) => format!("unhealthy: {}", detail.as_deref().unwrap_or("")),
+            };
+            write!(f, "\n  {}: {} ({health})", service.name, service.state)?;
+        }
+        Ok(())
+    }
+}
+
 /// The installer of one host.
 pub struct Installer {
     config: Config,

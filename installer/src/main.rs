@@ -13,7 +13,7 @@ use anyhow::Context;
 use camino::Utf8PathBuf;
 use clap::{Parser, Subcommand};
 use installer::runner::SystemRunner;
-use installer::{detect, Config, Error, Installer, ManagerKind, Outcome, DEFAULT_PREFIX};
+use installer::{detect, Config, Error, Installer, ManagerKind, DEFAULT_PREFIX};
 
 /// Install, activate, roll back and remove flotilla releases on this host [runs on: servers].
 #[derive(Debug, Parser)]
@@ -105,11 +105,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Install { packages, overlay } => {
             let outcome = installer.install(&packages, overlay.as_deref())?;
-            print_outcome(&outcome);
+            println!("{outcome}");
         }
         Command::Rollback { to } => {
             let outcome = installer.rollback(to.as_deref())?;
-            print_outcome(&outcome);
+            println!("{outcome}");
         }
         Command::Status { json } => {
             let status = installer.status()?;
@@ -119,64 +119,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     serde_json::to_string_pretty(&status).context("write the status as JSON")?
                 );
             } else {
-                print_status(&status);
+                println!("{status}");
             }
         }
         Command::Deactivate => {
             let services = installer.deactivate()?;
-            println!("stopped and disabled: {}", list(&services));
+            println!("stopped and disabled: {}", services.join(", "));
         }
         Command::Uninstall { purge } => {
             let services = installer.uninstall(purge)?;
-            println!("uninstalled; removed services: {}", list(&services));
+            println!("uninstalled; removed services: {}", services.join(", "));
         }
         Command::Clean => {
             let removed = installer.clean()?;
-            println!("removed releases: {}", list(&removed));
+            println!("removed releases: {}", removed.join(", "));
         }
     }
     Ok(())
-}
-
-fn list(items: &[String]) -> String {
-    if items.is_empty() {
-        "none".to_owned()
-    } else {
-        items.join(", ")
-    }
-}
-
-fn print_outcome(outcome: &Outcome) {
-    println!("active release: {}", outcome.release);
-    println!("restarted: {}", list(&outcome.restarted));
-    println!("unchanged: {}", list(&outcome.unchanged));
-    if !outcome.removed.is_empty() {
-        println!("removed services: {}", list(&outcome.removed));
-    }
-    if !outcome.pruned.is_empty() {
-        println!("pruned releases: {}", list(&outcome.pruned));
-    }
-}
-
-fn print_status(status: &installer::Status) {
-    println!("service manager: {}", status.manager);
-    println!("prefix: {}", status.prefix);
-    println!("active release: {}", status.active.as_deref().unwrap_or("none"));
-    for release in &status.releases {
-        let mark = if release.active { "*" } else { " " };
-        println!(
-            "{mark} {} (unpacked at {}): {}",
-            release.id,
-            release.created_at,
-            release.packages.join(", ")
-        );
-    }
-    for service in &status.services {
-        let health = match (service.healthy, &service.health_detail) {
-            (None, _) => "no health check".to_owned(),
-            (Some(true), _) => "healthy".to_owned(),
-            (Some(false), detail) => format!("unhealthy: {}", detail.as_deref().unwrap_or("")),
-        };
-        println!("  {}: {} ({health})", service.name, service.state);
-    }
 }

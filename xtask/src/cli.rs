@@ -44,6 +44,20 @@ pub enum Command {
     /// Deploy from this machine (the client) through a builder to many servers over OpenSSH
     /// (thing-flinger's workflow).
     Fling(FlingArgs),
+    /// Verify, unpack and activate packages on this machine, health-checked, with automatic
+    /// revert [runs on: a server, as root].
+    Install(InstallArgs),
+    /// Activate the previous release on this machine, or the one given [runs on: a server].
+    Rollback(RollbackArgs),
+    /// This machine's active release, releases, and each service's state and health
+    /// [runs on: a server].
+    Status(StatusArgs),
+    /// Stop and disable this machine's services; keep their files [runs on: a server].
+    Deactivate(HostArgs),
+    /// Remove this machine's services, releases and state [runs on: a server].
+    Uninstall(UninstallArgs),
+    /// Remove every release on this machine except the active one [runs on: a server].
+    CleanReleases(HostArgs),
 }
 
 /// Where the manifest and the outputs are, and which target is used.
@@ -339,4 +353,64 @@ pub enum FlingLockCommand {
     Status,
     /// Remove the deploy lock (after a crashed run).
     Release,
+}
+
+/// Where and how releases are installed on this machine.
+#[derive(Debug, Args, Clone)]
+pub struct HostArgs {
+    /// The installation prefix.
+    #[arg(long, default_value = installer::DEFAULT_PREFIX)]
+    pub prefix: Utf8PathBuf,
+    /// Where systemd unit files are written.
+    #[arg(long, default_value = installer::manager::DEFAULT_UNIT_DIR)]
+    pub unit_dir: Utf8PathBuf,
+    /// The service manager; detected when not given.
+    #[arg(long, value_parser = ["systemd", "smf"])]
+    pub service_manager: Option<String>,
+    /// How many releases to keep, the active one included.
+    #[arg(long, default_value_t = 3)]
+    pub keep: usize,
+    /// Seconds to wait for another install on this machine to finish.
+    #[arg(long, default_value_t = 0)]
+    pub lock_wait: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct InstallArgs {
+    #[command(flatten)]
+    pub host: HostArgs,
+    /// The directory with the packages and `digests.b3`.
+    #[arg(long, default_value = "out")]
+    pub packages: Utf8PathBuf,
+    /// This machine's overlay: files under `opt/flotilla/<service>/`, placed into the release
+    /// before any service starts.
+    #[arg(long)]
+    pub overlay: Option<Utf8PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    #[command(flatten)]
+    pub host: HostArgs,
+    /// The release to activate; the previous one when not given.
+    #[arg(long)]
+    pub to: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub host: HostArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UninstallArgs {
+    #[command(flatten)]
+    pub host: HostArgs,
+    /// Remove the services' data directory too.
+    #[arg(long)]
+    pub purge: bool,
 }

@@ -6,6 +6,7 @@
 mod bench;
 mod cli;
 mod fling;
+mod install;
 mod package;
 mod progress;
 mod testbed;
@@ -50,6 +51,12 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(&sh, &ctx, args),
         Command::Testbed(args) => testbed::run(&sh, args),
         Command::Fling(args) => fling::run(&sh, &ctx, args),
+        Command::Install(args) => install::install(&ctx, args),
+        Command::Rollback(args) => install::rollback(&ctx, args),
+        Command::Status(args) => install::status(&ctx, args),
+        Command::Deactivate(args) => install::deactivate(&ctx, args),
+        Command::Uninstall(args) => install::uninstall(&ctx, args),
+        Command::CleanReleases(args) => install::clean_releases(&ctx, args),
     }
 }
 
