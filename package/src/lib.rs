@@ -6,6 +6,7 @@
 pub mod archive;
 pub mod build;
 pub mod cache;
+pub mod cargo_stamp;
 mod error;
 mod fetch;
 pub mod fsutil;

@@ -7,13 +7,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use camino::Utf8PathBuf;
+use camino::{Utf8Path, Utf8PathBuf};
 use flotilla_package::build::{self, CacheMode, CargoRunner, ExecuteConfig, Outcome, Rebuild};
 use flotilla_package::manifest::{
     Manifest, PackageName, PackageSource, Target, TargetName, TargetOrigin, TargetStore,
 };
 use flotilla_package::plan::{self, CargoBuild, Plan, PlanConfig, Workspace};
-use flotilla_package::Retry;
+use flotilla_package::{cargo_stamp, Retry};
 use xshell::{cmd, Shell};
 
 use crate::progress::{human_size, TermProgress};
@@ -42,7 +42,14 @@ pub fn package(sh: &Shell, ctx: &Context, args: cli::PackageArgs) -> anyhow::Res
     let started = Instant::now();
     let loaded = load(ctx, &args.manifest)?;
     let only = parse_names(&args.only)?;
-    let workspace = workspace(sh)?;
+    // A fresh stamp answers for both `cargo metadata` and the nested `cargo build` (see the
+    // library's cargo_stamp module): a no-op run then costs little more than its own start.
+    let env = cargo_stamp::env_digest();
+    let stamped = if args.no_rebuild { None } else { cargo_stamp::fresh(&loaded.out, &env) };
+    let (workspace, extra) = match &stamped {
+        Some((workspace, _)) => (workspace.clone(), Vec::new()),
+        None => cargo_metadata(sh)?,
+    };
     let plan = plan::plan(&PlanConfig {
         manifest: &loaded.manifest,
         target: &loaded.target,
@@ -50,6 +57,8 @@ pub fn package(sh: &Shell, ctx: &Context, args: cli::PackageArgs) -> anyhow::Res
         out_dir: &loaded.out,
         only: &only,
     })?;
+    let planned: Vec<Vec<String>> = plan.cargo_builds.iter().map(CargoBuild::args).collect();
+    let cargo_is_fresh = stamped.as_ref().is_some_and(|(_, builds)| *builds == planned);
     if args.dry_run {
         let status = build::cache_status(&plan, &loaded.out);
         println!("{}", plan.render(&status).trim_end());
@@ -69,15 +78,23 @@ pub fn package(sh: &Shell, ctx: &Context, args: cli::PackageArgs) -> anyhow::Res
         out_dir: &loaded.out,
         jobs,
         cache: if args.disable_cache { CacheMode::Disabled } else { CacheMode::Enabled },
-        rebuild: if args.no_rebuild { Rebuild::No } else { Rebuild::Cargo },
+        rebuild: if args.no_rebuild || cargo_is_fresh { Rebuild::No } else { Rebuild::Cargo },
         mtime: flotilla_package::archive::source_date_epoch()?,
         retry: Retry {
             count: args.retry_count,
             delay: Duration::from_secs_f64(args.retry_duration),
         },
     };
+    if cargo_is_fresh {
+        eprintln!("[cargo] binaries up to date (no source, manifest or toolchain changed)");
+    }
     let progress = TermProgress::new();
     let report = build::execute(&config, &XshellCargo { sh }, &progress)?;
+    if config.rebuild == Rebuild::Cargo {
+        // A stamp is written only from a fresh `cargo metadata` and a successful build.
+        let extra = if stamped.is_some() { cargo_metadata(sh)?.1 } else { extra };
+        cargo_stamp::record(&loaded.out, &workspace, &plan.cargo_builds, &extra, &env)?;
+    }
     print_summary(&plan, &report, started.elapsed());
     if !report.failed.is_empty() {
         for (name, message) in &report.failed {
@@ -179,7 +196,7 @@ pub fn stamp(sh: &Shell, ctx: &Context, args: cli::StampArgs) -> anyhow::Result<
     let name = PackageName::new(args.package.as_str()).map_err(anyhow::Error::msg)?;
     let version = semver::Version::parse(&args.semver)
         .with_context(|| format!("stamp {name}: `{}` is not a semver version", args.semver))?;
-    let workspace = workspace(sh)?;
+    let (workspace, _) = cargo_metadata(sh)?;
     let plan = plan::plan(&PlanConfig {
         manifest: &loaded.manifest,
         target: &loaded.target,
@@ -285,43 +302,31 @@ impl CargoRunner for XshellCargo<'_> {
     }
 }
 
-/// Removes the `CARGO_*` variables cargo sets for the process it runs (`CARGO_PKG_*`,
-/// `CARGO_MANIFEST_DIR`, ...): a nested cargo that sees them rebuilds needlessly (omicron PR
-/// 7945). Variables a user sets to configure cargo are kept, because dropping them would
-/// build with another configuration (or into another target directory) than the user asked.
+/// Removes the `CARGO_*` variables cargo sets for the process it runs; see
+/// `cargo_stamp::is_set_by_cargo` for which and why.
 fn scrub(mut cmd: xshell::Cmd<'_>) -> xshell::Cmd<'_> {
-    const USER_CONFIG: [&str; 11] = [
-        "CARGO_HOME",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_",
-        "CARGO_PROFILE_",
-        "CARGO_TERM_",
-        "CARGO_NET_",
-        "CARGO_HTTP_",
-        "CARGO_REGISTRIES_",
-        "CARGO_REGISTRY_",
-        "CARGO_INCREMENTAL",
-        "CARGO_LOG",
-    ];
     for (key, _) in std::env::vars_os() {
         let Some(key) = key.to_str() else { continue };
-        if key.starts_with("CARGO_") && !USER_CONFIG.iter().any(|k| key.starts_with(k)) {
+        if cargo_stamp::is_set_by_cargo(key) {
             cmd = cmd.env_remove(key);
         }
     }
     cmd
 }
 
-/// The workspace's target directory and each crate's binaries, from `cargo metadata`.
-fn workspace(sh: &Shell) -> anyhow::Result<Workspace> {
+/// The workspace's target directory and each crate's binaries, from `cargo metadata`, with the
+/// files besides sources that a cargo build reads (for the stamp).
+fn cargo_metadata(sh: &Shell) -> anyhow::Result<(Workspace, Vec<Utf8PathBuf>)> {
     #[derive(serde::Deserialize)]
     struct Metadata {
         target_directory: Utf8PathBuf,
+        workspace_root: Utf8PathBuf,
         packages: Vec<MetaPackage>,
     }
     #[derive(serde::Deserialize)]
     struct MetaPackage {
         name: String,
+        manifest_path: Utf8PathBuf,
         targets: Vec<MetaTarget>,
     }
     #[derive(serde::Deserialize)]
@@ -335,6 +340,28 @@ fn workspace(sh: &Shell) -> anyhow::Result<Workspace> {
         .read()
         .context("read the workspace layout with cargo metadata")?;
     let meta: Metadata = serde_json::from_str(&json).context("parse cargo metadata output")?;
+    let root = &meta.workspace_root;
+    let mut extra: Vec<Utf8PathBuf> = vec![root.join("Cargo.toml"), root.join("Cargo.lock")];
+    extra.extend(meta.packages.iter().map(|p| p.manifest_path.clone()));
+    // Cargo reads configuration from every ancestor directory and from CARGO_HOME; the
+    // toolchain is chosen by rust-toolchain files and is identified by its binaries.
+    for dir in root.ancestors() {
+        for name in [".cargo/config.toml", ".cargo/config", "rust-toolchain", "rust-toolchain.toml"]
+        {
+            extra.push(dir.join(name));
+        }
+    }
+    if let Some(home) = std::env::var_os("CARGO_HOME").or_else(|| {
+        std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo").into())
+    }) {
+        if let Ok(home) = Utf8PathBuf::try_from(std::path::PathBuf::from(home)) {
+            extra.extend([home.join("config.toml"), home.join("config")]);
+        }
+    }
+    if let Ok(cargo_bin) = which(&cargo) {
+        extra.push(cargo_bin.with_file_name("rustc"));
+        extra.push(cargo_bin);
+    }
     let crates: BTreeMap<String, BTreeSet<String>> = meta
         .packages
         .into_iter()
@@ -344,5 +371,21 @@ fn workspace(sh: &Shell) -> anyhow::Result<Workspace> {
             (p.name, bins.collect())
         })
         .collect();
-    Ok(Workspace { target_dir: meta.target_directory, crates })
+    Ok((Workspace { target_dir: meta.target_directory, crates }, extra))
+}
+
+/// The absolute path of a program, as the shell would find it.
+fn which(program: &str) -> anyhow::Result<Utf8PathBuf> {
+    let path = Utf8Path::new(program);
+    if path.is_absolute() {
+        return Ok(path.to_owned());
+    }
+    let dirs = std::env::var("PATH").unwrap_or_default();
+    for dir in dirs.split(':') {
+        let candidate = Utf8Path::new(dir).join(program);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!("{program} is not on PATH")
 }
