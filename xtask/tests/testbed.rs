@@ -148,6 +148,30 @@ fn down_cleans_up_after_crashed_processes_and_up_refuses_a_second_start() {
     left.assert_none_remain();
 }
 
+#[test]
+fn without_root_up_says_what_to_run_and_creates_nothing() {
+    // As root, the command runs as `nobody`; elsewhere the test already runs unprivileged.
+    let name = testbed_support::unique_name("tnoroot");
+    let args = ["testbed", "up", "--nodes", "1", "--name", &name];
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let out = if unsafe { geteuid() } == 0 {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", XTASK])
+            .args(args)
+            .output()
+            .expect("run setpriv")
+    } else {
+        Command::new(XTASK).args(args).output().unwrap()
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("needs root") && stderr.contains("sudo -E cargo xtask testbed up"),
+        "{stderr}"
+    );
+    assert!(!testbed_support::testbed_root().join("beds").join(&name).exists());
+}
+
 /// What a testbed is made of on this machine, read before `down` to check after it.
 #[derive(Debug)]
 struct Leftovers {
@@ -267,4 +291,5 @@ fn is_alive(pid: u32) -> bool {
 
 extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
+    fn geteuid() -> u32;
 }

@@ -83,6 +83,7 @@ pub fn ensure(sh: &Shell, root: &Utf8Path) -> anyhow::Result<Utf8PathBuf> {
     if dir.join("recipe.txt").is_file() && rootfs.is_dir() {
         return Ok(rootfs);
     }
+    remove_abandoned_builds(root);
     let mirror = mirror()?;
     let tmp = images_dir(root).join(format!(".build-{}-{}", recipe_hash(), std::process::id()));
     let guard = RemoveOnDrop(tmp.clone());
@@ -139,6 +140,23 @@ fn build(sh: &Shell, tmp: &Utf8Path, mirror: &str) -> anyhow::Result<()> {
     }
     write(&tmp.join("recipe.txt"), &recipe())?;
     Ok(())
+}
+
+/// Removes the build directories of builds whose process is gone (killed before its cleanup
+/// could run); a build still running elsewhere keeps its directory.
+fn remove_abandoned_builds(root: &Utf8Path) {
+    let Ok(entries) = images_dir(root).read_dir_utf8() else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.strip_prefix(".build-").and_then(|rest| rest.rsplit('-').next())
+        else {
+            continue;
+        };
+        let alive = Utf8Path::new("/proc").join(pid).exists();
+        if !alive && pid.parse::<u32>().is_ok() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// The Debian mirror to debootstrap from: `FLOTILLA_TESTBED_MIRROR`, else the first apt source

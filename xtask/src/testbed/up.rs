@@ -359,7 +359,9 @@ fn check_ssh(sh: &Shell, layout: &Layout, paths: &Paths) -> anyhow::Result<()> {
 
 fn print_summary(layout: &Layout, paths: &Paths, state: &State, took: Duration) {
     let name = &layout.name;
-    println!("testbed {name}: {} nodes up in {:.1} s", layout.nodes.len(), took.as_secs_f64());
+    let count = layout.nodes.len();
+    let plural = if count == 1 { "" } else { "s" };
+    println!("testbed {name}: {count} node{plural} up in {:.1} s", took.as_secs_f64());
     for node in &layout.nodes {
         println!("  {:<8} {:<16} {}", node.name, node.ipv4, node.ipv6);
     }
