@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::plan::{CargoBuild, Workspace};
 use crate::Error;
 
-const STAMP_VERSION: u32 = 1;
+const STAMP_VERSION: u32 = 2;
 const STAMP_FILE: &str = "cargo-stamp.json";
 
 #[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,6 +29,9 @@ struct Stamp {
     crates: BTreeMap<String, BTreeSet<String>>,
     env: String,
     files: Vec<(Utf8PathBuf, Option<FileState>)>,
+    /// Dep-info files by content: cargo rewrites them on every build, even a no-op one, so
+    /// their mtime says nothing.
+    dep_infos: Vec<(Utf8PathBuf, String)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +63,12 @@ pub fn fresh(out_dir: &Utf8Path, env: &str) -> Option<(Workspace, Vec<Vec<String
     if stamp.files.iter().any(|(path, recorded)| state(path) != *recorded) {
         return None;
     }
+    for (path, digest) in &stamp.dep_infos {
+        let text = std::fs::read(path).ok()?;
+        if blake3::hash(&text).to_hex().as_str() != digest {
+            return None;
+        }
+    }
     Some((Workspace { target_dir: stamp.target_dir, crates: stamp.crates }, stamp.builds))
 }
 
@@ -73,6 +82,7 @@ pub fn record(
     env: &str,
 ) -> Result<(), Error> {
     let mut files: BTreeSet<Utf8PathBuf> = extra.iter().cloned().collect();
+    let mut dep_infos = Vec::new();
     for build in builds {
         let dir = workspace.target_dir.join(build.profile());
         for bin in &build.bins {
@@ -84,8 +94,8 @@ pub fn record(
                 return Ok(());
             };
             files.insert(dir.join(bin));
-            files.insert(dep_info);
             files.extend(dep_info_sources(&text));
+            dep_infos.push((dep_info, blake3::hash(text.as_bytes()).to_hex().to_string()));
         }
     }
     let stamp = Stamp {
@@ -95,6 +105,7 @@ pub fn record(
         crates: workspace.crates.clone(),
         env: env.to_owned(),
         files: files.into_iter().map(|f| (f.clone(), state(&f))).collect(),
+        dep_infos,
     };
     let path = stamp_path(out_dir);
     if let Some(dir) = path.parent() {
@@ -259,6 +270,10 @@ mod tests {
         assert!(fresh(&out, "e1").is_none());
         record(&out, &workspace, std::slice::from_ref(&build), &[dir.join("Cargo.lock")], "e1")
             .unwrap();
+        assert!(fresh(&out, "e1").is_some());
+        // Cargo rewrites dep-info on every build; the same content keeps the stamp fresh.
+        let dep_info = std::fs::read(release.join("agent.d")).unwrap();
+        std::fs::write(release.join("agent.d"), &dep_info).unwrap();
         assert!(fresh(&out, "e1").is_some());
         std::fs::write(&src, "fn main() { println!() }").unwrap();
         assert!(fresh(&out, "e1").is_none(), "a source file changed");
