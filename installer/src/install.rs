@@ -722,7 +722,10 @@ impl Installer {
         match self.runner.output(&self.manager.logs_command(service)) {
             Ok(out) => {
                 let text = format!("{}{}", out.stdout, out.stderr);
-                let lines: Vec<&str> = text.lines().collect();
+                let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+                if lines.is_empty() {
+                    return format!("(`{}` printed nothing)", self.manager.logs_command(service));
+                }
                 lines[lines.len().saturating_sub(20)..].join("\n")
             }
             Err(e) => format!("(could not read the log: {e})"),
