@@ -615,7 +615,7 @@ mod tests {
         let ok = report("a", Outcome::Ok);
         let failed = report("b", Outcome::Failed { code: Some(1) });
         let gone = report("c", Outcome::Unreachable);
-        assert_eq!(exit_code(None, &[ok.clone()]), EXIT_OK);
+        assert_eq!(exit_code(None, std::slice::from_ref(&ok)), EXIT_OK);
         assert_eq!(exit_code(None, &[ok.clone(), failed.clone()]), EXIT_FAILED);
         assert_eq!(exit_code(None, &[ok, gone.clone()]), EXIT_UNREACHABLE);
         assert_eq!(exit_code(None, &[failed, gone.clone()]), EXIT_FAILED_AND_UNREACHABLE);

@@ -123,9 +123,22 @@ fn run_inner(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Result<
     if args.dry_run {
         if needs_agent {
             let sock = control.path.join("agent");
-            println!("[client] agent (runs on client):\n    ssh-agent -D -a {sock}");
             let ids: Vec<String> = identities.iter().map(|p| p.to_string()).collect();
-            println!("    SSH_AUTH_SOCK={sock} ssh-add -q -- {}", quote::quote_words(&ids));
+            let start = vec!["ssh-agent".to_owned(), "-D".into(), "-a".into(), sock.to_string()];
+            let mut add = vec!["ssh-add".to_owned(), "-q".into(), "--".into()];
+            add.extend(ids);
+            for (step, argv) in [("agent", start), ("agent-add", add)] {
+                if args.json {
+                    let event = serde_json::json!({
+                        "event": "plan", "host": "client", "step": step, "runs_on": "client",
+                        "argv": argv, "env": {"SSH_AUTH_SOCK": sock},
+                    });
+                    println!("{event}");
+                } else {
+                    println!("[client] {step} (runs on client):");
+                    println!("    SSH_AUTH_SOCK={sock} {}", quote::quote_words(&argv));
+                }
+            }
         }
         if args.json {
             for (host, step) in plan

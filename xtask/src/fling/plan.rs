@@ -475,7 +475,10 @@ fn push(cx: &Context<'_>, server: &Server) -> Step {
         &dest("packages"),
     ]);
     let installer = rsync(&["--", &format!("target/release/{INSTALLER}"), &dest("bin")]);
-    let overlay = rsync(&["--delete", "--", &format!("{overlay_dir}/"), &dest("overlay")]);
+    // Overlay files are small and generated together, so two servers' files can share size
+    // and mtime: compare contents, not rsync's quick check.
+    let overlay =
+        rsync(&["--delete", "--checksum", "--", &format!("{overlay_dir}/"), &dest("overlay")]);
     let script = format!(
         "set -e; cd -- {src}; \
          [ -f out/digests.b3 ] || {{ echo 'no out/digests.b3 on the builder: run `fling build \

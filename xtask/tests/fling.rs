@@ -1,0 +1,641 @@
+//! `cargo xtask fling` driven for real: the xtask binary, the system OpenSSH client and rsync,
+//! against an sshd each test starts on loopback with its own host key and authorized key.
+//!
+//! The builder is `127.0.0.1`; the servers are `127.0.0.2`, `127.0.0.3` and `::1`, all the same
+//! sshd, so every hop (client -> builder -> server) is a real ssh connection with strict host
+//! key checking. The builder's workspace is a fixture with packages, a digest list and an
+//! installer that records what it was given. The end-to-end tests on real nodes live with the
+//! testbed.
+//!
+//! These tests need root (sshd) and skip otherwise, unless CI is "true".
+
+use std::{
+    net::{Ipv4Addr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
+
+/// Whether the test can run here; prints why not when it cannot.
+fn can_run(test: &str) -> bool {
+    let root = unsafe_is_root();
+    let ssh = Path::new("/usr/sbin/sshd").exists() && which("rsync") && which("ssh");
+    if root && ssh {
+        return true;
+    }
+    let why = if !root { "it needs root to run sshd" } else { "sshd, ssh or rsync is missing" };
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test}: {why}, and CI=true forbids skipping");
+    }
+    eprintln!("skipping {test}: {why} (set CI=true to make this a failure)");
+    false
+}
+
+fn unsafe_is_root() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+}
+
+fn which(program: &str) -> bool {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .any(|dir| Path::new(dir).join(program).is_file())
+}
+
+/// A directory removed on drop, failure or not.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let path = std::env::temp_dir().join(format!("fling-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An sshd on loopback, stopped by pid on drop.
+struct Sshd {
+    child: Child,
+    port: u16,
+    host_key_pub: String,
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run_ok(command: &mut Command) {
+    let out = command.output().unwrap_or_else(|e| panic!("run {command:?}: {e}"));
+    assert!(out.status.success(), "{command:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Everything one test needs: keys, an sshd, a builder workspace and a config.
+struct Fixture {
+    sshd: Sshd,
+    // Declared after `sshd` so the sshd stops before its files go.
+    dir: TempDir,
+}
+
+/// The servers of the fixture config: name, address (each a distinct loopback address).
+const SERVERS: &[(&str, &str)] = &[("n1", "127.0.0.2"), ("n2", "127.0.0.3"), ("n3", "::1")];
+
+impl Fixture {
+    fn new(tag: &str) -> Fixture {
+        let dir = TempDir::new(tag);
+        let d = &dir.0;
+        run_ok(
+            Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(d.join("host_key")),
+        );
+        run_ok(
+            Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(d.join("id")),
+        );
+        std::fs::copy(d.join("id.pub"), d.join("authorized_keys")).unwrap();
+        let port = {
+            let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let config = format!(
+            "Port {port}\nListenAddress 127.0.0.1\nListenAddress 127.0.0.2\nListenAddress 127.0.0.3\n\
+             ListenAddress ::1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n\
+             PidFile {d}/sshd.pid\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nAllowAgentForwarding yes\n\
+             MaxStartups 100\nMaxSessions 100\nLogLevel ERROR\n",
+            d = d.display()
+        );
+        std::fs::write(d.join("sshd_config"), config).unwrap();
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(d.join("sshd_config"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start sshd");
+        let host_key_pub = std::fs::read_to_string(d.join("host_key.pub")).unwrap();
+        let sshd = Sshd { child, port, host_key_pub };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.3", port)).is_err() {
+            assert!(Instant::now() < deadline, "sshd did not start listening on port {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let fixture = Fixture { sshd, dir };
+        fixture.write_known_hosts(
+            &fixture.sshd.host_key_pub.clone(),
+            &fixture.sshd.host_key_pub.clone(),
+        );
+        fixture.make_builder();
+        fixture
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.0.join(rel)
+    }
+
+    fn p(&self, rel: &str) -> String {
+        self.path(rel).display().to_string()
+    }
+
+    /// known_hosts with `builder_key` for the builder and `server_key` for every server.
+    fn write_known_hosts(&self, builder_key: &str, server_key: &str) {
+        let port = self.sshd.port;
+        let servers: Vec<String> = SERVERS.iter().map(|(_, a)| format!("[{a}]:{port}")).collect();
+        let text = format!(
+            "[127.0.0.1]:{port} {}\n{} {}\n",
+            builder_key.trim(),
+            servers.join(","),
+            server_key.trim()
+        );
+        std::fs::write(self.path("known_hosts"), text).unwrap();
+    }
+
+    /// The builder's workspace: two packages, their digests, and an installer that writes
+    /// what it received to a log and fails or sleeps when asked to by marker files.
+    fn make_builder(&self) {
+        let b = self.path("builder");
+        std::fs::create_dir_all(b.join("out")).unwrap();
+        std::fs::create_dir_all(b.join("target/release")).unwrap();
+        let payload: Vec<u8> =
+            (0..2_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+        std::fs::write(b.join("out/node-agent.tar.gz"), &payload).unwrap();
+        std::fs::write(b.join("out/control-plane.tar.gz"), &payload[..1000]).unwrap();
+        std::fs::write(b.join("out/digests.b3"), "0000  node-agent.tar.gz\n").unwrap();
+        std::fs::write(b.join("out/unrelated.log"), "not a package").unwrap();
+        let installer = format!(
+            "#!/bin/sh\nset -e\nstaging=$(dirname \"$(dirname \"$0\")\")\n\
+             [ -e {d}/installer-sleep ] && sleep 4\n\
+             echo \"$SSH_CONNECTION | $*\" >> {d}/installer.log\n\
+             [ -e {d}/installer-fail ] && {{ echo 'health check failed' >&2; exit 3; }}\n\
+             find \"$staging/overlay\" -type f | sort >> {d}/installer.log\nexit 0\n",
+            d = self.dir.0.display()
+        );
+        let bin = b.join("target/release/flotilla-installer");
+        std::fs::write(&bin, installer).unwrap();
+        run_ok(Command::new("chmod").arg("755").arg(&bin));
+    }
+
+    /// The config, with `extra` appended to the [deployment] table and server overrides.
+    fn config(&self, name: &str, deployment_extra: &str, servers: &[(&str, &str, u16)]) -> PathBuf {
+        let mut text = format!(
+            "[builder]\nserver = \"b\"\nsource_path = {builder:?}\nlock_dir = {lock:?}\n\n\
+             [deployment]\nservers = [{names}]\nstaging_dir = {staging:?}\n{deployment_extra}\n\n\
+             [ssh]\nknown_hosts = {kh:?}\nidentity_file = {id:?}\n\n\
+             [servers.b]\nusername = \"root\"\naddr = \"127.0.0.1\"\nport = {port}\n",
+            builder = self.p("builder"),
+            lock = self.p("lock"),
+            staging = self.p("staging"),
+            kh = self.p("known_hosts"),
+            id = self.p("id"),
+            port = self.sshd.port,
+            names = servers.iter().map(|(n, _, _)| format!("{n:?}")).collect::<Vec<_>>().join(", "),
+        );
+        for (server, addr, port) in servers {
+            text.push_str(&format!(
+                "\n[servers.{server}]\nusername = \"root\"\naddr = {addr:?}\nport = {port}\n\
+                 vars = {{ secret = \"secret-of-{server}\" }}\n"
+            ));
+        }
+        let path = self.path(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn default_servers(&self) -> Vec<(&'static str, &'static str, u16)> {
+        SERVERS.iter().map(|(n, a)| (*n, *a, self.sshd.port)).collect()
+    }
+
+    /// Runs `cargo xtask fling --config <config> <args>` without the user's agent.
+    fn fling(&self, config: &Path, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .arg("fling")
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .env_remove("SSH_AUTH_SOCK")
+            .current_dir(self.path("builder"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run cargo xtask fling")
+    }
+
+    /// Writes the overlays into the builder's workspace, as `fling overlay` has the builder do.
+    fn generate_overlay(&self, config: &Path) {
+        let out = self.fling(config, &["overlay", "--generate-here"]);
+        assert!(out.status.success(), "overlay: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn json_lines(output: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect()
+}
+
+#[test]
+fn exec_runs_on_every_server_through_the_builder_and_reports_json() {
+    if !can_run("exec_runs_on_every_server_through_the_builder_and_reports_json") {
+        return;
+    }
+    let f = Fixture::new("exec");
+    let config = f.config("deploy.toml", "", &f.default_servers());
+    let out = f.fling(&config, &["--json", "exec", "--", "echo", "on", "$SSH_CONNECTION"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let events = json_lines(&out);
+    let summary = events.last().unwrap();
+    assert_eq!(summary["event"], "summary");
+    assert_eq!(summary["exit_code"], 0);
+    assert_eq!(summary["hosts"].as_array().unwrap().len(), 3);
+    for (name, addr) in SERVERS {
+        let line = events
+            .iter()
+            .find(|e| e["event"] == "output" && e["host"] == *name)
+            .unwrap_or_else(|| panic!("no output from {name}: {}", text(&out)));
+        // The remote shell expanded the variable: the command ran on the server, reached
+        // at its own address from the builder.
+        let line = line["line"].as_str().unwrap();
+        assert!(line.starts_with("on ") && line.contains(&format!(" {addr} ")), "{name}: {line}");
+        assert!(events.iter().any(|e| e["event"] == "step"
+            && e["host"] == *name
+            && e["step"] == "exec"
+            && e["status"] == "ok"
+            && e["duration_ms"].is_u64()));
+    }
+}
+
+#[test]
+fn failed_and_unreachable_hosts_have_their_own_exit_codes_and_the_others_finish() {
+    if !can_run("failed_and_unreachable_hosts_have_their_own_exit_codes_and_the_others_finish") {
+        return;
+    }
+    let f = Fixture::new("faults");
+    let closed_port = {
+        let listener = TcpListener::bind((Ipv4Addr::new(127, 0, 0, 4), 0)).unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let mut servers = f.default_servers();
+    servers.push(("gone", "127.0.0.4", closed_port));
+    let config = f.config("deploy.toml", "", &servers);
+    // n2 fails its command; `gone` has nothing listening.
+    let fail_on_n2 = "case \"$SSH_CONNECTION\" in *127.0.0.3*) echo boom-on-n2 >&2; exit 7;; esac";
+
+    let out = f.fling(&config, &["exec", "--", fail_on_n2]);
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("n2: exec failed (exit 7); last stderr lines:\n    boom-on-n2"),
+        "{}",
+        text(&out)
+    );
+    assert!(stdout.contains("gone: connect unreachable"), "{}", text(&out));
+    assert!(stdout.contains("2 of 4 hosts ok"), "{}", text(&out));
+
+    let out = f.fling(&config, &["--servers", "n1,n2", "exec", "--", fail_on_n2]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let out = f.fling(&config, &["--servers", "n3,gone", "exec", "--", "true"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let out = f.fling(&config, &["--servers", "n1,n3", "exec", "--", fail_on_n2]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = f.fling(&config, &["--servers", "nope", "exec", "--", "true"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("\"nope\" is not one of the deployment servers"), "{}", text(&out));
+}
+
+#[test]
+fn unknown_and_changed_host_keys_are_refused() {
+    if !can_run("unknown_and_changed_host_keys_are_refused") {
+        return;
+    }
+    let f = Fixture::new("hostkeys");
+    let config = f.config("deploy.toml", "", &f.default_servers());
+    run_ok(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(f.path("other")),
+    );
+    let other = std::fs::read_to_string(f.path("other.pub")).unwrap();
+    let real = f.sshd.host_key_pub.clone();
+
+    // The builder's key is unknown: nothing at all happens.
+    std::fs::write(f.path("known_hosts"), "").unwrap();
+    let out = f.fling(&config, &["exec", "--", "touch", &f.p("ran")]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(text(&out).contains("Host key verification failed"), "{}", text(&out));
+    // The builder's key changed.
+    f.write_known_hosts(&other, &real);
+    let out = f.fling(&config, &["exec", "--", "touch", &f.p("ran")]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(text(&out).contains("REMOTE HOST IDENTIFICATION HAS CHANGED"), "{}", text(&out));
+    // The builder is known but the servers' keys changed: the builder refuses them.
+    f.write_known_hosts(&real, &other);
+    let out = f.fling(&config, &["exec", "--", "touch", &f.p("ran")]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(text(&out).contains("n1: connect unreachable"), "{}", text(&out));
+    assert!(text(&out).contains("Host key verification failed"), "{}", text(&out));
+    assert!(!f.path("ran").exists(), "a command ran on a host with the wrong key");
+}
+
+#[test]
+fn deploy_pushes_each_server_only_its_own_overlay_and_a_rerun_sends_no_payload() {
+    if !can_run("deploy_pushes_each_server_only_its_own_overlay_and_a_rerun_sends_no_payload") {
+        return;
+    }
+    let f = Fixture::new("deploy");
+    let config = f.config("deploy.toml", "", &f.default_servers());
+
+    // Without an overlay the push fails with a message that says what to run.
+    let out = f.fling(&config, &["--servers", "n1", "install"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("run `fling overlay` first"), "{}", text(&out));
+
+    f.generate_overlay(&config);
+    // The servers share this machine, so deploy them one at a time and look at what each
+    // one's staging directory received.
+    for (name, addr) in SERVERS {
+        let out = f.fling(&config, &["--json", "--servers", name, "deploy", "install"]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        let staging = f.path("staging");
+        let overlay =
+            std::fs::read_to_string(staging.join("overlay/opt/flotilla/node-agent/pkg/node.toml"))
+                .unwrap();
+        assert!(overlay.contains(&format!("secret-of-{name}")), "{overlay}");
+        for (other, _) in SERVERS.iter().filter(|(o, _)| o != name) {
+            assert!(
+                !overlay.contains(&format!("secret-of-{other}")),
+                "{name} got {other}'s overlay"
+            );
+        }
+        let mut packages: Vec<String> = std::fs::read_dir(staging.join("packages"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        packages.sort();
+        assert_eq!(packages, ["control-plane.tar.gz", "digests.b3", "node-agent.tar.gz"]);
+        let log = std::fs::read_to_string(f.path("installer.log")).unwrap();
+        let last = log.lines().rev().find(|l| l.contains(" | ")).unwrap();
+        assert!(last.contains(&format!(" {addr} ")), "the installer ran elsewhere: {last}");
+        assert!(
+            last.ends_with(&format!(
+                "| --service-manager systemd install {0}/packages --overlay {0}/overlay",
+                staging.display()
+            )),
+            "{last}"
+        );
+    }
+
+    // Everything is in place: a rerun sends no payload, only rsync's file lists.
+    let out = f.fling(&config, &["--json", "--servers", "n1", "install"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let summary = json_lines(&out).pop().unwrap();
+    let sent = summary["hosts"][0]["bytes_sent"].as_u64().unwrap();
+    assert!(sent < 20_000, "a no-op redeploy sent {sent} bytes");
+
+    // A failing installer is reported with its stderr and exit status.
+    std::fs::write(f.path("installer-fail"), "").unwrap();
+    let out = f.fling(&config, &["--servers", "n2", "install"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out)
+            .contains("n2: install failed (exit 3); last stderr lines:\n    health check failed"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn a_concurrent_deploy_is_refused_with_the_holders_information() {
+    if !can_run("a_concurrent_deploy_is_refused_with_the_holders_information") {
+        return;
+    }
+    let f = Fixture::new("lock");
+    let config = f.config("deploy.toml", "", &f.default_servers());
+    f.generate_overlay(&config);
+    std::fs::write(f.path("installer-sleep"), "").unwrap();
+    let first = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["fling", "--config"])
+        .arg(&config)
+        .args(["--servers", "n1", "deploy", "install"])
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Reap(Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut first = Reap(first);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f.path("lock/info").exists() {
+        assert!(Instant::now() < deadline, "the first deploy never took the lock");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = f.fling(&config, &["--servers", "n2", "deploy", "install"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let all = text(&out);
+    assert!(all.contains("is held: run="), "{all}");
+    assert!(all.contains("what=cargo xtask fling deploy install"), "{all}");
+    assert!(all.contains("who=") && all.contains("when=20"), "{all}");
+
+    let status = f.fling(&config, &["lock", "status"]);
+    assert!(text(&status).contains("the deploy lock is held:"), "{}", text(&status));
+
+    // Waiting for the lock succeeds once the first deploy is done.
+    let out = f.fling(&config, &["--lock-wait", "60", "--servers", "n2", "deploy", "install"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(first.0.wait().unwrap().success(), "the first deploy failed");
+    assert!(!f.path("lock").exists(), "the lock outlived its deploys");
+
+    // A lock left by a crashed run is released by hand.
+    std::fs::create_dir_all(f.path("lock")).unwrap();
+    std::fs::write(f.path("lock/info"), "run=crashed\n").unwrap();
+    let out = f.fling(&config, &["lock", "release"]);
+    assert!(
+        text(&out).contains("[b] released the deploy lock:\n[b] run=crashed"),
+        "{}",
+        text(&out)
+    );
+    assert!(!f.path("lock").exists());
+}
+
+#[test]
+fn hostile_config_strings_never_execute_anything() {
+    if !can_run("hostile_config_strings_never_execute_anything") {
+        return;
+    }
+    let f = Fixture::new("hostile");
+    // Short, so the hostile paths below stay within file name limits; removed on drop.
+    let marker_dir = TempDir::new("pwn");
+    let marker = format!("{}/PWNED", marker_dir.0.display());
+    let payloads = [
+        format!("$(touch {marker})"),
+        format!("`touch {marker}`"),
+        format!("; touch {marker};"),
+        format!("' ; touch {marker} ; '"),
+        format!("\" ; touch {marker} ; \""),
+        format!("\n touch {marker}\n"),
+        format!("&& touch {marker} ||"),
+    ];
+    let hostile = payloads.concat();
+    // Exclude patterns are one line each.
+    let hostile_line = hostile.replace('\n', " ");
+    let toml_str = |s: &str| toml::Value::from(s).to_string();
+    // Fields that accept free text: every path (they are quoted wherever they go), the
+    // variables, the excludes.
+    let builder_dir = format!("{}/builder {}", f.dir.0.display(), hostile);
+    std::fs::create_dir_all(&builder_dir).unwrap();
+    std::fs::create_dir_all(f.path("client")).unwrap();
+    std::fs::write(f.path("client/file"), "").unwrap();
+    let port = f.sshd.port;
+    let text_config = format!(
+        "source_path = {:?}\n[builder]\nserver = \"b\"\nsource_path = {}\nlock_dir = {}\nexcludes = [{}]\n\n\
+         [deployment]\nservers = [\"n1\"]\nstaging_dir = {}\n\n\
+         [ssh]\nknown_hosts = {:?}\nidentity_file = {:?}\n\n\
+         [servers.b]\nusername = \"root\"\naddr = \"127.0.0.1\"\nport = {port}\n\n\
+         [servers.n1]\nusername = \"root\"\naddr = \"127.0.0.2\"\nport = {port}\nvars = {{ v = {} }}\n",
+        f.p("client"),
+        toml_str(&builder_dir),
+        toml_str(&format!("{}/lock {hostile}", f.dir.0.display())),
+        toml_str(&hostile_line),
+        toml_str(&format!("{}/staging {hostile}", f.dir.0.display())),
+        f.p("known_hosts"),
+        f.p("id"),
+        toml_str(&hostile),
+    );
+    let config = f.path("hostile.toml");
+    std::fs::write(&config, &text_config).unwrap();
+    for args in [
+        &["sync"][..],
+        &["deploy", "install"],
+        &["deploy", "status"],
+        &["deploy", "uninstall"],
+        &["lock", "status"],
+        &["install-prereqs"],
+        &["exec", "--", "true"],
+        &["--dry-run", "deploy", "install"],
+    ] {
+        let out = f.fling(&config, args);
+        assert!(out.status.code().is_some(), "{args:?}: {}", text(&out));
+        assert!(!Path::new(&marker).exists(), "{args:?} executed a config string: {}", text(&out));
+    }
+    // The hostile staging directory was created literally on the server, then removed by
+    // uninstall; the lock directory literally on the builder, then released.
+    assert!(!Path::new(&format!("{}/lock {hostile}", f.dir.0.display())).exists());
+
+    // Names, users and addresses are refused before anything runs.
+    for (field, value) in [("username", hostile.as_str()), ("addr", hostile.as_str())] {
+        let bad = text_config.replace(
+            "[servers.n1]\nusername = \"root\"\naddr = \"127.0.0.2\"",
+            &if field == "username" {
+                format!("[servers.n1]\nusername = {}\naddr = \"127.0.0.2\"", toml_str(value))
+            } else {
+                format!("[servers.n1]\nusername = \"root\"\naddr = {}", toml_str(value))
+            },
+        );
+        std::fs::write(&config, bad).unwrap();
+        let out = f.fling(&config, &["exec", "--", "true"]);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        assert!(text(&out).contains(&format!("servers.n1.{field}")), "{}", text(&out));
+    }
+    assert!(!Path::new(&marker).exists());
+}
+
+#[test]
+fn sync_honours_gitignore_and_never_sends_target_out_or_git() {
+    if !can_run("sync_honours_gitignore_and_never_sends_target_out_or_git") {
+        return;
+    }
+    let f = Fixture::new("sync");
+    let src = f.path("client");
+    for (path, contents) in [
+        ("Cargo.toml", "[workspace]\n"),
+        (".gitignore", "/target\n/out\n*.secret\n"),
+        ("src/main.rs", "fn main() {}\n"),
+        ("src/key.secret", "no"),
+        ("target/debug/big", "no"),
+        ("out/pkg.tar.gz", "no"),
+        (".git/HEAD", "no"),
+        ("notes.swp", "no"),
+    ] {
+        std::fs::create_dir_all(src.join(path).parent().unwrap()).unwrap();
+        std::fs::write(src.join(path), contents).unwrap();
+    }
+    let config = f.config("deploy.toml", "", &f.default_servers());
+    let text_config = std::fs::read_to_string(&config).unwrap().replace(
+        "[builder]\n",
+        &format!("source_path = {:?}\n[builder]\nexcludes = [\"*.swp\"]\n", src.display()),
+    );
+    std::fs::write(&config, text_config.replace(&f.p("builder"), &f.p("builder-src"))).unwrap();
+    // Files only the builder has: a stale source file goes, its own build outputs stay.
+    std::fs::create_dir_all(f.path("builder-src/target")).unwrap();
+    std::fs::write(f.path("builder-src/target/keep"), "").unwrap();
+    std::fs::write(f.path("builder-src/stale.rs"), "").unwrap();
+
+    let out = f.fling(&config, &["sync"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let dst = f.path("builder-src");
+    assert!(dst.join("src/main.rs").is_file());
+    assert!(dst.join(".gitignore").is_file());
+    for absent in ["src/key.secret", "target/debug", "out", ".git", "notes.swp", "stale.rs"] {
+        assert!(!dst.join(absent).exists(), "{absent} is on the builder");
+    }
+    assert!(dst.join("target/keep").exists(), "sync deleted the builder's target/");
+}
+
+#[test]
+fn dry_run_prints_every_command_and_runs_none() {
+    if !can_run("dry_run_prints_every_command_and_runs_none") {
+        return;
+    }
+    let f = Fixture::new("dry");
+    let config = f.config("deploy.toml", "", &f.default_servers());
+    let out = f.fling(&config, &["--dry-run", "deploy", "install"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for (name, _) in SERVERS {
+        for step in ["connect", "push", "install"] {
+            assert!(
+                stdout.contains(&format!("[{name}] {step} (runs on builder -> {name})")),
+                "{stdout}"
+            );
+        }
+    }
+    assert!(stdout.contains("ssh-agent -D -a"), "{stdout}");
+    assert!(stdout.contains("'root@[::1]:"), "IPv6 in brackets for rsync: {stdout}");
+    assert!(!stdout.contains("StrictHostKeyChecking=no"));
+    assert!(!f.path("staging").exists() && !f.path("lock").exists(), "the dry run did something");
+    let out = f.fling(&config, &["--dry-run", "--json", "exec", "--", "uptime"]);
+    let events = json_lines(&out);
+    assert!(events.iter().all(|e| e["event"] == "plan" && e["argv"].is_array()));
+}
