@@ -19,7 +19,7 @@ use crate::manager::{
 };
 use crate::release::{
     dependency_order, fsync_dir, now, release_id, tree_digest, write_atomic, Activation, Layout,
-    PackageInfo, ReleaseInfo, ServiceInfo, State, DEFAULT_PREFIX,
+    PackageInfo, Pending, ReleaseInfo, ServiceInfo, State, DEFAULT_PREFIX,
 };
 use crate::runner::{Runner, Step};
 use crate::unpack::{ensure_dirs, unpack, ArchiveKind};
@@ -530,7 +530,13 @@ impl Installer {
 
     fn activate(&self, id: &str, kind: &str) -> Result<Outcome> {
         let target = ReleaseInfo::read(&self.layout.release(id))?;
-        let previous_id = self.layout.active()?;
+        let mut state = State::read(&self.layout)?;
+        let previous_id = match &state.pending {
+            // The last activation was interrupted: its services may still run the release it
+            // started from, so that release is what this one is compared against.
+            Some(pending) => pending.from.clone(),
+            None => self.layout.active()?,
+        };
         let previous = match &previous_id {
             Some(p) if self.layout.release(p).join(crate::release::RELEASE_RECORD).is_file() => {
                 Some(ReleaseInfo::read(&self.layout.release(p))?)
@@ -538,6 +544,8 @@ impl Installer {
             _ => None,
         };
         let plan = self.plan(&target, previous.as_ref());
+        state.pending = Some(Pending { from: previous_id.clone(), to: id.to_owned() });
+        state.write(&self.layout)?;
         self.layout.switch_current(Some(id))?;
         (self.log)(&format!("activating release {id} ({kind})"));
         let mut failure = None;
@@ -565,11 +573,16 @@ impl Installer {
                 .find(|s| s.name == service)
                 .map(|s| self.logs(&s))
                 .unwrap_or_default();
-            let outcome = self.revert(
+            let mut outcome = self.revert(
                 &target,
                 previous.as_ref(),
                 previous_id.is_some() && previous.is_none(),
             );
+            let mut state = State::read(&self.layout).unwrap_or_default();
+            state.pending = None;
+            if let Err(e) = state.write(&self.layout) {
+                outcome.push_str(&format!("; {e}"));
+            }
             if kind == "install" && previous_id.as_deref() != Some(id) {
                 let _ = remove_path(&self.layout.release(id));
             }
@@ -581,7 +594,7 @@ impl Installer {
                 logs,
             });
         }
-        let mut state = State::read(&self.layout)?;
+        state.pending = None;
         state.history.push(Activation {
             release: id.to_owned(),
             at: now(),

@@ -308,6 +308,20 @@ pub struct Activation {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     pub history: Vec<Activation>,
+    /// An activation under way: written before `current` is switched and cleared when it
+    /// ends, so an installer killed half-way is recognised by the next run, which then treats
+    /// the release it started from as the running one and restarts what it must.
+    #[serde(default)]
+    pub pending: Option<Pending>,
+}
+
+/// An activation that has started and not finished.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pending {
+    /// The release that was active when it started, if any.
+    pub from: Option<String>,
+    /// The release being activated.
+    pub to: String,
 }
 
 impl State {

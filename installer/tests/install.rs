@@ -554,3 +554,29 @@ fn the_binary_refuses_an_unknown_service_manager() {
     assert!(stderr.contains("detect the service manager: neither /run/systemd/system"), "{stderr}");
     assert!(!root.join("prefix").exists(), "nothing was written");
 }
+
+#[test]
+fn a_rerun_after_an_interrupted_activation_restarts_what_the_interrupted_one_had_to() {
+    let tmp = TempDir::new("interrupted");
+    let root = tmp.path();
+    let runner = running();
+    let inst = installer(root, ManagerKind::Systemd, &runner);
+    let v1 = inst.install(&two_services(root, "v1", "v = 1\n", None), None).unwrap();
+    let v2_dir = two_services(root, "v2", "v = 2\n", None);
+    let v2 = inst.install(&v2_dir, None).unwrap();
+    // What a killed installer leaves: `current` switched, the activation still pending.
+    let layout = inst.layout().clone();
+    let mut state = installer::release::State::read(&layout).unwrap();
+    state.pending = Some(installer::release::Pending {
+        from: Some(v1.release.clone()),
+        to: v2.release.clone(),
+    });
+    state.write(&layout).unwrap();
+    runner.take();
+    let rerun = inst.install(&v2_dir, None).unwrap();
+    assert_eq!(rerun.restarted, ["b"], "b may still run the old release");
+    assert!(runner.take().contains(&"systemctl restart b.service".to_owned()));
+    assert_eq!(installer::release::State::read(&layout).unwrap().pending, None);
+    // And a normal rerun restarts nothing.
+    assert!(inst.install(&v2_dir, None).unwrap().restarted.is_empty());
+}
