@@ -30,7 +30,11 @@ fn three_nodes_are_distinct_real_servers_and_down_leaves_nothing() {
         let out = testbed.ssh(node, "systemctl is-system-running --wait");
         let state = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         if state != "running" {
-            let failed = testbed.ssh_ok(node, "systemctl --failed --no-legend --plain");
+            let failed = testbed.ssh_ok(
+                node,
+                "systemctl --failed --no-legend --plain; for u in $(systemctl --failed \
+                 --no-legend --plain | cut -d' ' -f1); do journalctl -b -u $u --no-pager | tail; done",
+            );
             panic!("{node} is {state}, not running; the image must boot clean. failed units:\n{failed}");
         }
     }
@@ -149,6 +153,47 @@ fn down_cleans_up_after_crashed_processes_and_up_refuses_a_second_start() {
 }
 
 #[test]
+fn up_failing_after_the_nodes_booted_removes_everything_it_created() {
+    if !can_run("up_failing_after_the_nodes_booted_removes_everything_it_created") {
+        return;
+    }
+    let name = testbed_support::unique_name("tfail");
+    let dir = testbed_support::testbed_root().join("beds").join(&name);
+    // A file where the builder's directory goes makes `up` fail after it has created the
+    // network and started the nodes, the latest point a failure can happen.
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("builder"), "in the way").unwrap();
+    let _cleanup = RemoveDir(dir.clone());
+    let out = Command::new(XTASK)
+        .args(["testbed", "up", "--nodes", "2", "--name", &name])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "up succeeded despite the obstacle");
+    assert!(stderr.contains("up failed, removing what it created"), "{stderr}");
+    let left = Leftovers { dir, tag: tag_of(&name), pids: vec![], builder_pid: 0 };
+    left.assert_none_remain();
+}
+
+/// The six hex digits a testbed's system names carry: FNV-1a of its name, as the testbed
+/// module computes it.
+fn tag_of(name: &str) -> String {
+    let hash = name
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    format!("{:06x}", hash & 0xff_ffff)
+}
+
+/// Removes a directory a test made, whatever happens.
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
 fn without_root_up_says_what_to_run_and_creates_nothing() {
     // As root, the command runs as `nobody`; elsewhere the test already runs unprivileged.
     let name = testbed_support::unique_name("tnoroot");
@@ -202,7 +247,7 @@ impl Leftovers {
         let bridge =
             status.split("bridge ").nth(1).and_then(|s| s.split(',').next()).expect(&status);
         let tag = bridge.trim_start_matches("flt-").to_owned();
-        assert_eq!(tag.len(), 6, "{status}");
+        assert_eq!(tag, tag_of(&testbed.name), "{status}");
         Leftovers { dir: testbed.dir.clone(), tag, pids, builder_pid }
     }
 
@@ -233,6 +278,16 @@ impl Leftovers {
             mounts.lines().filter(|l| l.contains(dir) || l.contains(&self.tag)).collect();
         assert!(stray.is_empty(), "mounts left: {stray:?}");
         assert!(!self.dir.exists(), "{} left behind", self.dir.display());
+        let cgroups: Vec<String> =
+            ["/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+                .iter()
+                .flat_map(|h| {
+                    std::fs::read_dir(Path::new(h).join("flotilla")).into_iter().flatten().flatten()
+                })
+                .map(|e| e.path().display().to_string())
+                .filter(|p| p.contains(&format!("flt-{}-", self.tag)))
+                .collect();
+        assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
         let ps = Command::new("ps").args(["-eo", "pid,stat,args"]).output().unwrap();
         let ps = String::from_utf8_lossy(&ps.stdout);
         let stray: Vec<&str> = ps

@@ -4,10 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
 use camino::Utf8Path;
 use xshell::{cmd, Shell};
 
+use super::cgroups;
 use super::layout::{self, Layout, TestbedName};
 use super::state::State;
 use super::Paths;
@@ -36,6 +37,8 @@ pub fn down(sh: &Shell, root: &Utf8Path, name: &TestbedName) -> anyhow::Result<(
     }
     stop(&processes);
     remove_network(sh, Some(&tag))?;
+    let machine_prefix = format!("{}-{tag}-node", layout::PREFIX);
+    cgroups::remove(|machine| machine.starts_with(&machine_prefix))?;
     unmount_under(sh, &paths.dir)?;
     if paths.dir.exists() {
         std::fs::remove_dir_all(&paths.dir).with_context(|| format!("remove {}", paths.dir))?;
@@ -64,6 +67,8 @@ pub fn down_all(sh: &Shell, root: &Utf8Path) -> anyhow::Result<()> {
         }
     }
     remove_network(sh, None)?;
+    let prefix = format!("{}-", layout::PREFIX);
+    cgroups::remove(|machine| machine.starts_with(&prefix))?;
     Ok(())
 }
 
@@ -142,12 +147,14 @@ fn remove_network(sh: &Shell, tag: Option<&str>) -> anyhow::Result<()> {
         names.iter().filter(|n| Utf8Path::new("/sys/class/net").join(n).exists()).collect();
     links.sort_by_key(|n| !n.contains('v'));
     for link in links {
-        // Deleting one end of a veth deletes the other, which may have just happened.
-        if Utf8Path::new("/sys/class/net").join(link).exists() {
-            cmd!(sh, "ip link del {link}")
-                .quiet()
-                .run()
-                .with_context(|| format!("remove interface {link}"))?;
+        // A veth also vanishes on its own, shortly after its namespace is removed, so a failed
+        // delete only counts when the interface is still there.
+        let exists = || Utf8Path::new("/sys/class/net").join(link).exists();
+        if exists() {
+            let out = cmd!(sh, "ip link del {link}").quiet().ignore_status().output()?;
+            if !out.status.success() && exists() {
+                bail!("remove interface {link}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            }
         }
     }
     Ok(())

@@ -17,6 +17,7 @@
 //! beds/<name>/builder/            the loopback sshd of the builder: config, host key, log
 //! ```
 
+mod cgroups;
 mod down;
 mod image;
 mod layout;

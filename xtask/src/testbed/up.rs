@@ -13,7 +13,7 @@ use xshell::{cmd, Shell};
 use super::layout::{clashing_route, Layout, NodeLayout, TestbedName};
 use super::render::{self, AddressFamily, BuilderEntry, Files, NodeEntry};
 use super::state::{self, State};
-use super::{down, image, preflight, sshd_answers, Paths};
+use super::{cgroups, down, image, preflight, sshd_answers, Paths};
 
 /// How long nodes get to boot until their sshd answers.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -227,9 +227,16 @@ fn boot(sh: &Shell, node: &NodeLayout, paths: &Paths, image: &Utf8Path) -> anyho
     let machine = &node.machine;
     let netns = format!("--network-namespace-path=/run/netns/{}", node.netns);
     let log = dir.join("console.log");
+    // With --keep-unit and no machined, nspawn hands the container its caller's cgroup: nodes
+    // booted side by side would share one, and each node's systemd would create and remove
+    // the same unit cgroups as the others (units fail at random with status 219/CGROUP). So
+    // each node starts in a cgroup of its own, joined by a shell that then execs nspawn, which
+    // keeps the pid recorded for `down`.
+    let cgroups = cgroups::create(machine)?;
+    let join = r#"for procs in "$@"; do [ "$procs" = -- ] && break; echo $$ > "$procs" || exit 1; shift; done; shift; exec "$@""#;
     let cmd = cmd!(
         sh,
-        "systemd-nspawn -q -D {image} {overlay} --register=no --keep-unit -b -M {machine} {netns} --console=read-only"
+        "sh -c {join} flotilla-node {cgroups...} -- systemd-nspawn -q -D {image} {overlay} --register=no --keep-unit -b -M {machine} {netns} --console=read-only"
     )
     // Every node boots the same image directory, which nspawn would otherwise lock for one.
     .env("SYSTEMD_NSPAWN_LOCK", "0");
