@@ -639,3 +639,311 @@ fn dry_run_prints_every_command_and_runs_none() {
     let events = json_lines(&out);
     assert!(events.iter().all(|e| e["event"] == "plan" && e["argv"].is_array()));
 }
+
+// End to end on a testbed of three nspawn nodes: the real builder sshd, real nodes with
+// systemd, the real packages and installer.
+
+#[path = "../src/testbed/test_support.rs"]
+mod testbed_support;
+
+/// A testbed's deployment config and the xtask binary, with helpers for the fault tests.
+struct Bed {
+    tb: testbed_support::Testbed,
+    config: PathBuf,
+}
+
+impl Bed {
+    fn fling(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .arg("fling")
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env_remove("SSH_AUTH_SOCK")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run cargo xtask fling")
+    }
+
+    fn fling_ok(&self, args: &[&str]) -> Output {
+        let out = self.fling(args);
+        assert_eq!(out.status.code(), Some(0), "fling {args:?}: {}", text(&out));
+        out
+    }
+
+    /// The builder's copy of the workspace.
+    fn builder_source(&self) -> PathBuf {
+        let config = std::fs::read_to_string(&self.config).unwrap();
+        let doc: toml::Table = config.parse().unwrap();
+        PathBuf::from(doc["builder"]["source_path"].as_str().unwrap())
+    }
+
+    /// A node's address from the deployment config.
+    fn addr(&self, node: &str) -> String {
+        let config = std::fs::read_to_string(&self.config).unwrap();
+        let doc: toml::Table = config.parse().unwrap();
+        doc["servers"][node]["addr"].as_str().unwrap().to_owned()
+    }
+
+    /// The network namespace holding a node: the one whose interfaces carry its address.
+    fn netns(&self, node: &str) -> String {
+        let addr = self.addr(node);
+        let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
+        for line in String::from_utf8_lossy(&list.stdout).lines() {
+            let ns = line.split_whitespace().next().unwrap_or_default();
+            let out = Command::new("ip")
+                .args(["netns", "exec", ns, "ip", "-o", "addr"])
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&out.stdout).contains(&format!(" {addr}/")) {
+                return ns.to_owned();
+            }
+        }
+        panic!("no network namespace holds {node}'s address {addr}");
+    }
+
+    /// The host end of a node's link: the interface whose index is the peer of its eth0.
+    fn host_veth(&self, node: &str) -> String {
+        let ns = self.netns(node);
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns, "cat", "/sys/class/net/eth0/iflink"])
+            .output()
+            .unwrap();
+        let index = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
+        let links = String::from_utf8_lossy(&links.stdout).into_owned();
+        let line = links
+            .lines()
+            .find(|l| l.starts_with(&format!("{index}: ")))
+            .unwrap_or_else(|| panic!("no interface {index} for {node}"));
+        line.split(": ").nth(1).unwrap().split('@').next().unwrap().to_owned()
+    }
+
+    fn ip(&self, args: &[&str]) {
+        run_ok(Command::new("ip").args(args));
+    }
+
+    fn ssh_ok(&self, node: &str, script: &str) -> String {
+        self.tb.ssh_ok(node, script)
+    }
+
+    /// The active release of a node, or "none".
+    fn current(&self, node: &str) -> String {
+        self.ssh_ok(node, "readlink /opt/flotilla/current || echo none")
+    }
+
+    /// The main pid of a service on a node.
+    fn main_pid(&self, node: &str, service: &str) -> String {
+        self.ssh_ok(node, &format!("systemctl show -p MainPID --value {service}.service"))
+    }
+
+    fn assert_healthy(&self) {
+        for node in &self.tb.nodes {
+            for service in ["node-agent", "control-plane"] {
+                let state =
+                    self.ssh_ok(node, &format!("systemctl is-active {service}.service || true"));
+                assert_eq!(state, "active", "{service} on {node}");
+            }
+        }
+    }
+
+    /// Changes one service's packaged config on the builder and packages again, so the next
+    /// deploy carries a new release in which only that service differs.
+    fn change_control_plane(&self, tag: &str) {
+        let config = self.builder_source().join("smf/control-plane/config.toml");
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str(&format!("# changed by the test: {tag}\n"));
+        std::fs::write(&config, text).unwrap();
+        self.fling_ok(&["build", "package"]);
+    }
+
+    /// Every node runs the same release, and it is healthy.
+    fn assert_converged(&self) -> String {
+        let currents: Vec<String> = self.tb.nodes.iter().map(|n| self.current(n)).collect();
+        assert!(currents.iter().all(|c| *c == currents[0] && c != "none"), "{currents:?}");
+        self.assert_healthy();
+        currents[0].clone()
+    }
+}
+
+fn host_line<'a>(output: &'a str, host: &str) -> &'a str {
+    output
+        .lines()
+        .find(|l| l.starts_with(&format!("{host} ")))
+        .unwrap_or_else(|| panic!("no recap line for {host} in:\n{output}"))
+}
+
+/// The issue's full flow, then each fault, on one testbed so the packages are built once:
+/// sync, build package, overlay, install, every service healthy; a change to one service
+/// restarts only it; a no-op redeploy sends no payload; a link down before the deploy, a
+/// link cut during the transfer, a stopped sshd and a killed installer each fail only their
+/// node, with the right exit code and recap, leave that node on its previous release, and a
+/// rerun after healing converges; uninstall leaves nothing.
+#[test]
+fn full_flow_and_faults_on_a_three_node_testbed() {
+    if !testbed_support::can_run("full_flow_and_faults_on_a_three_node_testbed") {
+        return;
+    }
+    let tb = testbed_support::Testbed::up(Path::new(env!("CARGO_BIN_EXE_xtask")), "fling", 3);
+    let bed = Bed { config: tb.deployment.clone(), tb };
+
+    bed.fling_ok(&["sync"]);
+    bed.fling_ok(&["build", "package"]);
+    bed.fling_ok(&["overlay"]);
+    bed.fling_ok(&["install"]);
+    bed.assert_converged();
+    let out = bed.fling_ok(&["deploy", "status"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("3 of 3 hosts ok"));
+    // Each node got its own overlay.
+    for node in &bed.tb.nodes {
+        let identity = bed.ssh_ok(node, "cat /opt/flotilla/current/node-agent/pkg/node.toml");
+        assert!(identity.contains(&format!("name = \"{node}\"")), "{node}: {identity}");
+    }
+
+    // Only the changed service restarts.
+    let before: Vec<(String, String)> = bed
+        .tb
+        .nodes
+        .iter()
+        .map(|n| (bed.main_pid(n, "node-agent"), bed.main_pid(n, "control-plane")))
+        .collect();
+    bed.change_control_plane("one");
+    bed.fling_ok(&["install"]);
+    let release_one = bed.assert_converged();
+    for (node, (agent, plane)) in bed.tb.nodes.iter().zip(&before) {
+        assert_eq!(bed.main_pid(node, "node-agent"), *agent, "node-agent restarted on {node}");
+        assert_ne!(bed.main_pid(node, "control-plane"), *plane, "control-plane kept on {node}");
+    }
+
+    // A no-op redeploy sends no payload: only rsync's file lists.
+    let out = bed.fling_ok(&["--json", "install"]);
+    let summary = json_lines(&out).pop().unwrap();
+    for host in summary["hosts"].as_array().unwrap() {
+        let sent = host["bytes_sent"].as_u64().unwrap();
+        assert!(sent < 20_000, "a no-op redeploy sent {sent} bytes to {}", host["host"]);
+    }
+
+    // Fault: node2's link is down before the deploy.
+    bed.change_control_plane("two");
+    let ns = bed.netns("node2");
+    bed.ip(&["netns", "exec", &ns, "ip", "link", "set", "eth0", "down"]);
+    let out = bed.fling(&["install"]);
+    bed.ip(&["netns", "exec", &ns, "ip", "link", "set", "eth0", "up"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let recap = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(host_line(&recap, "node2").contains("unreachable"), "{recap}");
+    assert!(recap.contains("node2: connect unreachable"), "{recap}");
+    assert!(host_line(&recap, "node1").contains(" ok "), "{recap}");
+    assert_eq!(bed.current("node2"), release_one, "node2 left its release");
+    // IPv6 from here on: the nodes' other address family works the same way.
+    let bed = Bed { config: bed.tb.deployment_v6.clone(), tb: bed.tb };
+    bed.fling_ok(&["install"]);
+    let release_two = bed.assert_converged();
+    assert_ne!(release_two, release_one);
+
+    // Fault: node2's link is cut in the middle of the transfer. The link is slowed first so
+    // the transfer is still under way when it goes.
+    bed.change_control_plane("three");
+    let veth = bed.host_veth("node2");
+    run_ok(Command::new("tc").args([
+        "qdisc", "add", "dev", &veth, "root", "tbf", "rate", "100kbit", "burst", "4kb", "latency",
+        "2s",
+    ]));
+    let child = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .arg("fling")
+        .arg("--config")
+        .arg(&bed.config)
+        .arg("install")
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    bed.ip(&["link", "set", &veth, "down"]);
+    let out = child.wait_with_output().unwrap();
+    bed.ip(&["link", "set", &veth, "up"]);
+    run_ok(Command::new("tc").args(["qdisc", "del", "dev", &veth, "root"]));
+    assert!(matches!(out.status.code(), Some(2) | Some(4)), "{}", text(&out));
+    let recap = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(host_line(&recap, "node2").contains("push"), "{recap}");
+    assert!(host_line(&recap, "node3").contains(" ok "), "{recap}");
+    assert_eq!(bed.current("node2"), release_two, "node2 left its release");
+    bed.fling_ok(&["install"]);
+    let release_three = bed.assert_converged();
+
+    // Fault: sshd is stopped on node2. It is started again from the host, inside the node.
+    bed.change_control_plane("four");
+    bed.ssh_ok("node2", "systemctl stop ssh.socket ssh.service 2>/dev/null; true");
+    let out = bed.fling(&["install"]);
+    let leader = node_leader(&bed, "node2");
+    run_ok(Command::new("nsenter").args(["-t", &leader, "-m", "-u", "-i", "-n", "-p"]).args([
+        "systemctl",
+        "start",
+        "ssh.service",
+    ]));
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let recap = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(recap.contains("node2: connect unreachable"), "{recap}");
+    assert_eq!(bed.current("node2"), release_three);
+    bed.fling_ok(&["install"]);
+    let release_four = bed.assert_converged();
+
+    // Fault: the installer is killed on node2 as soon as it takes its lock. The pid is the
+    // one the installer recorded in its lock: the process this deploy started.
+    bed.change_control_plane("five");
+    let killer = bed
+        .tb
+        .ssh_command("node2", &[])
+        .arg(
+            "for i in $(seq 1 600); do pid=$(sed -n 's/^pid=//p' /opt/flotilla/install.lock \
+             2>/dev/null); if [ -n \"$pid\" ] && grep -q flotilla-installer \
+             /proc/$pid/cmdline 2>/dev/null; then kill -9 \"$pid\"; echo killed; exit 0; fi; \
+             sleep 0.05; done; exit 1",
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The lock file holds the previous install's pid, long gone; give the killer a moment to
+    // start polling before the new installer runs.
+    std::thread::sleep(Duration::from_millis(500));
+    let out = bed.fling(&["install"]);
+    let killed = killer.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&killed.stdout).trim(), "killed");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let recap = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(recap.contains("node2: install failed"), "{recap}");
+    assert!(host_line(&recap, "node1").contains(" ok "), "{recap}");
+    let node2 = bed.current("node2");
+    assert!(node2 == release_four || node2 == bed.current("node1"), "node2 is on {node2}");
+    bed.fling_ok(&["install"]);
+    bed.assert_converged();
+
+    // Uninstall leaves nothing: no release, no unit, no staging directory.
+    bed.fling_ok(&["uninstall"]);
+    for node in &bed.tb.nodes {
+        let left = bed.ssh_ok(
+            node,
+            "ls -d /opt/flotilla /var/tmp/flotilla-staging /etc/systemd/system/node-agent.service \
+             /etc/systemd/system/control-plane.service 2>/dev/null || true",
+        );
+        assert_eq!(left, "", "uninstall left on {node}:\n{left}");
+    }
+}
+
+/// The process id of a node's init: the child of its systemd-nspawn.
+fn node_leader(bed: &Bed, node: &str) -> String {
+    let state = std::fs::read_to_string(bed.tb.dir.join("state.json")).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+    let pid = state["node_pids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p[0] == node)
+        .unwrap_or_else(|| panic!("no pid for {node} in {state}"))[1]
+        .as_u64()
+        .unwrap();
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    children.split_whitespace().next().unwrap_or_else(|| panic!("{node} has no init")).to_owned()
+}
