@@ -319,6 +319,16 @@ pub enum FlingCommand {
         #[command(subcommand)]
         command: FlingLockCommand,
     },
+    /// Time `install` to the first 1, 4 and 8 servers next to a plain parallel ssh/scp
+    /// baseline; uninstalls first. Needs a testbed whose builder is this machine.
+    Bench {
+        /// How many servers, for each measurement.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+        nodes: Vec<usize>,
+        /// How many runs of each; the table shows the median.
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -39,6 +39,8 @@ pub struct Options {
     pub parallel: usize,
     pub connect_parallel: usize,
     pub json: bool,
+    /// Show nothing while running (the benchmark times runs and prints its own table).
+    pub quiet: bool,
     /// Environment for every command (the private agent's socket).
     pub env: Vec<(String, String)>,
 }
@@ -81,7 +83,7 @@ pub struct Report {
 /// Runs the plan and reports. Teardown runs whenever the builder was reached.
 pub fn execute(sh: &Shell, plan: &Plan, options: &Options) -> Report {
     let started = Instant::now();
-    let ui = Ui::new(options.json, plan);
+    let ui = if options.quiet { Ui::Quiet } else { Ui::new(options.json, plan) };
     let mut setup_report = HostReport::new(&plan.builder);
     let mut builder_reached = false;
     for step in &plan.setup {
@@ -353,6 +355,7 @@ enum Ui {
     Json(Mutex<std::io::Stdout>),
     Bars { multi: MultiProgress, bars: Vec<(String, ProgressBar)> },
     Plain(Mutex<std::io::Stderr>),
+    Quiet,
 }
 
 impl Ui {
@@ -407,6 +410,7 @@ impl Ui {
             Ui::Plain(err) => {
                 let _ = writeln!(err.lock().unwrap(), "[{host}] {text}");
             }
+            Ui::Quiet => {}
         }
     }
 
@@ -433,6 +437,7 @@ impl Ui {
             Ui::Plain(err) => {
                 let _ = writeln!(err.lock().unwrap(), "[{host}] {} ...", step.name);
             }
+            Ui::Quiet => {}
         }
     }
 
@@ -444,7 +449,7 @@ impl Ui {
                 "status": status, "exit_code": exit_status(outcome),
                 "duration_ms": took.as_millis() as u64,
             })),
-            Ui::Bars { .. } => {}
+            Ui::Bars { .. } | Ui::Quiet => {}
             Ui::Plain(err) => {
                 let _ = writeln!(
                     err.lock().unwrap(),

@@ -8,6 +8,7 @@
 //! 2 some hosts failed; 3 the deploy lock is held by another run; 4 some hosts were
 //! unreachable; 6 some failed and some were unreachable.
 
+pub mod bench;
 pub mod config;
 pub mod exec;
 pub mod overlay;
@@ -73,6 +74,10 @@ fn run_inner(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Result<
             );
         }
     }
+    if let FlingCommand::Bench { nodes, runs } = &args.command {
+        bench::run(sh, &config, &ctx.user_path(&args.config), nodes, (*runs).max(1))?;
+        return Ok(exec::EXIT_OK);
+    }
     let servers = config.select_servers(&args.servers)?;
     let run_id = run_id();
     let control = ControlDir::new(&run_id, args.dry_run)?;
@@ -113,6 +118,7 @@ fn run_inner(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Result<
         FlingCommand::Lock { command } => {
             plan::lock(&cx, matches!(command, FlingLockCommand::Release))
         }
+        FlingCommand::Bench { .. } => unreachable!("handled above"),
     };
 
     // Keys named in the config are offered to the builder through a private agent, started
@@ -173,6 +179,7 @@ fn run_inner(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Result<
             .unwrap_or(config.deployment.connect_parallel)
             .max(1),
         json: args.json,
+        quiet: false,
         env,
     };
     let report = exec::execute(sh, &plan, &options);

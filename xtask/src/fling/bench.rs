@@ -1,0 +1,236 @@
+//! `fling bench`: `deploy install` to 1, 4 and 8 servers next to the plainest baseline, in
+//! one run, on a testbed whose builder is this machine.
+//!
+//! The baseline does, per host and all hosts in parallel, what a shell script would: `ssh
+//! mkdir`, `scp` the tarballs, `ssh` extract + install the units + restart. It checks nothing.
+//! fling is timed as a user runs it: the real `cargo xtask fling ... install` process, from
+//! start to exit, including its own connection to the builder.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use camino::{Utf8Path, Utf8PathBuf};
+use xshell::{cmd, Shell};
+
+use super::config::{Config, Server};
+
+/// One row of the result table.
+struct Row {
+    nodes: usize,
+    fling: Duration,
+    fling_sent: u64,
+    connections: Option<f64>,
+    noop: Duration,
+    noop_sent: u64,
+    baseline: Duration,
+}
+
+pub fn run(
+    sh: &Shell,
+    config: &Config,
+    config_path: &Utf8Path,
+    nodes: &[usize],
+    runs: usize,
+) -> anyhow::Result<()> {
+    let builder = config.builder_server();
+    if !matches!(builder.addr.for_ssh().as_str(), "127.0.0.1" | "::1" | "localhost") {
+        bail!("fling bench: the baseline runs from the builder's files, so the builder must be this machine (as on a testbed), not {}", builder.addr);
+    }
+    let source = config
+        .builder
+        .source_path
+        .local()
+        .map_err(|e| anyhow::anyhow!("builder.source_path: {e}"))?;
+    let mut tarballs: Vec<Utf8PathBuf> = std::fs::read_dir(source.join("out"))
+        .with_context(|| format!("read {source}/out: run `fling build package` first"))?
+        .filter_map(|e| Utf8PathBuf::try_from(e.ok()?.path()).ok())
+        .filter(|p| p.as_str().ends_with(".tar.gz"))
+        .collect();
+    tarballs.sort();
+    if tarballs.is_empty() {
+        bail!("no packages under {source}/out: run `fling build package` first");
+    }
+    let payload: u64 = tarballs.iter().filter_map(|p| p.metadata().ok()).map(|m| m.len()).sum();
+    let xtask = std::env::current_exe().context("find the xtask binary")?;
+    let xtask = Utf8PathBuf::try_from(xtask)?;
+
+    let mut rows = Vec::new();
+    for &n in nodes {
+        if n == 0 || n > config.deployment.servers.len() {
+            bail!(
+                "fling bench: --nodes {n}: the config has {} deployment servers",
+                config.deployment.servers.len()
+            );
+        }
+        let servers: Vec<&Server> =
+            config.deployment.servers[..n].iter().map(|s| config.server(s)).collect();
+        let names = servers.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(",");
+        let mut samples = Vec::new();
+        for _ in 0..runs {
+            // Start from nothing installed: fling's releases and the baseline's files gone.
+            let _ = fling(sh, &xtask, config_path, &names, "uninstall");
+            baseline_clean(sh, config, &servers);
+
+            let accepted_before = count_accepted(sh, config, &servers);
+            let (fling_time, fling_sent) = fling(sh, &xtask, config_path, &names, "install")?;
+            let connections = match (accepted_before, count_accepted(sh, config, &servers)) {
+                // The counting session itself is one accepted connection per host.
+                (Some(before), Some(after)) => Some((after - before) as f64 / n as f64 - 1.0),
+                _ => None,
+            };
+            let (noop, noop_sent) = fling(sh, &xtask, config_path, &names, "install")?;
+            let _ = fling(sh, &xtask, config_path, &names, "uninstall");
+
+            let baseline = baseline(sh, config, &servers, &tarballs)?;
+            baseline_clean(sh, config, &servers);
+            samples.push(Row {
+                nodes: n,
+                fling: fling_time,
+                fling_sent,
+                connections,
+                noop,
+                noop_sent,
+                baseline,
+            });
+        }
+        samples.sort_by_key(|r| r.fling);
+        rows.push(samples.swap_remove(samples.len() / 2));
+    }
+
+    println!(
+        "\npayload: {} packages, {:.1} MB, plus the installer; median of {runs} run(s)\n",
+        tarballs.len(),
+        payload as f64 / 1e6
+    );
+    println!(
+        "| nodes | fling install | sent | ssh conns/host | no-op redeploy | sent | baseline (ssh+scp+ssh) |"
+    );
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for r in &rows {
+        println!(
+            "| {} | {:.2} s | {:.1} MB | {} | {:.2} s | {:.1} kB | {:.2} s |",
+            r.nodes,
+            r.fling.as_secs_f64(),
+            r.fling_sent as f64 / 1e6,
+            r.connections.map_or("?".into(), |c| format!("{c:.1}")),
+            r.noop.as_secs_f64(),
+            r.noop_sent as f64 / 1e3,
+            r.baseline.as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// Runs `cargo xtask fling ... <command>` and returns its wall time and the bytes it sent.
+fn fling(
+    sh: &Shell,
+    xtask: &Utf8Path,
+    config: &Utf8Path,
+    servers: &str,
+    command: &str,
+) -> anyhow::Result<(Duration, u64)> {
+    let started = Instant::now();
+    let out = cmd!(sh, "{xtask} fling --config {config} --servers {servers} --json {command}")
+        .ignore_status()
+        .quiet()
+        .output()?;
+    let took = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let summary: serde_json::Value =
+        stdout.lines().last().and_then(|l| serde_json::from_str(l).ok()).with_context(|| {
+            format!("fling {command}: no summary: {}", String::from_utf8_lossy(&out.stderr))
+        })?;
+    if !out.status.success() {
+        bail!("fling {command} to {servers} failed: {summary}");
+    }
+    let sent = summary["hosts"]
+        .as_array()
+        .map_or(0, |hosts| hosts.iter().filter_map(|h| h["bytes_sent"].as_u64()).sum());
+    Ok((took, sent))
+}
+
+/// The ssh words that reach a server straight from this machine, as the baseline does.
+fn ssh_words(config: &Config, server: &Server) -> anyhow::Result<Vec<String>> {
+    let mut words: Vec<String> = vec!["-o".into(), "BatchMode=yes".into()];
+    words.extend(["-o".into(), "StrictHostKeyChecking=yes".into()]);
+    if let Some(kh) = &config.ssh.known_hosts {
+        let kh = kh.local().map_err(|e| anyhow::anyhow!("ssh.known_hosts: {e}"))?;
+        words.extend(["-o".into(), format!("UserKnownHostsFile={kh}")]);
+    }
+    if let Some(id) = server.identity_file.as_ref().or(config.ssh.identity_file.as_ref()) {
+        words.extend(["-i".into(), id.to_string(), "-o".into(), "IdentitiesOnly=yes".into()]);
+    }
+    words.extend(["-o".into(), format!("Port={}", server.port)]);
+    Ok(words)
+}
+
+/// The plain parallel baseline: per host `ssh mkdir`, `scp`, `ssh` extract + units + restart.
+fn baseline(
+    sh: &Shell,
+    config: &Config,
+    servers: &[&Server],
+    tarballs: &[Utf8PathBuf],
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let results: Vec<anyhow::Result<()>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = servers
+            .iter()
+            .map(|server| {
+                let sh = sh.clone();
+                scope.spawn(move || -> anyhow::Result<()> {
+                    let opts = &ssh_words(config, server)?;
+                    let dest = format!("{}@{}", server.username, server.addr.for_ssh());
+                    let scp_dest = format!(
+                        "{}@{}:/var/tmp/baseline/",
+                        server.username,
+                        server.addr.for_rsync()
+                    );
+                    cmd!(sh, "ssh {opts...} {dest} 'mkdir -p /var/tmp/baseline'").quiet().run()?;
+                    cmd!(sh, "scp -q {opts...} {tarballs...} {scp_dest}").quiet().run()?;
+                    let script = "set -e; mkdir -p /opt/flotilla/current; for p in \
+                        /var/tmp/baseline/*.tar.gz; do tar -xzf \"$p\" --strip-components=3 -C \
+                        /opt/flotilla/current root/opt/flotilla; done; \
+                        cp /opt/flotilla/current/*/pkg/*.service /etc/systemd/system/; \
+                        systemctl daemon-reload; for u in /opt/flotilla/current/*/pkg/*.service; \
+                        do systemctl restart \"$(basename \"$u\")\"; done";
+                    cmd!(sh, "ssh {opts...} {dest} {script}").quiet().run()?;
+                    Ok(())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a baseline thread panicked")).collect()
+    });
+    let took = started.elapsed();
+    for result in results {
+        result.context("the baseline failed")?;
+    }
+    Ok(took)
+}
+
+/// Removes what the baseline installed.
+fn baseline_clean(sh: &Shell, config: &Config, servers: &[&Server]) {
+    for server in servers {
+        let Ok(opts) = ssh_words(config, server) else { continue };
+        let dest = format!("{}@{}", server.username, server.addr.for_ssh());
+        let script = "if [ -d /opt/flotilla/current ] && [ ! -L /opt/flotilla/current ]; then \
+            for u in /opt/flotilla/current/*/pkg/*.service; do [ -e \"$u\" ] || continue; \
+            n=$(basename \"$u\"); systemctl stop \"$n\" || true; rm -f /etc/systemd/system/\"$n\"; \
+            done; rm -rf /opt/flotilla; systemctl daemon-reload; fi; rm -rf /var/tmp/baseline";
+        let _ = cmd!(sh, "ssh {opts...} {dest} {script}").quiet().ignore_status().output();
+    }
+}
+
+/// Sums sshd's accepted connections over the servers, from their journals; `None` when a
+/// journal cannot be read.
+fn count_accepted(sh: &Shell, config: &Config, servers: &[&Server]) -> Option<u64> {
+    let mut total = 0;
+    for server in servers {
+        let opts = ssh_words(config, server).ok()?;
+        let dest = format!("{}@{}", server.username, server.addr.for_ssh());
+        let script = "journalctl -q --no-pager -t sshd -o cat | grep -c '^Accepted '";
+        let out =
+            cmd!(sh, "ssh {opts...} {dest} {script}").quiet().ignore_status().output().ok()?;
+        total += String::from_utf8_lossy(&out.stdout).trim().parse::<u64>().ok()?;
+    }
+    Some(total)
+}
