@@ -63,7 +63,7 @@ pub const DEFAULT_MTIME: u64 = 1153704088;
 
 /// The gzip level: the fastest of zlib-rs's levels that keeps outputs within 10% of
 /// `gzip -6` on the benchmark payload (see BENCHMARKS.md).
-pub const GZIP_LEVEL: u32 = 1;
+pub const GZIP_LEVEL: u32 = 2;
 
 /// The size of the independently compressed chunks of a gzip stream. Part of the output format:
 /// changing it changes every archive's bytes.
