@@ -23,8 +23,10 @@ pub const DEFAULT_PARALLEL: usize = 10;
 /// `--connect-parallel` says. Handshakes are the expensive part of a connection, so they are
 /// bounded separately from the work that follows them.
 pub const DEFAULT_CONNECT_PARALLEL: usize = 4;
-/// Where the deploy lock lives on the builder when the config does not say.
-pub const DEFAULT_LOCK_DIR: &str = "$HOME/.flotilla/deploy.lock";
+/// Where the deploy lock lives on the builder when the config does not say: inside the
+/// builder's workspace, which is what it protects, so deploys from different workspaces on
+/// one builder (several testbeds) do not refuse each other. `sync` never deletes it.
+pub const DEFAULT_LOCK_DIR: &str = ".fling-lock";
 
 /// A validated deployment config.
 #[derive(Debug, Clone)]
@@ -427,7 +429,8 @@ fn validate(errors: &Errors<'_>, raw: RawConfig, text: &str) -> Result<Config, C
         excludes,
         lock_dir: match &raw.builder.lock_dir {
             Some(dir) => remote_path(errors, dir, "builder.lock_dir")?,
-            None => RemotePath::parse(DEFAULT_LOCK_DIR).expect("the default lock dir is valid"),
+            None => remote_path(errors, &raw.builder.source_path, "builder.source_path")?
+                .join(DEFAULT_LOCK_DIR),
         },
     };
 

@@ -261,6 +261,9 @@ pub fn sync(cx: &Context<'_>) -> Plan {
             .map(String::from),
     );
     argv.extend(cx.config.builder.excludes.iter().map(|e| format!("--exclude={e}")));
+    // The default deploy lock lives in the builder's workspace: excluded, so it is neither
+    // sent nor deleted by `--delete`.
+    argv.push(format!("--exclude=/{}/", super::config::DEFAULT_LOCK_DIR));
     argv.extend(["--".into(), format!("{}/", cx.local_source), format!("{target}/")]);
     plan.hosts.push(HostPlan {
         host: cx.builder_name(),
