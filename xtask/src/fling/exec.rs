@@ -137,9 +137,7 @@ fn exit_code(setup_failure: Option<&HostReport>, hosts: &[HostReport]) -> i32 {
     if let Some(failure) = setup_failure {
         return match failure.outcome {
             Outcome::Unreachable => EXIT_UNREACHABLE,
-            Outcome::Failed { code: Some(LOCK_HELD_STATUS) } if failure.step == "lock" => {
-                EXIT_LOCKED
-            }
+            Outcome::Failed { code: Some(LOCK_HELD_STATUS) } => EXIT_LOCKED,
             _ => EXIT_FAILED,
         };
     }
@@ -625,8 +623,7 @@ mod tests {
         assert_eq!(exit_code(None, &[ok, gone.clone()]), EXIT_UNREACHABLE);
         assert_eq!(exit_code(None, &[failed, gone.clone()]), EXIT_FAILED_AND_UNREACHABLE);
         assert_eq!(exit_code(Some(&gone), &[]), EXIT_UNREACHABLE);
-        let mut locked = report("b", Outcome::Failed { code: Some(LOCK_HELD_STATUS) });
-        locked.step = "lock".into();
+        let locked = report("b", Outcome::Failed { code: Some(LOCK_HELD_STATUS) });
         assert_eq!(exit_code(Some(&locked), &[]), EXIT_LOCKED);
     }
 

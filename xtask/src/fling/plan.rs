@@ -152,9 +152,30 @@ impl Context<'_> {
     /// the server connections when servers are involved), take the lock if asked, and undo
     /// both at the end.
     fn plan(&self, command: String, locking: Locking, servers: bool, agent: Agent) -> Plan {
+        self.plan_with(command, locking, servers, agent, None)
+    }
+
+    /// `plan`, with `prepare` run on the builder right after connecting. Reaching the
+    /// builder, preparing and taking the lock are one session: one round trip, not three.
+    fn plan_with(
+        &self,
+        command: String,
+        locking: Locking,
+        servers: bool,
+        agent: Agent,
+        prepare: Option<String>,
+    ) -> Plan {
         let dir = quote(&self.builder_control_dir);
-        let connect = if servers { format!("mkdir -m 700 -- {dir}") } else { "true".to_owned() };
-        let mut setup = vec![self.on_builder("connect", StepKind::Connect, agent, &connect)];
+        let mut connect = vec!["set -e".to_owned()];
+        if servers {
+            connect.push(format!("mkdir -m 700 -- {dir}"));
+        }
+        connect.extend(prepare);
+        if locking == Locking::Lock {
+            connect.push(self.lock_script(&command));
+        }
+        let connect = if connect.len() == 1 { "true".to_owned() } else { connect.join("; ") };
+        let setup = vec![self.on_builder("connect", StepKind::Connect, agent, &connect)];
         let mut teardown_script = String::new();
         if servers {
             // Close every shared connection to a server, then remove their directory.
@@ -165,12 +186,6 @@ impl Context<'_> {
             );
         }
         if locking == Locking::Lock {
-            setup.push(self.on_builder(
-                "lock",
-                StepKind::Work,
-                Agent::NoForward,
-                &self.lock_script(&command),
-            ));
             let lock = self.config.builder.lock_dir.shell_word();
             if !teardown_script.is_empty() {
                 teardown_script.push_str("; ");
@@ -225,13 +240,7 @@ impl Context<'_> {
     /// The first step on a server: open the shared connection and prepare the staging
     /// directory, private to the deploying user.
     fn connect_server(&self, server: &Server) -> Step {
-        let s = self.staging();
-        let remote = format!(
-            "umask 077 && mkdir -p -- {} {} {}",
-            s.join("packages").shell_word(),
-            s.join("bin").shell_word(),
-            s.join("overlay").shell_word(),
-        );
+        let remote = format!("umask 077 && mkdir -p -- {}", self.staging().shell_word());
         self.on_server(server, "connect", StepKind::Connect, &remote)
     }
 
@@ -244,13 +253,8 @@ impl Context<'_> {
 
 /// `sync`: the client's workspace to the builder, honouring `.gitignore`.
 pub fn sync(cx: &Context<'_>) -> Plan {
-    let mut plan = cx.plan("sync".into(), Locking::Lock, false, Agent::NoForward);
-    plan.setup[0] = cx.on_builder(
-        "connect",
-        StepKind::Connect,
-        Agent::NoForward,
-        &format!("mkdir -p -- {}", cx.source()),
-    );
+    let mkdir = format!("mkdir -p -- {}", cx.source());
+    let mut plan = cx.plan_with("sync".into(), Locking::Lock, false, Agent::NoForward, Some(mkdir));
     let (rsh, target) = cx.builder.rsync_target(&cx.config.builder.source_path);
     let mut argv: Vec<String> =
         ["rsync", "-az", "--delete", "--info=stats1", "-e", &rsh].map(String::from).to_vec();
@@ -459,29 +463,25 @@ pub fn lock(cx: &Context<'_>, release: bool) -> Plan {
 /// changed, so a redeploy of the same packages sends no payload.
 fn push(cx: &Context<'_>, server: &Server) -> Step {
     let hop = cx.server_hop(server);
-    let staging = cx.staging();
-    let dest = |sub: &str| format!("{}:{}/", hop.rsync_destination, staging.join(sub).for_rsync());
     let overlay_dir = format!("out/overlay/{}", server.name);
-    let rsync = |args: &[&str]| -> String {
-        let mut words = vec!["rsync", "-a", "--info=stats1", "-e", &hop.rsync_shell];
-        words.extend_from_slice(args);
-        quote_words(&words)
-    };
-    let packages = rsync(&[
+    // One rsync per server moves everything: the builder assembles the server's staging tree
+    // from hard links (a copy where links cannot cross file systems) and rsync mirrors it.
+    // `--checksum` compares contents, so identical packages rebuilt with new mtimes and
+    // overlays that share size and mtime are both judged right; reading a few MB to hash them
+    // costs far less than a needless transfer.
+    let view = format!("out/.fling-push/{}", server.name);
+    let rsync = quote_words(&[
+        "rsync",
+        "-a",
         "--delete",
-        "--include=/*.tar.gz",
-        "--include=/*.tar",
-        "--include=/digests.b3",
-        "--exclude=*",
+        "--checksum",
+        "--info=stats1",
+        "-e",
+        &hop.rsync_shell,
         "--",
-        "out/",
-        &dest("packages"),
+        &format!("{view}/"),
+        &format!("{}:{}/", hop.rsync_destination, cx.staging().for_rsync()),
     ]);
-    let installer = rsync(&["--", &format!("target/release/{INSTALLER}"), &dest("bin")]);
-    // Overlay files are small and generated together, so two servers' files can share size
-    // and mtime: compare contents, not rsync's quick check.
-    let overlay =
-        rsync(&["--delete", "--checksum", "--", &format!("{overlay_dir}/"), &dest("overlay")]);
     let script = format!(
         "set -e; cd -- {src}; \
          [ -f out/digests.b3 ] || {{ echo 'no out/digests.b3 on the builder: run `fling build \
@@ -489,9 +489,16 @@ fn push(cx: &Context<'_>, server: &Server) -> Step {
          [ -x target/release/{INSTALLER} ] || {{ echo 'no target/release/{INSTALLER} on the \
          builder: run `fling build package` first' >&2; exit 1; }}; \
          [ -d {od} ] || {{ echo {missing} >&2; exit 1; }}; \
-         {packages}; {installer}; {overlay}",
+         v={view}; rm -rf -- \"$v\"; mkdir -p -m 700 -- \"$v\"; mkdir -- \"$v/packages\" \"$v/bin\"; \
+         for f in out/*.tar.gz out/*.tar out/digests.b3; do [ -e \"$f\" ] || continue; \
+         ln -- \"$f\" \"$v/packages/\" 2>/dev/null || cp -p -- \"$f\" \"$v/packages/\"; done; \
+         ln -- target/release/{INSTALLER} \"$v/bin/\" 2>/dev/null || \
+         cp -p -- target/release/{INSTALLER} \"$v/bin/\"; \
+         cp -al -- {od} \"$v/overlay\" 2>/dev/null || cp -a -- {od} \"$v/overlay\"; \
+         rc=0; {rsync} || rc=$?; rm -rf -- \"$v\"; exit $rc",
         src = cx.source(),
         od = quote(&overlay_dir),
+        view = quote(&view),
         missing = quote(&format!("no {overlay_dir} on the builder: run `fling overlay` first")),
     );
     Step {
