@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use std::fmt;
 use std::ops::Range;
-use toml::Spanned;
+pub use toml::Spanned;
 
 /// A config problem, always naming the file and, where known, the line, column and field.
 #[derive(Debug, thiserror::Error)]

@@ -66,3 +66,67 @@ pub fn hostname() -> io::Result<String> {
         Err(_) => Err(io::Error::new(io::ErrorKind::InvalidData, "the host name is not UTF-8")),
     }
 }
+
+/// A bound service ready to serve: its listener and its request handler.
+pub struct Service {
+    pub server: http::Server,
+    pub handler: Box<dyn Fn(&http::Request) -> http::Response + Send + Sync>,
+}
+
+/// The whole life of a service binary: parse the command line, load the config with `load`, and
+/// either stop there (`--check`) or bind with `start`, serve until SIGTERM, and exit 0.
+///
+/// Config problems exit with [`EXIT_CONFIG`], anything else that stops the service from starting
+/// with 1, each after one log line that says what failed.
+pub fn main<C>(
+    service: &'static str,
+    version: &'static str,
+    load: impl FnOnce(&camino::Utf8Path) -> Result<C, config::ConfigError>,
+    start: impl FnOnce(C) -> Result<Service, String>,
+) -> std::process::ExitCode {
+    use std::process::ExitCode;
+
+    log::init(service);
+    let (path, check) = match cli::parse(std::env::args_os().skip(1)) {
+        Ok(cli::Command::Run { config, check }) => (config, check),
+        Ok(cli::Command::Help) => {
+            print!("{}", cli::usage(service));
+            return ExitCode::SUCCESS;
+        }
+        Ok(cli::Command::Version) => {
+            println!("{service} {version}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprint!("{service}: {e}\n\n{}", cli::usage(service));
+            return ExitCode::from(2);
+        }
+    };
+    info!("{service} {version} starting with config {path}");
+    let config = match load(&path) {
+        Ok(config) => config,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if check {
+        info!("config {path} is valid");
+        return ExitCode::SUCCESS;
+    }
+    let Service { server, handler } = match start(config) {
+        Ok(service) => service,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = shutdown::stop_on_signal(server.stopper()) {
+        error!("install the SIGTERM handler: {e}");
+        return ExitCode::FAILURE;
+    }
+    info!("listening on {}", server.local_addr());
+    server.serve(handler);
+    info!("{service} stopped");
+    ExitCode::SUCCESS
+}
