@@ -104,7 +104,7 @@ fn archive(sh: &Shell, size_mb: u64, rounds: u32, full: bool) -> anyhow::Result<
             format!("flotilla, level {GZIP_LEVEL}, 1 thread"),
             Method::Flotilla { threads: 1, level: GZIP_LEVEL },
         ));
-        for level in [2, 3, 4, 6] {
+        for level in [1u32, 2, 3, 4, 6].into_iter().filter(|&l| l != GZIP_LEVEL) {
             methods.push((
                 format!("flotilla, level {level}, {threads} threads"),
                 Method::Flotilla { threads, level },
@@ -168,7 +168,7 @@ fn print_table(rows: &[Row], sizes: bool) {
             "method", "time (s)", "size (MB)", "speed-up", "size ratio"
         );
     } else {
-        println!("{:<60} {:>9} {:>7}", "command", "time (s)", "ratio");
+        println!("{:<92} {:>9} {:>7}", "command", "time (s)", "ratio");
     }
     for row in rows {
         let speedup = base.median().as_secs_f64() / row.median().as_secs_f64();
@@ -183,7 +183,7 @@ fn print_table(rows: &[Row], sizes: bool) {
             );
         } else {
             println!(
-                "{:<60} {:>9.3} {:>6.2}x",
+                "{:<92} {:>9.3} {:>6.2}x",
                 row.name,
                 row.median().as_secs_f64(),
                 row.median().as_secs_f64() / base.median().as_secs_f64()
