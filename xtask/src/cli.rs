@@ -269,7 +269,7 @@ pub struct FlingArgs {
     #[arg(long, global = true)]
     pub parallel: Option<usize>,
     /// How many ssh connections may be starting at once [default: deployment.connect_parallel
-    /// or 4].
+    /// or 8].
     #[arg(long, global = true)]
     pub connect_parallel: Option<usize>,
     /// Seconds to wait for the deploy lock on the builder before giving up.

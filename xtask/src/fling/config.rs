@@ -22,7 +22,7 @@ pub const DEFAULT_PARALLEL: usize = 10;
 /// How many ssh connections may be starting at once when neither the config nor
 /// `--connect-parallel` says. Handshakes are the expensive part of a connection, so they are
 /// bounded separately from the work that follows them.
-pub const DEFAULT_CONNECT_PARALLEL: usize = 4;
+pub const DEFAULT_CONNECT_PARALLEL: usize = 8;
 /// Where the deploy lock lives on the builder when the config does not say: inside the
 /// builder's workspace, which is what it protects, so deploys from different workspaces on
 /// one builder (several testbeds) do not refuse each other. `sync` never deletes it.

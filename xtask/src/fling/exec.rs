@@ -87,11 +87,15 @@ pub fn execute(sh: &Shell, plan: &Plan, options: &Options) -> Report {
     let mut setup_report = HostReport::new(&plan.builder);
     let mut builder_reached = false;
     for step in &plan.setup {
-        run_step(sh, &plan.builder, step, options, &ui, &mut setup_report);
+        run_step(sh, &plan.builder, step, options, &ui, None, &mut setup_report);
+        // A setup step that got as far as the builder's shell may have created what the
+        // teardown removes, even when it failed (a held lock, say).
+        if setup_report.outcome != Outcome::Unreachable {
+            builder_reached = true;
+        }
         if setup_report.outcome != Outcome::Ok {
             break;
         }
-        builder_reached = true;
     }
     let setup_failure = (setup_report.outcome != Outcome::Ok).then(|| setup_report.clone());
 
@@ -109,10 +113,10 @@ pub fn execute(sh: &Shell, plan: &Plan, options: &Options) -> Report {
         fan_out(sh, plan, options, &ui)
     };
 
-    if builder_reached || setup_failure.is_none() {
+    if builder_reached {
         for step in &plan.teardown {
             let mut report = HostReport::new(&plan.builder);
-            run_step(sh, &plan.builder, step, options, &ui, &mut report);
+            run_step(sh, &plan.builder, step, options, &ui, None, &mut report);
             if report.outcome != Outcome::Ok {
                 ui.line(&plan.builder, "warning", &format!("{} did not succeed", step.name));
             }
@@ -173,9 +177,7 @@ fn fan_out(sh: &Shell, plan: &Plan, options: &Options, ui: &Ui) -> Vec<HostRepor
                     let Some(host) = plan.hosts.get(index) else { break };
                     let mut report = HostReport::new(&host.host);
                     for step in &host.steps {
-                        let permit = (step.kind == StepKind::Connect).then(|| connects.acquire());
-                        run_step(&sh, &host.host, step, options, ui, &mut report);
-                        drop(permit);
+                        run_step(&sh, &host.host, step, options, ui, Some(&connects), &mut report);
                         if report.outcome != Outcome::Ok {
                             break;
                         }
@@ -203,17 +205,34 @@ impl HostReport {
 }
 
 /// Runs one step, streaming its output, and records the result in `report`.
+///
+/// A step may go through several phases (connect, push, install) in one builder session; the
+/// builder script announces each on stderr with a `PHASE_MARKER` line, and the step is
+/// reported phase by phase. A connect phase holds a permit of `connects`, so connection starts
+/// stay bounded while the work after them runs at full concurrency.
 fn run_step(
     sh: &Shell,
     host: &str,
     step: &Step,
     options: &Options,
     ui: &Ui,
+    connects: Option<&Semaphore>,
     report: &mut HostReport,
 ) {
     let started = Instant::now();
-    report.step = step.name.to_owned();
-    ui.step_started(host, step);
+    let first = step.phases.first().copied().unwrap_or(step.name);
+    let permit = match connects {
+        Some(connects) if first == "connect" => Some(connects.acquire()),
+        _ => None,
+    };
+    let tracker = Phases {
+        host,
+        step,
+        ui,
+        current: Mutex::new((first, Instant::now())),
+        permit: Mutex::new(permit),
+    };
+    ui.step_started(host, first, &step.runs_on);
     let mut command = command(sh, &step.argv);
     for (key, value) in &options.env {
         command.env(key, value);
@@ -225,10 +244,11 @@ fn run_step(
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(err) => {
+            report.step = first.to_owned();
             report.outcome = Outcome::Failed { code: None };
             report.stderr_tail = vec![format!("start {}: {err}", step.argv[0])];
             report.duration += started.elapsed();
-            ui.step_finished(host, step, &report.outcome, started.elapsed());
+            ui.step_finished(host, first, &step.runs_on, &report.outcome, started.elapsed());
             return;
         }
     };
@@ -241,29 +261,65 @@ fn run_step(
     }
     let stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
-    let transfer = step.kind == StepKind::Transfer;
     let (sent, tail) = std::thread::scope(|scope| {
-        let out = scope.spawn(|| stream(stdout, host, step, "stdout", transfer, ui));
-        let err = scope.spawn(|| stream(stderr, host, step, "stderr", transfer, ui));
+        let out = scope.spawn(|| stream(stdout, "stdout", &tracker));
+        let err = scope.spawn(|| stream(stderr, "stderr", &tracker));
         let (sent_out, _) = out.join().expect("the stdout reader does not panic");
         let (sent_err, tail) = err.join().expect("the stderr reader does not panic");
         (sent_out + sent_err, tail)
     });
     let status = child.wait();
+    drop(tracker.permit.lock().unwrap().take());
+    let (phase, phase_started) = *tracker.current.lock().unwrap();
+    report.step = phase.to_owned();
     report.bytes_sent += sent;
     report.duration += started.elapsed();
     report.outcome = match status {
         Ok(status) if status.success() => Outcome::Ok,
-        Ok(status) if step.kind == StepKind::Connect && status.code() == Some(255) => {
-            Outcome::Unreachable
-        }
+        // ssh says 255 when it could not connect; in a connect phase that is the host.
+        Ok(status) if phase == "connect" && status.code() == Some(255) => Outcome::Unreachable,
         Ok(status) => Outcome::Failed { code: status.code() },
         Err(_) => Outcome::Failed { code: None },
     };
     if report.outcome != Outcome::Ok {
         report.stderr_tail = tail.into_iter().collect();
     }
-    ui.step_finished(host, step, &report.outcome, started.elapsed());
+    ui.step_finished(host, phase, &step.runs_on, &report.outcome, phase_started.elapsed());
+}
+
+/// The line a builder script writes to stderr when a step enters its next phase.
+pub const PHASE_MARKER: &str = "@@fling-phase ";
+
+/// The phase a running step is in.
+struct Phases<'a> {
+    host: &'a str,
+    step: &'a Step,
+    ui: &'a Ui,
+    current: Mutex<(&'static str, Instant)>,
+    permit: Mutex<Option<Permit<'a>>>,
+}
+
+impl Phases<'_> {
+    /// Moves to the phase a marker names; unknown names are ignored.
+    fn advance(&self, name: &str) {
+        let Some(next) = self.step.phases.iter().copied().find(|p| *p == name) else { return };
+        let mut current = self.current.lock().unwrap();
+        let (previous, since) = *current;
+        if previous == next {
+            return;
+        }
+        let runs_on = &self.step.runs_on;
+        self.ui.step_finished(self.host, previous, runs_on, &Outcome::Ok, since.elapsed());
+        if previous == "connect" {
+            drop(self.permit.lock().unwrap().take());
+        }
+        *current = (next, Instant::now());
+        self.ui.step_started(self.host, next, runs_on);
+    }
+
+    fn name(&self) -> &'static str {
+        self.current.lock().unwrap().0
+    }
 }
 
 /// The process of a step, built by xshell from the plan's words (no shell involved) and
@@ -273,22 +329,21 @@ fn command(sh: &Shell, argv: &[String]) -> Command {
     Command::from(cmd!(sh, "{program} {args...}"))
 }
 
-/// Forwards a child's output line by line to the UI. rsync's summary lines (`sent N bytes
-/// received M bytes ...`, `total size is ...`) are counted, not shown. Returns the bytes
-/// sent and the last lines.
-fn stream(
-    pipe: impl Read,
-    host: &str,
-    step: &Step,
-    name: &str,
-    transfer: bool,
-    ui: &Ui,
-) -> (u64, VecDeque<String>) {
+/// Forwards a child's output line by line to the UI. Phase markers move the step on; rsync's
+/// summary lines (`sent N bytes received M bytes ...`, `total size is ...`) are counted, not
+/// shown. Returns the bytes sent and the last lines of the current phase.
+fn stream(pipe: impl Read, name: &str, phases: &Phases<'_>) -> (u64, VecDeque<String>) {
+    let transfer = phases.step.kind == StepKind::Transfer || phases.step.phases.contains(&"push");
     let mut sent = 0;
     let mut tail = VecDeque::new();
     for line in BufReader::new(pipe).split(b'\n') {
         let Ok(line) = line else { break };
         let line = String::from_utf8_lossy(&line).trim_end_matches('\r').to_owned();
+        if let Some(next) = line.strip_prefix(PHASE_MARKER) {
+            phases.advance(next.trim());
+            tail.clear();
+            continue;
+        }
         if transfer {
             if let Some(bytes) = rsync_bytes_sent(&line) {
                 sent += bytes;
@@ -298,7 +353,7 @@ fn stream(
                 continue;
             }
         }
-        ui.output(host, step.name, name, &line);
+        phases.ui.output(phases.host, phases.name(), name, &line);
         if tail.len() == TAIL_LINES {
             tail.pop_front();
         }
@@ -421,29 +476,36 @@ impl Ui {
         }
     }
 
-    fn step_started(&self, host: &str, step: &Step) {
+    fn step_started(&self, host: &str, step: &str, runs_on: &str) {
         match self {
             Ui::Json(_) => self.event(json!({
-                "event": "step", "host": host, "step": step.name, "runs_on": step.runs_on,
+                "event": "step", "host": host, "step": step, "runs_on": runs_on,
                 "status": "started",
             })),
             Ui::Bars { .. } => {
                 if let Some(bar) = self.bar(host) {
-                    bar.set_message(format!("{} (on {})", step.name, step.runs_on));
+                    bar.set_message(format!("{step} (on {runs_on})"));
                 }
             }
             Ui::Plain(err) => {
-                let _ = writeln!(err.lock().unwrap(), "[{host}] {} ...", step.name);
+                let _ = writeln!(err.lock().unwrap(), "[{host}] {step} ...");
             }
             Ui::Quiet => {}
         }
     }
 
-    fn step_finished(&self, host: &str, step: &Step, outcome: &Outcome, took: Duration) {
+    fn step_finished(
+        &self,
+        host: &str,
+        step: &str,
+        runs_on: &str,
+        outcome: &Outcome,
+        took: Duration,
+    ) {
         let status = outcome_name(outcome);
         match self {
             Ui::Json(_) => self.event(json!({
-                "event": "step", "host": host, "step": step.name, "runs_on": step.runs_on,
+                "event": "step", "host": host, "step": step, "runs_on": runs_on,
                 "status": status, "exit_code": exit_status(outcome),
                 "duration_ms": took.as_millis() as u64,
             })),
@@ -451,8 +513,7 @@ impl Ui {
             Ui::Plain(err) => {
                 let _ = writeln!(
                     err.lock().unwrap(),
-                    "[{host}] {} {status} in {:.2}s",
-                    step.name,
+                    "[{host}] {step} {status} in {:.2}s",
                     took.as_secs_f64()
                 );
             }

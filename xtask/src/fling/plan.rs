@@ -30,6 +30,9 @@ pub struct Step {
     pub kind: StepKind,
     /// Text fed to the command's standard input.
     pub stdin: Option<String>,
+    /// The phases of a step that does several things in one session, in order; empty for a
+    /// step that is one thing, `name`. The script announces each with `exec::PHASE_MARKER`.
+    pub phases: Vec<&'static str>,
 }
 
 /// What a step's exit status means.
@@ -125,18 +128,7 @@ impl Context<'_> {
             argv: self.builder.run(agent, remote),
             kind,
             stdin: None,
-        }
-    }
-
-    /// A step that runs `remote` in a server's shell, through the builder.
-    fn on_server(&self, server: &Server, name: &'static str, kind: StepKind, remote: &str) -> Step {
-        let hop = self.server_hop(server);
-        Step {
-            name,
-            runs_on: format!("builder -> {}", server.name),
-            argv: self.builder.run(Agent::Forward, &hop.run(remote)),
-            kind,
-            stdin: None,
+            phases: Vec::new(),
         }
     }
 
@@ -212,6 +204,7 @@ impl Context<'_> {
             argv: self.builder.close(),
             kind: StepKind::Work,
             stdin: None,
+            phases: Vec::new(),
         });
         Plan { command, builder: self.builder_name(), setup, hosts: Vec::new(), teardown }
     }
@@ -237,11 +230,33 @@ impl Context<'_> {
         )
     }
 
-    /// The first step on a server: open the shared connection and prepare the staging
-    /// directory, private to the deploying user.
-    fn connect_server(&self, server: &Server) -> Step {
-        let remote = format!("umask 077 && mkdir -p -- {}", self.staging().shell_word());
-        self.on_server(server, "connect", StepKind::Connect, &remote)
+    /// The one step of a server: a builder script that opens the shared connection to the
+    /// server (the `connect` phase, whose ssh status 255 means unreachable), then runs each
+    /// phase's builder-side command, stopping at the first that fails. One client -> builder
+    /// session per server instead of one per phase keeps the builder's load down.
+    fn server_step(&self, server: &Server, phases: Vec<(&'static str, String)>) -> Step {
+        let hop = self.server_hop(server);
+        // Each server's shared connection closes with its step, in parallel with the others,
+        // rather than one after the other at the end of the run.
+        let mut script =
+            format!("trap {} EXIT; {}", quote(&format!("{} 2>/dev/null", hop.close())), hop.open());
+        let mut names = vec!["connect"];
+        for (name, command) in phases {
+            let _ = write!(
+                script,
+                " || exit $?; echo {} >&2; {command}",
+                quote(&format!("{}{name}", super::exec::PHASE_MARKER))
+            );
+            names.push(name);
+        }
+        Step {
+            name: "connect",
+            runs_on: format!("builder -> {}", server.name),
+            argv: self.builder.run(Agent::Forward, &script),
+            kind: StepKind::Connect,
+            stdin: None,
+            phases: names,
+        }
     }
 
     /// The installer in the staging directory with `words`, each already one shell word.
@@ -277,6 +292,7 @@ pub fn sync(cx: &Context<'_>) -> Plan {
             argv,
             kind: StepKind::Transfer,
             stdin: None,
+            phases: Vec::new(),
         }],
     });
     plan
@@ -359,10 +375,8 @@ pub fn install_prereqs(cx: &Context<'_>, servers: &[&Server]) -> Plan {
     for server in servers {
         plan.hosts.push(HostPlan {
             host: server.name.to_string(),
-            steps: vec![
-                cx.connect_server(server),
-                cx.on_server(server, "prereqs", StepKind::Work, &server_script),
-            ],
+            steps: vec![cx
+                .server_step(server, vec![("prereqs", cx.server_hop(server).run(&server_script))])],
         });
     }
     plan
@@ -376,10 +390,9 @@ pub fn deploy(cx: &Context<'_>, action: DeployAction, servers: &[&Server]) -> Pl
     let packages = cx.staging().join("packages");
     let overlay = cx.staging().join("overlay");
     for server in servers {
-        let mut steps = vec![cx.connect_server(server)];
-        match action {
+        let hop = cx.server_hop(server);
+        let phases = match action {
             DeployAction::Install => {
-                steps.push(push(cx, server));
                 let remote = cx.installer(&[
                     quote("--service-manager"),
                     quote(manager),
@@ -388,7 +401,7 @@ pub fn deploy(cx: &Context<'_>, action: DeployAction, servers: &[&Server]) -> Pl
                     quote("--overlay"),
                     overlay.shell_word(),
                 ]);
-                steps.push(cx.on_server(server, "install", StepKind::Work, &remote));
+                vec![("push", push(cx, server)), ("install", hop.run(&remote))]
             }
             DeployAction::Uninstall => {
                 // A server that never received the installer has nothing installed.
@@ -398,19 +411,20 @@ pub fn deploy(cx: &Context<'_>, action: DeployAction, servers: &[&Server]) -> Pl
                     cx.installer(&[quote("--service-manager"), quote(manager), quote("uninstall")]),
                     cx.staging().shell_word()
                 );
-                steps.push(cx.on_server(server, "uninstall", StepKind::Work, &remote));
+                vec![("uninstall", hop.run(&remote))]
             }
             DeployAction::Status => {
                 let remote =
                     cx.installer(&[quote("--service-manager"), quote(manager), quote("status")]);
-                steps.push(cx.on_server(server, "status", StepKind::Work, &remote));
+                vec![("status", hop.run(&remote))]
             }
             DeployAction::Rollback => {
                 let remote =
                     cx.installer(&[quote("--service-manager"), quote(manager), quote("rollback")]);
-                steps.push(cx.on_server(server, "rollback", StepKind::Work, &remote));
+                vec![("rollback", hop.run(&remote))]
             }
-        }
+        };
+        let steps = vec![cx.server_step(server, phases)];
         plan.hosts.push(HostPlan { host: server.name.to_string(), steps });
     }
     plan
@@ -422,10 +436,7 @@ pub fn exec(cx: &Context<'_>, servers: &[&Server], command: &str) -> Plan {
     for server in servers {
         plan.hosts.push(HostPlan {
             host: server.name.to_string(),
-            steps: vec![
-                cx.on_server(server, "connect", StepKind::Connect, "true"),
-                cx.on_server(server, "exec", StepKind::Work, command),
-            ],
+            steps: vec![cx.server_step(server, vec![("exec", cx.server_hop(server).run(command))])],
         });
     }
     plan
@@ -458,10 +469,10 @@ pub fn lock(cx: &Context<'_>, release: bool) -> Plan {
     plan
 }
 
-/// The builder pushes the packages, the digest list, the installer and this server's overlay
-/// (nothing of any other server's) to the server's staging directory. rsync sends only what
-/// changed, so a redeploy of the same packages sends no payload.
-fn push(cx: &Context<'_>, server: &Server) -> Step {
+/// The builder-side command that pushes the packages, the digest list, the installer and this
+/// server's overlay (nothing of any other server's) to the server's staging directory. rsync
+/// sends only what changed, so a redeploy of the same packages sends no payload.
+fn push(cx: &Context<'_>, server: &Server) -> String {
     let hop = cx.server_hop(server);
     let overlay_dir = format!("out/overlay/{}", server.name);
     // One rsync per server moves everything: the builder assembles the server's staging tree
@@ -470,6 +481,8 @@ fn push(cx: &Context<'_>, server: &Server) -> Step {
     // overlays that share size and mtime are both judged right; reading a few MB to hash them
     // costs far less than a needless transfer.
     let view = format!("out/.fling-push/{}", server.name);
+    // The server creates the staging directory, private, in the same session as the transfer.
+    let rsync_path = format!("umask 077 && mkdir -p -- {} && rsync", cx.staging().shell_word());
     let rsync = quote_words(&[
         "rsync",
         "-a",
@@ -478,6 +491,7 @@ fn push(cx: &Context<'_>, server: &Server) -> Step {
         "--info=stats1",
         "-e",
         &hop.rsync_shell,
+        &format!("--rsync-path={rsync_path}"),
         "--",
         &format!("{view}/"),
         &format!("{}:{}/", hop.rsync_destination, cx.staging().for_rsync()),
@@ -501,13 +515,8 @@ fn push(cx: &Context<'_>, server: &Server) -> Step {
         view = quote(&view),
         missing = quote(&format!("no {overlay_dir} on the builder: run `fling overlay` first")),
     );
-    Step {
-        name: "push",
-        runs_on: format!("builder -> {}", server.name),
-        argv: cx.builder.run(Agent::Forward, &script),
-        kind: StepKind::Transfer,
-        stdin: None,
-    }
+    // A subshell, so `set -e` and `cd` stay inside this phase.
+    format!("( {script} )")
 }
 
 /// Prints a plan as the commands it would run, host by host.
@@ -515,7 +524,9 @@ pub fn render(plan: &Plan) -> String {
     let mut out = String::new();
     let mut section = |host: &str, steps: &[Step]| {
         for step in steps {
-            let _ = writeln!(out, "[{host}] {} (runs on {}):", step.name, step.runs_on);
+            let name =
+                if step.phases.is_empty() { step.name.to_owned() } else { step.phases.join(", ") };
+            let _ = writeln!(out, "[{host}] {name} (runs on {}):", step.runs_on);
             let _ = writeln!(out, "    {}", quote_words(&step.argv));
             if step.stdin.is_some() {
                 let _ = writeln!(out, "    (the deployment config on standard input)");

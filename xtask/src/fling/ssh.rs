@@ -185,6 +185,25 @@ impl ServerHop {
         }
     }
 
+    /// The builder-side command that opens the shared connection to the server and returns
+    /// once it is up: no session, so no login shell runs for it on the server.
+    pub fn open(&self) -> String {
+        let mut words = self.ssh.clone();
+        let addr = words.pop().expect("the destination ends the command");
+        let dashes = words.pop().expect("`--` precedes the destination");
+        words.extend(["-N".into(), "-f".into(), dashes, addr]);
+        quote_words(&words)
+    }
+
+    /// The builder-side command that closes the shared connection to the server.
+    pub fn close(&self) -> String {
+        let mut words = self.ssh.clone();
+        let addr = words.pop().expect("the destination ends the command");
+        let dashes = words.pop().expect("`--` precedes the destination");
+        words.extend(["-q".into(), "-O".into(), "exit".into(), dashes, addr]);
+        quote_words(&words)
+    }
+
     /// The builder-side command that runs `remote` (one string for the server's shell).
     pub fn run(&self, remote: &str) -> String {
         let mut words = self.ssh.clone();
