@@ -842,6 +842,9 @@ fn full_flow_and_faults_on_a_three_node_testbed() {
     // Fault: node2's link is cut in the middle of the transfer. The link is slowed first so
     // the transfer is still under way when it goes.
     bed.change_control_plane("three");
+    // rsync would send only the changed blocks; an empty staging directory makes node2
+    // receive everything, slowly, so the cut lands in the middle of it.
+    bed.ssh_ok("node2", "rm -rf /var/tmp/flotilla-staging");
     let veth = bed.host_veth("node2");
     run_ok(Command::new("tc").args([
         "qdisc", "add", "dev", &veth, "root", "tbf", "rate", "100kbit", "burst", "4kb", "latency",
@@ -888,34 +891,41 @@ fn full_flow_and_faults_on_a_three_node_testbed() {
     bed.fling_ok(&["install"]);
     let release_four = bed.assert_converged();
 
-    // Fault: the installer is killed on node2 as soon as it takes its lock. The pid is the
-    // one the installer recorded in its lock: the process this deploy started.
+    // Fault: the installer is killed on node2 during activation: once the new release is
+    // unpacked next to the active one. The pid is the one the installer recorded in its lock,
+    // the process this deploy started.
     bed.change_control_plane("five");
     let killer = bed
         .tb
         .ssh_command("node2", &[])
         .arg(
-            "for i in $(seq 1 600); do pid=$(sed -n 's/^pid=//p' /opt/flotilla/install.lock \
-             2>/dev/null); if [ -n \"$pid\" ] && grep -q flotilla-installer \
-             /proc/$pid/cmdline 2>/dev/null; then kill -9 \"$pid\"; echo killed; exit 0; fi; \
-             sleep 0.05; done; exit 1",
+            "before=$(ls /opt/flotilla/releases | sort | tr '\\n' ' '); \
+             for i in $(seq 1 1000); do now=$(ls /opt/flotilla/releases | sort | tr '\\n' ' '); \
+             pid=$(sed -n 's/^pid=//p' /opt/flotilla/install.lock 2>/dev/null); \
+             if [ \"$now\" != \"$before\" ] && [ -n \"$pid\" ] && \
+             grep -q flotilla-installer /proc/$pid/cmdline 2>/dev/null; then \
+             kill -9 \"$pid\"; echo killed; exit 0; fi; sleep 0.01; done; exit 1",
         )
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    // The lock file holds the previous install's pid, long gone; give the killer a moment to
-    // start polling before the new installer runs.
     std::thread::sleep(Duration::from_millis(500));
     let out = bed.fling(&["install"]);
     let killed = killer.wait_with_output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&killed.stdout).trim(), "killed");
+    assert_eq!(String::from_utf8_lossy(&killed.stdout).trim(), "killed", "{}", text(&out));
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let recap = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(recap.contains("node2: install failed"), "{recap}");
     assert!(host_line(&recap, "node1").contains(" ok "), "{recap}");
-    // Killed before it switched `current`, the installer left the previous release active.
-    assert_eq!(bed.current("node2"), release_four[1], "node2 left its release");
     assert_ne!(bed.current("node1"), release_four[0], "node1 did not get the new release");
+    // Whether the kill came before or after the switch of `current`, node2 still runs a
+    // release and its services.
+    let node2 = bed.current("node2");
+    assert_ne!(node2, "none");
+    for service in ["node-agent", "control-plane"] {
+        let state = bed.ssh_ok("node2", &format!("systemctl is-active {service}.service || true"));
+        assert_eq!(state, "active", "{service} on node2 after the installer was killed");
+    }
     bed.fling_ok(&["install"]);
     let release_five = bed.assert_converged();
     assert_ne!(release_five[1], release_four[1], "node2 did not converge");
