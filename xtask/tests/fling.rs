@@ -820,12 +820,13 @@ fn full_flow_and_faults_on_a_three_node_testbed() {
         assert!(sent < 20_000, "a no-op redeploy sent {sent} bytes to {}", host["host"]);
     }
 
-    // Fault: node2's link is down before the deploy.
+    // Fault: node2's link is down before the deploy. It is cut on the host's side: taking the
+    // node's own interface down would also flush its IPv6 addresses and routes.
     bed.change_control_plane("two");
-    let ns = bed.netns("node2");
-    bed.ip(&["netns", "exec", &ns, "ip", "link", "set", "eth0", "down"]);
+    let veth = bed.host_veth("node2");
+    bed.ip(&["link", "set", &veth, "down"]);
     let out = bed.fling(&["install"]);
-    bed.ip(&["netns", "exec", &ns, "ip", "link", "set", "eth0", "up"]);
+    bed.ip(&["link", "set", &veth, "up"]);
     assert_eq!(out.status.code(), Some(4), "{}", text(&out));
     let recap = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(host_line(&recap, "node2").contains("unreachable"), "{recap}");
@@ -845,7 +846,6 @@ fn full_flow_and_faults_on_a_three_node_testbed() {
     // rsync would send only the changed blocks; an empty staging directory makes node2
     // receive everything, slowly, so the cut lands in the middle of it.
     bed.ssh_ok("node2", "rm -rf /var/tmp/flotilla-staging");
-    let veth = bed.host_veth("node2");
     run_ok(Command::new("tc").args([
         "qdisc", "add", "dev", &veth, "root", "tbf", "rate", "100kbit", "burst", "4kb", "latency",
         "2s",
