@@ -252,6 +252,9 @@ pub enum TestbedCommand {
 /// failed; 3 the deploy lock is held; 4 some hosts were unreachable; 6 both failed and
 /// unreachable hosts.
 #[derive(Debug, Args)]
+#[command(after_help = "Exit codes: 0 every host succeeded; 1 fling could not run (config, \
+    arguments); 2 some hosts failed; 3 the deploy lock is held by another run; 4 some hosts \
+    were unreachable; 6 some failed and some were unreachable.")]
 pub struct FlingArgs {
     /// The deployment config (the format of `deployment-example.toml`); `-` reads stdin.
     #[arg(short, long, global = true, default_value = "deployment.toml")]
