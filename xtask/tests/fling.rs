@@ -643,12 +643,12 @@ fn dry_run_prints_every_command_and_runs_none() {
 mod testbed_support;
 
 /// A testbed's deployment config and the xtask binary, with helpers for the fault tests.
-struct Bed {
-    tb: testbed_support::Testbed,
+struct Bed<'a> {
+    tb: &'a testbed_support::Testbed,
     config: PathBuf,
 }
 
-impl Bed {
+impl Bed<'_> {
     fn fling(&self, args: &[&str]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_xtask"))
             .arg("fling")
@@ -782,13 +782,14 @@ fn full_flow_and_faults_on_a_three_node_testbed() {
         return;
     }
     let tb = testbed_support::Testbed::up(Path::new(env!("CARGO_BIN_EXE_xtask")), "fling", 3);
-    let bed = Bed { config: tb.deployment.clone(), tb };
+    let bed = Bed { config: tb.deployment.clone(), tb: &tb };
 
+    bed.fling_ok(&["install-prereqs"]);
     bed.fling_ok(&["sync"]);
     bed.fling_ok(&["build", "package"]);
     bed.fling_ok(&["overlay"]);
     bed.fling_ok(&["install"]);
-    bed.assert_converged();
+    let release_zero = bed.assert_converged();
     let out = bed.fling_ok(&["deploy", "status"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("3 of 3 hosts ok"));
     // Each node got its own overlay.
@@ -811,6 +812,13 @@ fn full_flow_and_faults_on_a_three_node_testbed() {
         assert_eq!(bed.main_pid(node, "node-agent"), *agent, "node-agent restarted on {node}");
         assert_ne!(bed.main_pid(node, "control-plane"), *plane, "control-plane kept on {node}");
     }
+
+    // Rollback returns every node to its previous release; installing again returns to the
+    // new one.
+    bed.fling_ok(&["deploy", "rollback"]);
+    assert_eq!(bed.assert_converged(), release_zero, "rollback did not return");
+    bed.fling_ok(&["install"]);
+    assert_eq!(bed.assert_converged(), release_one);
 
     // A no-op redeploy sends no payload: only rsync's file lists.
     let out = bed.fling_ok(&["--json", "install"]);
@@ -835,7 +843,7 @@ fn full_flow_and_faults_on_a_three_node_testbed() {
     assert_eq!(bed.current("node2"), release_one[1], "node2 left its release");
     assert_ne!(bed.current("node1"), release_one[0], "node1 did not get the new release");
     // IPv6 from here on: the nodes' other address family works the same way.
-    let bed = Bed { config: bed.tb.deployment_v6.clone(), tb: bed.tb };
+    let bed = Bed { config: tb.deployment_v6.clone(), tb: &tb };
     bed.fling_ok(&["install"]);
     let release_two = bed.assert_converged();
     assert_ne!(release_two[1], release_one[1], "node2 did not converge");
@@ -956,4 +964,100 @@ fn node_leader(bed: &Bed, node: &str) -> String {
         .unwrap();
     let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
     children.split_whitespace().next().unwrap_or_else(|| panic!("{node} has no init")).to_owned()
+}
+
+/// On real nodes: an unknown and a changed host key are refused for that node alone, and
+/// hostile strings in the config never run anything on the builder or any node.
+#[test]
+fn host_keys_and_hostile_strings_on_a_three_node_testbed() {
+    if !testbed_support::can_run("host_keys_and_hostile_strings_on_a_three_node_testbed") {
+        return;
+    }
+    let tb = testbed_support::Testbed::up(Path::new(env!("CARGO_BIN_EXE_xtask")), "flsec", 3);
+    let dir = TempDir::new("testbed-sec");
+    let real = std::fs::read_to_string(&tb.known_hosts).unwrap();
+    let config_text = std::fs::read_to_string(&tb.deployment).unwrap();
+    let with_known_hosts = |name: &str, known_hosts: &str| -> Bed {
+        let kh = dir.0.join(format!("{name}.known_hosts"));
+        std::fs::write(&kh, known_hosts).unwrap();
+        let config = dir.0.join(format!("{name}.toml"));
+        let text = config_text.replace(
+            &toml::Value::from(tb.known_hosts.to_str().unwrap()).to_string(),
+            &toml::Value::from(kh.to_str().unwrap()).to_string(),
+        );
+        assert_ne!(text, config_text, "the testbed config names no known_hosts file");
+        std::fs::write(&config, text).unwrap();
+        Bed { config, tb: &tb }
+    };
+
+    // node2's key is unknown.
+    let unknown: String =
+        real.lines().filter(|l| !l.starts_with("node2")).map(|l| format!("{l}\n")).collect();
+    let bed = with_known_hosts("unknown", &unknown);
+    let out = bed.fling(&["exec", "--", "true"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(text(&out).contains("node2: connect unreachable"), "{}", text(&out));
+    assert!(text(&out).contains("Host key verification failed"), "{}", text(&out));
+    assert!(host_line(&String::from_utf8_lossy(&out.stdout), "node1").contains(" ok "));
+
+    // node2's key changed: it is node3's key now.
+    let node3_key = real
+        .lines()
+        .find(|l| l.starts_with("node3"))
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let changed: String = real
+        .lines()
+        .map(|l| {
+            if l.starts_with("node2") {
+                format!("{} {node3_key}\n", l.split_whitespace().next().unwrap())
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    let bed = with_known_hosts("changed", &changed);
+    let out = bed.fling(&["exec", "--", "true"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(text(&out).contains("REMOTE HOST IDENTIFICATION HAS CHANGED"), "{}", text(&out));
+
+    // Hostile strings in the staging directory, the lock directory, the excludes and the
+    // variables: nothing they spell runs, on the builder or on any node.
+    let marker = format!("/tmp/fling-pwned-{}", std::process::id());
+    let _ = std::fs::remove_file(&marker);
+    let hostile = format!(
+        "$(touch {marker})`touch {marker}`; touch {marker}; ' ; touch {marker} ; \" ; touch {marker}"
+    );
+    let q = |s: &str| toml::Value::from(s).to_string();
+    let text_config = config_text
+        .replace(
+            "staging_dir = \"/var/tmp/flotilla-staging\"",
+            &format!("staging_dir = {}", q(&format!("/var/tmp/st {hostile}"))),
+        )
+        .replace(
+            "[builder]\n",
+            &format!(
+                "[builder]\nlock_dir = {}\nexcludes = [{}]\n",
+                q(&format!("{}/lock {hostile}", dir.0.display())),
+                q(&hostile)
+            ),
+        )
+        .replace("port = 22\n", &format!("port = 22\nvars = {{ v = {} }}\n", q(&hostile)));
+    let config = dir.0.join("hostile.toml");
+    std::fs::write(&config, &text_config).unwrap();
+    let bed = Bed { config, tb: &tb };
+    for args in
+        [&["exec", "--", "true"][..], &["deploy", "status"], &["uninstall"], &["install-prereqs"]]
+    {
+        let out = bed.fling(args);
+        assert!(out.status.code().is_some(), "{}", text(&out));
+        assert!(!Path::new(&marker).exists(), "{args:?} ran a config string here");
+    }
+    for node in &bed.tb.nodes {
+        let found = bed.ssh_ok(node, &format!("test -e {marker} && echo found || echo absent"));
+        assert_eq!(found, "absent", "a config string ran on {node}");
+    }
 }
