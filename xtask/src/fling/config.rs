@@ -524,6 +524,16 @@ fn validate(errors: &Errors<'_>, raw: RawConfig, text: &str) -> Result<Config, C
         ("ssh.identity_file", &raw.ssh.identity_file),
     ] {
         if let Some(path) = raw_path {
+            // A known_hosts of /dev/null holds no key to trust and is the usual first step to
+            // turning checking off: name the file that holds the keys.
+            if field.ends_with("known_hosts") && path.get_ref() == "/dev/null" {
+                return Err(errors.at(
+                    path.span(),
+                    field,
+                    "known_hosts cannot be /dev/null: name the file that holds the host keys"
+                        .into(),
+                ));
+            }
             if !path
                 .get_ref()
                 .chars()
@@ -784,6 +794,8 @@ addr = "node2.example.com"
         let text = GOOD
             .replace("port = 2222", "port = 2222\nssh_options = [\"StrictHostKeyChecking=no\"]");
         assert!(error(&text).contains("StrictHostKeyChecking is managed by fling"));
+        let text = format!("{GOOD}\n[ssh]\nknown_hosts = \"/dev/null\"\n");
+        assert!(error(&text).contains("ssh.known_hosts: known_hosts cannot be /dev/null"));
         let text = GOOD.replace("port = 2222", "port = 70000");
         assert!(error(&text).starts_with("deploy.toml:12:8:"), "{}", error(&text));
     }
