@@ -530,7 +530,7 @@ impl Ui {
         if let Ui::Bars { bars, .. } = self {
             for (_, bar) in bars {
                 if !bar.is_finished() {
-                    bar.finish();
+                    bar.finish_with_message("done");
                 }
             }
         }
