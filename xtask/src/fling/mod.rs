@@ -2,7 +2,8 @@
 //!
 //! `config` reads the topology, `quote` is the one quoting helper for remote shells, `ssh`
 //! builds the command lines of both hops, `plan` turns each command into per-host steps as
-//! data, `exec` walks them concurrently and recaps, `overlay` writes each server's own files.
+//! data, `exec` walks them concurrently and recaps, `overlay` writes each server's own files,
+//! `bench` times installs against a plain ssh/scp baseline.
 //!
 //! Exit codes: 0 every host succeeded; 1 fling could not run (config, arguments, local error);
 //! 2 some hosts failed; 3 the deploy lock is held by another run; 4 some hosts were
@@ -38,6 +39,8 @@ pub fn run(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Result<()
     // Every guard (agent, control directory) has been dropped by now, so exiting here leaves
     // nothing behind.
     if code != exec::EXIT_OK {
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
         std::process::exit(code);
     }
     Ok(())
