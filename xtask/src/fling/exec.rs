@@ -3,6 +3,13 @@
 //! what the recap needs, and turns the results into an exit code.
 //!
 //! One host failing never stops the others: a host stops at its own first failing step.
+//!
+//! With `--json`, stdout carries one object per line: `{"event":"step", host, step, runs_on,
+//! status: started|ok|failed|unreachable, exit_code, duration_ms}`, `{"event":"output", host,
+//! step, stream, line}`, and last `{"event":"summary", command, exit_code, duration_ms,
+//! setup_failure, hosts: [{host, last_step, result, exit_code, duration_ms, bytes_sent,
+//! stderr_tail, reason}]}`. `--dry-run --json` writes `{"event":"plan", host, step, runs_on,
+//! argv}` objects instead.
 
 use std::{
     collections::VecDeque,
