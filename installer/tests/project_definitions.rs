@@ -4,6 +4,9 @@
 mod support;
 
 use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +42,46 @@ fn installer(root: &Utf8Path, manager: ManagerKind, runner: &Arc<RecordingRunner
     Installer::new(config, runner.clone())
 }
 
+/// A loopback HTTP server standing in for a service's `/health` endpoint, counting the GETs it
+/// answered. The fake binaries in the packages run nothing, so the installer's probe is pointed
+/// here instead of the service's real port.
+struct HealthServer {
+    url: String,
+    hits: Arc<AtomicUsize>,
+}
+
+impl HealthServer {
+    fn start() -> HealthServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/health", listener.local_addr().unwrap());
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        // The thread lives until the test binary exits; it only ever answers on loopback.
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut buf = [0u8; 1024];
+                let n = stream.read(&mut buf).unwrap_or(0);
+                if String::from_utf8_lossy(&buf[..n]).starts_with("GET /health ") {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                } else {
+                    let _ =
+                        stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+                }
+            }
+        });
+        HealthServer { url, hits }
+    }
+}
+
+/// The port of a `listen = "host:port"` or `"[v6]:port"` address.
+fn listen_port(config: &str) -> u16 {
+    let table: toml::Table = toml::from_str(config).unwrap();
+    let listen = table["listen"].as_str().unwrap();
+    listen.rsplit_once(':').unwrap().1.parse().unwrap()
+}
+
 fn listing(dir: &Utf8Path) -> Vec<String> {
     let mut names: Vec<String> =
         dir.read_dir_utf8().unwrap().map(|e| e.unwrap().file_name().to_owned()).collect();
@@ -55,17 +98,40 @@ fn the_projects_service_definitions_install_under_systemd_and_smf() {
     let tmp = TempDir::new("project-smf");
     let root = tmp.path();
     let mut files = Vec::new();
+    let mut health_servers = Vec::new();
     for service in &services {
         let dir = smf.join(service);
         for required in ["manifest.xml", &format!("{service}.service"), "config.toml"] {
             assert!(dir.join(required).is_file(), "{dir} has no {required}");
         }
         let base = format!("root/opt/flotilla/{service}");
+        // Each service declares an HTTP health check of its own API on loopback, at the port
+        // its config listens on.
+        let config = fs::read_to_string(dir.join("config.toml")).unwrap();
+        let declared = fs::read_to_string(dir.join(installer::health::HEALTH_FILE))
+            .unwrap_or_else(|e| panic!("{dir} has no health.toml: {e}"));
+        let check = installer::health::parse(&declared)
+            .unwrap_or_else(|e| panic!("{dir}/health.toml: {e}"));
+        let installer::health::Probe::Http(url) = &check.probe else {
+            panic!("{dir}/health.toml: expected an http probe, got {:?}", check.probe)
+        };
+        let port = listen_port(&config);
+        assert!(
+            url == &format!("http://[::1]:{port}/health")
+                || url == &format!("http://127.0.0.1:{port}/health"),
+            "{dir}/health.toml probes {url}, not /health on loopback port {port}"
+        );
+        let server = HealthServer::start();
         let mut entries = vec![Entry::exe(&format!("{base}/bin/{service}"), "#!/bin/sh\n")];
         for file in listing(&dir) {
-            let contents = fs::read_to_string(dir.join(&file)).unwrap();
+            let mut contents = fs::read_to_string(dir.join(&file)).unwrap();
+            if file == installer::health::HEALTH_FILE {
+                contents = contents.replace(url.as_str(), &server.url);
+                assert!(contents.contains(&server.url), "{dir}/health.toml: URL not replaced");
+            }
             entries.push(Entry::file(&format!("{base}/pkg/{file}"), &contents));
         }
+        health_servers.push(server);
         files.push((format!("{service}.tar.gz"), zone_bytes(service, entries)));
     }
     let files: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
@@ -92,11 +158,23 @@ fn the_projects_service_definitions_install_under_systemd_and_smf() {
         assert!(manifest.contains(&bin), "{service}: manifest does not start {bin}");
     }
 
+    // The installer waited for every service's health check before calling the release active.
+    for (service, server) in services.iter().zip(&health_servers) {
+        assert!(server.hits.load(Ordering::SeqCst) >= 1, "{service}: health check never probed");
+    }
+    let probed: Vec<usize> = health_servers.iter().map(|s| s.hits.load(Ordering::SeqCst)).collect();
+
     let runner = running();
     let sd_root = root.join("systemd");
     fs::create_dir_all(&sd_root).unwrap();
     let inst = installer(&sd_root, ManagerKind::Systemd, &runner);
     inst.install(&packages, None).unwrap();
+    for ((service, server), before) in services.iter().zip(&health_servers).zip(&probed) {
+        assert!(
+            server.hits.load(Ordering::SeqCst) > *before,
+            "{service}: not probed under systemd"
+        );
+    }
     for service in &services {
         let unit =
             fs::read_to_string(sd_root.join("units").join(format!("{service}.service"))).unwrap();
