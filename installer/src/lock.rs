@@ -13,6 +13,9 @@ use camino::{Utf8Path, Utf8PathBuf};
 
 use crate::error::{io, Error, Result};
 
+/// How long a lock with an empty record is given to go away before a second install is refused.
+const RELEASE_GRACE: Duration = Duration::from_secs(1);
+
 /// A held install lock; released when dropped.
 #[derive(Debug)]
 pub struct InstallLock {
@@ -31,7 +34,8 @@ impl InstallLock {
             .truncate(false)
             .open(path)
             .map_err(io("open install lock", path))?;
-        let deadline = Instant::now() + wait;
+        let started = Instant::now();
+        let deadline = started + wait;
         loop {
             // SAFETY: flock on a file descriptor this function owns for the call's duration.
             let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
@@ -44,8 +48,17 @@ impl InstallLock {
             }
             if Instant::now() >= deadline {
                 let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
+                let _ = file.rewind().and_then(|()| file.read_to_string(&mut holder));
                 let holder = holder.trim().replace('\n', ", ");
+                // An empty record means the holder has just released the lock (it clears the
+                // record first) or has not written its record yet. A released lock can also
+                // linger for a moment in a process forked by the holder before that process
+                // runs `exec` and closes the descriptor. Either way it is about to change, so
+                // look again briefly before refusing.
+                if holder.is_empty() && started.elapsed() < RELEASE_GRACE {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
                 let holder =
                     if holder.is_empty() { "no details recorded".to_owned() } else { holder };
                 return Err(Error::Locked { path: path.to_owned(), holder });
