@@ -251,7 +251,7 @@ fn ssh(
     let config = &paths.ssh_config;
     // ssh joins its arguments with spaces for the remote shell, so each one is quoted here to
     // reach the remote command unchanged.
-    let remote = (!command.is_empty()).then(|| render::remote_command(command));
+    let remote = (!command.is_empty()).then(|| crate::fling::quote::quote_words(command));
     let remote = remote.as_slice();
     cmd!(sh, "ssh -F {config} {node} {remote...}")
         .quiet()

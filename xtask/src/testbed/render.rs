@@ -143,21 +143,6 @@ pub enum AddressFamily {
     V6,
 }
 
-/// Quotes one argument for a POSIX shell, the remote shell ssh hands its command to. Plain
-/// words stay as they are so commands remain readable in logs.
-pub fn shell_quote(arg: &str) -> String {
-    let plain = |c: char| c.is_ascii_alphanumeric() || "@%+=:,./_-".contains(c);
-    if !arg.is_empty() && arg.chars().all(plain) {
-        return arg.to_owned();
-    }
-    format!("'{}'", arg.replace('\'', r"'\''"))
-}
-
-/// Joins arguments into one command line for a remote shell, each quoted.
-pub fn remote_command(args: &[String]) -> String {
-    args.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,24 +254,5 @@ mod tests {
             assert_eq!(config.deployment.servers.len(), 2);
             assert_eq!(config.builder_server().port, 40022);
         }
-    }
-
-    #[test]
-    fn remote_arguments_survive_the_remote_shell() {
-        assert_eq!(shell_quote("systemctl"), "systemctl");
-        assert_eq!(shell_quote(""), "''");
-        assert_eq!(shell_quote("a b"), "'a b'");
-        assert_eq!(shell_quote("it's"), r"'it'\''s'");
-        assert_eq!(shell_quote("$(reboot)"), "'$(reboot)'");
-        let args: Vec<String> = ["echo", "a;b", "*"].iter().map(|s| s.to_string()).collect();
-        assert_eq!(remote_command(&args), "echo 'a;b' '*'");
-        // The quoted line, run by a real shell, gives back the original arguments.
-        let args: Vec<String> = ["printf", "%s|", "it's", "a b", "$HOME", "\\n", ""]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        let out =
-            std::process::Command::new("sh").arg("-c").arg(remote_command(&args)).output().unwrap();
-        assert_eq!(String::from_utf8(out.stdout).unwrap(), "it's|a b|$HOME|\\n||");
     }
 }
