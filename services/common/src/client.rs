@@ -1,10 +1,12 @@
-//! A minimal HTTP/1.1 GET client, used by the control plane to poll the agents.
+//! A minimal HTTP/1.1 GET client, over plain TCP or mutually authenticated TLS, used by the
+//! control plane to poll the agents and gather their shares.
 //!
 //! One request per connection with `Connection: close`, an overall deadline, and a bounded
 //! response size, so that an unresponsive or misbehaving agent cannot stall the poller.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The largest response accepted.
@@ -34,25 +36,71 @@ pub struct ClientResponse {
 /// within `timeout`.
 pub fn get(address: &str, path: &str, timeout: Duration) -> Result<ClientResponse, ClientError> {
     let deadline = Instant::now() + timeout;
-    let addrs: Vec<SocketAddr> = match address.to_socket_addrs() {
-        Ok(addrs) => addrs.collect(),
-        Err(error) => return Err(ClientError::Resolve { address: address.to_owned(), error }),
-    };
-    let mut stream = connect(address, &addrs, deadline)?;
+    let mut stream = connect(address, deadline)?;
+    exchange(&mut stream, address, path, deadline)
+}
+
+/// Sends `GET <path>` to `address` over TLS with `config` (see [`crate::tls::client_config`]),
+/// checking that the server's certificate names `server_name`, and reads the whole response
+/// within `timeout`.
+pub fn get_tls(
+    address: &str,
+    server_name: &str,
+    path: &str,
+    timeout: Duration,
+    config: &Arc<rustls::ClientConfig>,
+) -> Result<ClientResponse, ClientError> {
+    let deadline = Instant::now() + timeout;
+    let tcp = connect(address, deadline)?;
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
+        .map_err(|e| malformed(address, path, &format!("server name `{server_name}`: {e}")))?;
+    let conn = rustls::ClientConnection::new(Arc::clone(config), name)
+        .map_err(|e| malformed(address, path, &format!("start a TLS session: {e}")))?;
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    exchange(&mut stream, address, path, deadline)
+}
+
+/// A connection the client can set deadlines on: plain TCP, or TLS over TCP.
+trait Socket: Read + Write {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Socket for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Socket for rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        &self.sock
+    }
+}
+
+fn exchange<S: Socket>(
+    stream: &mut S,
+    address: &str,
+    path: &str,
+    deadline: Instant,
+) -> Result<ClientResponse, ClientError> {
     let io_err =
         |error| ClientError::Io { address: address.to_owned(), path: path.to_owned(), error };
     let request =
         format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nAccept: application/json\r\n\r\n");
-    set_timeouts(&stream, deadline).map_err(io_err)?;
+    set_timeouts(stream.tcp(), deadline).map_err(io_err)?;
     stream.write_all(request.as_bytes()).map_err(io_err)?;
+    stream.flush().map_err(io_err)?;
     let mut raw = Vec::new();
     let mut chunk = [0u8; 8192];
     loop {
-        set_timeouts(&stream, deadline).map_err(io_err)?;
+        set_timeouts(stream.tcp(), deadline).map_err(io_err)?;
         match stream.read(&mut chunk) {
             Ok(0) => break,
             Ok(n) => raw.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // A server that closes without TLS's close_notify after a complete response (the
+            // body length is checked below) is not an error.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && !raw.is_empty() => break,
             Err(e) => return Err(io_err(e)),
         }
         if raw.len() > MAX_RESPONSE_BYTES {
@@ -62,13 +110,13 @@ pub fn get(address: &str, path: &str, timeout: Duration) -> Result<ClientRespons
     parse_response(&raw).map_err(|reason| malformed(address, path, reason))
 }
 
-fn connect(
-    address: &str,
-    addrs: &[SocketAddr],
-    deadline: Instant,
-) -> Result<TcpStream, ClientError> {
+fn connect(address: &str, deadline: Instant) -> Result<TcpStream, ClientError> {
+    let addrs: Vec<SocketAddr> = match address.to_socket_addrs() {
+        Ok(addrs) => addrs.collect(),
+        Err(error) => return Err(ClientError::Resolve { address: address.to_owned(), error }),
+    };
     let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolved to no address");
-    for addr in addrs {
+    for addr in &addrs {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             last = io::Error::new(io::ErrorKind::TimedOut, "timed out");

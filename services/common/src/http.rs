@@ -110,6 +110,7 @@ pub struct Server {
     listener: TcpListener,
     local_addr: SocketAddr,
     stopping: Arc<AtomicBool>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Stops a [`Server`] from another thread (the signal handler's).
@@ -124,7 +125,14 @@ impl Server {
     pub fn bind(addr: SocketAddr) -> Result<Server, HttpError> {
         let listener = TcpListener::bind(addr).map_err(|error| HttpError::Bind { addr, error })?;
         let local_addr = listener.local_addr().map_err(|error| HttpError::Bind { addr, error })?;
-        Ok(Server { listener, local_addr, stopping: Arc::new(AtomicBool::new(false)) })
+        Ok(Server { listener, local_addr, stopping: Arc::new(AtomicBool::new(false)), tls: None })
+    }
+
+    /// Serves over TLS with `config` (see [`crate::tls::server_config`], which requires a
+    /// client certificate from the cluster CA) instead of plain TCP.
+    pub fn with_tls(mut self, config: Arc<rustls::ServerConfig>) -> Server {
+        self.tls = Some(config);
+        self
     }
 
     /// The address actually listened on.
@@ -164,9 +172,10 @@ impl Server {
             }
             let guard = ActiveGuard::new(&active);
             let handler = Arc::clone(&handler);
+            let tls = self.tls.clone();
             let spawned = thread::Builder::new().name("http".to_owned()).spawn(move || {
                 let _guard = guard;
-                handle_connection(stream, &*handler);
+                handle_connection(stream, &*handler, tls);
             });
             if let Err(e) = spawned {
                 warn!("start a thread for a connection: {e}");
@@ -227,7 +236,11 @@ fn busy(mut stream: TcpStream) {
     warn!("refused a connection: {MAX_CONNECTIONS} connections in progress");
 }
 
-fn handle_connection(mut stream: TcpStream, handler: &dyn Fn(&Request) -> Response) {
+fn handle_connection(
+    mut stream: TcpStream,
+    handler: &dyn Fn(&Request) -> Response,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
     let started = Instant::now();
     let peer = match stream.peer_addr() {
         Ok(peer) => peer,
@@ -236,7 +249,41 @@ fn handle_connection(mut stream: TcpStream, handler: &dyn Fn(&Request) -> Respon
     };
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-    let (request, response) = match read_request(&mut stream, peer) {
+    match tls {
+        None => exchange(&mut stream, peer, handler, started),
+        Some(config) => {
+            let mut conn = match rustls::ServerConnection::new(config) {
+                Ok(conn) => conn,
+                Err(e) => {
+                    warn!("{peer}: start a TLS session: {e}");
+                    return;
+                }
+            };
+            // The handshake is completed before anything is read, so that a client without a
+            // certificate from the cluster CA is refused (and logged) before it can send a
+            // request.
+            while conn.is_handshaking() {
+                if let Err(e) = conn.complete_io(&mut stream) {
+                    warn!("{peer}: TLS handshake refused: {e}");
+                    return;
+                }
+            }
+            exchange(&mut rustls::Stream::new(&mut conn, &mut stream), peer, handler, started);
+            conn.send_close_notify();
+            let _ = conn.complete_io(&mut stream);
+        }
+    }
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+/// Reads one request, answers it and logs the exchange, over plain TCP or TLS.
+fn exchange<S: Read + Write>(
+    stream: &mut S,
+    peer: SocketAddr,
+    handler: &dyn Fn(&Request) -> Response,
+    started: Instant,
+) {
+    let (request, response) = match read_request(stream, peer) {
         Ok(request) => {
             let response = handler(&request);
             (Some(request), response)
@@ -245,8 +292,7 @@ fn handle_connection(mut stream: TcpStream, handler: &dyn Fn(&Request) -> Respon
         Err(RequestError::Bad(status, reason)) => (None, Response::text(status, &reason)),
     };
     let head_only = request.as_ref().is_some_and(|r| r.method == "HEAD");
-    let result = write_response(&mut stream, &response, head_only);
-    let _ = stream.shutdown(Shutdown::Both);
+    let result = write_response(stream, &response, head_only);
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
     let line = match &request {
         Some(r) => format!("{} {}", r.method, r.target),
@@ -269,7 +315,7 @@ enum RequestError {
     Bad(u16, String),
 }
 
-fn read_request(stream: &mut TcpStream, peer: SocketAddr) -> Result<Request, RequestError> {
+fn read_request<S: Read>(stream: &mut S, peer: SocketAddr) -> Result<Request, RequestError> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     let head_end = loop {
@@ -338,7 +384,11 @@ fn read_request(stream: &mut TcpStream, peer: SocketAddr) -> Result<Request, Req
     Ok(Request { method: method.to_owned(), target: target.to_owned(), headers, body, peer })
 }
 
-fn write_response(stream: &mut TcpStream, response: &Response, head_only: bool) -> io::Result<()> {
+fn write_response<S: Write>(
+    stream: &mut S,
+    response: &Response,
+    head_only: bool,
+) -> io::Result<()> {
     let mut out = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
         response.status,

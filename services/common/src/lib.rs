@@ -10,7 +10,9 @@ pub mod client;
 pub mod config;
 pub mod http;
 pub mod log;
+pub mod rack;
 pub mod shutdown;
+pub mod tls;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 

@@ -10,6 +10,7 @@
 //! [[agents]]                       # the node agents to poll; none by default
 //! name = "node1"
 //! address = "192.0.2.11:12220"     # host:port, or [v6]:port
+//! tls_address = "192.0.2.11:12223" # optional: the agent's TLS API, to gather its share
 //!
 //! [tls]                            # optional; the client certificate for mutual TLS
 //! cert = "cp.crt"
@@ -53,6 +54,9 @@ pub struct Agent {
     pub name: String,
     /// `host:port` or `[v6]:port`, resolved at each poll so that DNS changes are followed.
     pub address: String,
+    /// The agent's mutually authenticated TLS API (`host:port`), where its share is gathered;
+    /// its certificate must name the agent's `name`.
+    pub tls_address: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -72,6 +76,7 @@ struct ControlPlaneFile {
 struct AgentFile {
     name: Spanned<String>,
     address: Spanned<String>,
+    tls_address: Option<Spanned<String>>,
 }
 
 /// One file's checked values, before the node file is merged over the main file.
@@ -150,7 +155,17 @@ fn check(file: &ControlPlaneFile, source: &Source) -> Result<Layer, ConfigError>
             if let Err(message) = check_address(agent.address.get_ref()) {
                 return Err(source.invalid("agents.address", Some(agent.address.span()), message));
             }
-            checked.push(Agent { name: name.clone(), address: agent.address.get_ref().clone() });
+            if let Some(tls_address) = &agent.tls_address {
+                if let Err(message) = check_address(tls_address.get_ref()) {
+                    let span = Some(tls_address.span());
+                    return Err(source.invalid("agents.tls_address", span, message));
+                }
+            }
+            checked.push(Agent {
+                name: name.clone(),
+                address: agent.address.get_ref().clone(),
+                tls_address: agent.tls_address.as_ref().map(|a| a.get_ref().clone()),
+            });
         }
         layer.agents = Some(checked);
     }
@@ -234,7 +249,10 @@ mod tests {
         );
         let config = load(&path).unwrap();
         assert_eq!(config.node.as_deref(), Some("cp2"));
-        assert_eq!(config.agents, [Agent { name: "b".into(), address: "h:2".into() }]);
+        assert_eq!(
+            config.agents,
+            [Agent { name: "b".into(), address: "h:2".into(), tls_address: None }]
+        );
         assert_eq!(config.node_config, Some(dir.path().join("node.toml")));
     }
 

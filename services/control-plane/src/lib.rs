@@ -1,11 +1,13 @@
 //! The control plane: runs on one or more servers (like Omicron's nexus), polls every configured
 //! node agent's `/health` in the background and serves the aggregated view at `GET /status`.
-//! Later it gathers the agents' secret shares over mutually authenticated TLS to unlock the rack;
-//! its config already names the TLS files for that.
+//! With `[tls]` configured it also unlocks the rack: it gathers the agents' shares of the rack
+//! secret over mutually authenticated TLS (see [`rack`]) and reports the result in `/status`.
 
 pub mod config;
+pub mod rack;
 
 use config::{Agent, Config};
+use rack::{RackStatus, Unlocker};
 use serde::Serialize;
 use service_common::http::{Request, Response, Server};
 use service_common::{client, info, log, warn, Health, Service};
@@ -29,6 +31,8 @@ pub struct Status {
     /// Every configured agent, in config order.
     pub agents: Vec<AgentStatus>,
     pub summary: Summary,
+    /// The rack unlock.
+    pub rack: RackStatus,
 }
 
 /// How many agents are in each state.
@@ -78,6 +82,12 @@ pub fn start(config: Config) -> Result<Service, String> {
     let server = Server::bind(config.listen).map_err(|e| e.to_string())?;
     let health = Health::ok(SERVICE, VERSION, &node);
     let agents: Vec<AgentStatus> = config.agents.iter().map(AgentStatus::unknown).collect();
+    let unlock = Unlock {
+        agents: config.agents.clone(),
+        tls: config.tls.clone(),
+        interval: config.poll_interval,
+        timeout: config.request_timeout,
+    };
     let shared = Arc::new(Mutex::new(agents));
     if !config.agents.is_empty() {
         let poller = Poller {
@@ -91,11 +101,13 @@ pub fn start(config: Config) -> Result<Service, String> {
             .spawn(move || poller.run())
             .map_err(|e| format!("start the agent poller thread: {e}"))?;
     }
+    let rack = start_unlock(unlock)?;
     let handler = move |req: &Request| match req.path() {
         "/health" if req.is_get() => Response::json(200, &health),
         "/status" if req.is_get() => {
             let agents = lock(&shared).clone();
-            Response::json(200, &Status::new(&node, agents))
+            let rack_status = rack::lock(&rack).clone();
+            Response::json(200, &Status::new(&node, agents, rack_status))
         }
         "/health" | "/status" => Response::method_not_allowed("GET, HEAD"),
         path => Response::not_found(path),
@@ -103,8 +115,46 @@ pub fn start(config: Config) -> Result<Service, String> {
     Ok(Service { server, handler: Box::new(handler) })
 }
 
+/// What the rack unlock needs from the config.
+struct Unlock {
+    agents: Vec<Agent>,
+    tls: Option<service_common::config::TlsPaths>,
+    interval: Duration,
+    timeout: Duration,
+}
+
+/// Starts gathering shares when there is something to unlock with; the returned status is
+/// what `/status` serves.
+fn start_unlock(unlock: Unlock) -> Result<Arc<Mutex<RackStatus>>, String> {
+    let with_share: Vec<Agent> =
+        unlock.agents.into_iter().filter(|a| a.tls_address.is_some()).collect();
+    let Some(paths) = unlock.tls else {
+        return Ok(Arc::new(Mutex::new(RackStatus::disabled("no [tls] configured"))));
+    };
+    if with_share.is_empty() {
+        return Ok(Arc::new(Mutex::new(RackStatus::disabled("no agent has a tls_address"))));
+    }
+    let tls = service_common::tls::client_config(&paths).map_err(|e| e.to_string())?;
+    let mut initial = RackStatus::disabled("rack locked: no share gathered yet");
+    initial.state = rack::RackState::Locked;
+    let shared = Arc::new(Mutex::new(initial));
+    let unlocker = Unlocker {
+        agents: with_share,
+        interval: unlock.interval,
+        timeout: unlock.timeout,
+        tls,
+        shared: Arc::clone(&shared),
+        on_unlock: Box::new(|_| {}),
+    };
+    thread::Builder::new()
+        .name("unlock".to_owned())
+        .spawn(move || unlocker.run())
+        .map_err(|e| format!("start the rack unlock thread: {e}"))?;
+    Ok(shared)
+}
+
 impl Status {
-    fn new(node: &str, agents: Vec<AgentStatus>) -> Status {
+    fn new(node: &str, agents: Vec<AgentStatus>, rack: RackStatus) -> Status {
         let mut summary = Summary { total: agents.len(), ..Summary::default() };
         for agent in &agents {
             match agent.state {
@@ -119,6 +169,7 @@ impl Status {
             node: node.to_owned(),
             agents,
             summary,
+            rack,
         }
     }
 }

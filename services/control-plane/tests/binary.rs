@@ -25,6 +25,7 @@ impl InProcessAgent {
             node: Some(node.to_owned()),
             tls: None,
             secret: None,
+            tls_listen: None,
             node_config: None,
         };
         let service = node_agent::start(config).unwrap();

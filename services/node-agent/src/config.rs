@@ -8,6 +8,7 @@
 //! cert = "node.crt"
 //! key = "node.key"
 //! ca = "ca.crt"
+//! tls_listen = "[::]:12223"            # optional; the mutually authenticated API, with [tls]
 //! [secret]                             # optional; the node's share of the rack secret
 //! share_path = "share.json"
 //! ```
@@ -31,9 +32,15 @@ pub struct Config {
     pub tls: Option<TlsPaths>,
     /// This node's share of the rack secret.
     pub secret: Option<SecretPaths>,
+    /// The address of the mutually authenticated TLS API (`GET /share`); only with `tls`.
+    pub tls_listen: Option<SocketAddr>,
     /// The per-node file that was merged in, if any.
     pub node_config: Option<Utf8PathBuf>,
 }
+
+/// The TLS API's address when `[tls]` is set and `tls_listen` is not.
+pub const DEFAULT_TLS_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 12223);
 
 /// The checked `[secret]` table.
 #[derive(Clone, Debug, Eq, PartialEq)]
@@ -48,6 +55,7 @@ struct AgentFile {
     node: Option<Spanned<String>>,
     node_config: Option<Spanned<Utf8PathBuf>>,
     tls: Option<TlsFile>,
+    tls_listen: Option<SocketAddr>,
     secret: Option<SecretFile>,
 }
 
@@ -62,6 +70,7 @@ struct Layer {
     listen: Option<SocketAddr>,
     node: Option<String>,
     tls: Option<TlsPaths>,
+    tls_listen: Option<SocketAddr>,
     secret: Option<SecretPaths>,
 }
 
@@ -79,6 +88,7 @@ pub fn load(path: &Utf8Path) -> Result<Config, ConfigError> {
             listen: node.listen.or(layer.listen),
             node: node.node.or(layer.node),
             tls: node.tls.or(layer.tls),
+            tls_listen: node.tls_listen.or(layer.tls_listen),
             secret: node.secret.or(layer.secret),
         };
         node_config = Some(source.path().to_owned());
@@ -86,7 +96,21 @@ pub fn load(path: &Utf8Path) -> Result<Config, ConfigError> {
     let Some(listen) = layer.listen else {
         return Err(main.invalid("listen", None, "missing; set it here or in the node config"));
     };
-    Ok(Config { listen, node: layer.node, tls: layer.tls, secret: layer.secret, node_config })
+    let tls_listen = match (&layer.tls, layer.tls_listen) {
+        (Some(_), listen) => Some(listen.unwrap_or(DEFAULT_TLS_LISTEN)),
+        (None, Some(_)) => {
+            return Err(main.invalid("tls_listen", None, "set only together with [tls]"));
+        }
+        (None, None) => None,
+    };
+    Ok(Config {
+        listen,
+        node: layer.node,
+        tls: layer.tls,
+        secret: layer.secret,
+        tls_listen,
+        node_config,
+    })
 }
 
 fn check(file: &AgentFile, source: &Source) -> Result<Layer, ConfigError> {
@@ -104,7 +128,7 @@ fn check(file: &AgentFile, source: &Source) -> Result<Layer, ConfigError> {
         }
         None => None,
     };
-    Ok(Layer { listen: file.listen, node, tls, secret })
+    Ok(Layer { listen: file.listen, node, tls, tls_listen: file.tls_listen, secret })
 }
 
 #[cfg(test)]
@@ -122,6 +146,25 @@ mod tests {
             (config.node, config.tls, config.secret, config.node_config),
             (None, None, None, None)
         );
+    }
+
+    #[test]
+    fn the_tls_api_listens_only_with_tls() {
+        let dir = TempDir::new("agent-config");
+        for file in ["c.pem", "k.pem", "a.pem"] {
+            dir.write(file, "x");
+        }
+        let tls = "[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nca = \"a.pem\"\n";
+        let path = dir.write("tls.toml", &format!("listen = \"[::]:1\"\n{tls}"));
+        assert_eq!(load(&path).unwrap().tls_listen, Some(DEFAULT_TLS_LISTEN));
+        let path = dir.write(
+            "port.toml",
+            &format!("listen = \"[::]:1\"\ntls_listen = \"127.0.0.1:9\"\n{tls}"),
+        );
+        assert_eq!(load(&path).unwrap().tls_listen, Some("127.0.0.1:9".parse().unwrap()));
+        let path = dir.write("bare.toml", "listen = \"[::]:1\"\ntls_listen = \"127.0.0.1:9\"\n");
+        let err = load(&path).unwrap_err().to_string();
+        assert_eq!(err, format!("config {path}: tls_listen: set only together with [tls]"));
     }
 
     #[test]
