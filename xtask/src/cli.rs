@@ -300,6 +300,10 @@ pub enum FlingCommand {
         /// Generate here rather than asking the builder: what the builder runs.
         #[arg(long, hide = true)]
         generate_here: bool,
+        /// Replace the cluster CA, every server's key and certificate and the rack secret's
+        /// shares; without it, the ones made before are kept.
+        #[arg(long)]
+        rotate: bool,
     },
     /// Install, uninstall, inspect or roll back the servers; the builder pushes to each
     /// server [runs on: builder -> servers].

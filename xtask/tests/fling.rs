@@ -382,9 +382,10 @@ fn deploy_pushes_each_server_only_its_own_overlay_and_a_rerun_sends_no_payload()
         let out = f.fling(&config, &["--json", "--servers", name, "deploy", "install"]);
         assert_eq!(out.status.code(), Some(0), "{}", text(&out));
         let staging = f.path("staging");
-        let overlay =
-            std::fs::read_to_string(staging.join("overlay/opt/flotilla/node-agent/pkg/node.toml"))
-                .unwrap();
+        let overlay = std::fs::read_to_string(
+            staging.join("overlay/opt/flotilla/node-agent/pkg/identity.toml"),
+        )
+        .unwrap();
         assert!(overlay.contains(&format!("secret-of-{name}")), "{overlay}");
         for (other, _) in SERVERS.iter().filter(|(o, _)| o != name) {
             assert!(
@@ -794,7 +795,7 @@ fn full_flow_and_faults_on_a_three_node_testbed() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("3 of 3 hosts ok"));
     // Each node got its own overlay.
     for node in &bed.tb.nodes {
-        let identity = bed.ssh_ok(node, "cat /opt/flotilla/current/node-agent/pkg/node.toml");
+        let identity = bed.ssh_ok(node, "cat /opt/flotilla/current/node-agent/pkg/identity.toml");
         assert!(identity.contains(&format!("name = \"{node}\"")), "{node}: {identity}");
     }
 

@@ -61,7 +61,8 @@ pub struct Cluster {
 /// One server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Node {
-    /// Used as a directory name and a certificate name: ASCII letters, digits, `-` and `_`.
+    /// Used as a directory name and a certificate name: ASCII letters, digits, `-`, `_` and
+    /// `.`, starting with a letter or digit.
     pub name: String,
     /// Host names or IP literals (IPv6 without brackets); the first one is the node's address
     /// in templates. Every one is a subject alternative name of the node's certificate.
@@ -262,13 +263,14 @@ fn validate(config: &Config) -> Result<(), OverlayError> {
 /// Names become path components and certificate names, so only a safe alphabet is allowed.
 fn check_name(what: &str, name: &str) -> Result<(), OverlayError> {
     let ok = !name.is_empty()
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        && !name.starts_with('-');
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric());
     if ok {
         Ok(())
     } else {
         Err(OverlayError::Invalid(format!(
-            "{what} name `{name}`: use ASCII letters, digits, `-` and `_`, not starting with `-`"
+            "{what} name `{name}`: use ASCII letters, digits, `-`, `_` and `.`, starting with a \
+             letter or digit"
         )))
     }
 }

@@ -12,9 +12,9 @@ pub mod http;
 pub mod log;
 pub mod rack;
 pub mod shutdown;
-pub mod tls;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
+pub mod tls;
 
 use serde::{Deserialize, Serialize};
 use std::io;

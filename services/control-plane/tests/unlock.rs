@@ -18,16 +18,25 @@ use service_common::{client, rack::ShareFile};
 const BIN: &str = env!("CARGO_BIN_EXE_control-plane");
 const NODES: [&str; 3] = ["node1", "node2", "node3"];
 
+fn repo() -> Utf8PathBuf {
+    Utf8Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
 /// Generates a 2-of-3 cluster's overlay under `<dir>/overlay/<node>/`, with its state in
 /// `<dir>/state`.
 fn generate(dir: &Utf8Path) {
+    generate_with(dir, Vec::new(), &["127.0.0.1"; 3]);
+}
+
+fn generate_with(dir: &Utf8Path, templates: Vec<overlay::Template>, addresses: &[&str; 3]) {
     let config = overlay::Config {
         cluster: Cluster {
             nodes: NODES
                 .iter()
-                .map(|name| Node {
+                .zip(addresses)
+                .map(|(name, address)| Node {
                     name: name.to_string(),
-                    addresses: vec!["127.0.0.1".into()],
+                    addresses: vec![address.to_string()],
                     vars: BTreeMap::new(),
                 })
                 .collect(),
@@ -38,7 +47,7 @@ fn generate(dir: &Utf8Path) {
         identities: Identities::Keep,
         tls_services: vec!["node-agent".into(), "control-plane".into()],
         share_service: "node-agent".into(),
-        templates: Vec::new(),
+        templates,
     };
     let generated = overlay::generate(&config).unwrap();
     overlay::write(&generated, &dir.join("overlay")).unwrap();
@@ -233,4 +242,65 @@ fn certificates_from_another_ca_are_refused_both_ways() {
     assert_eq!(rack["state"], "locked");
     cp.sigterm();
     cp.wait_exit(Duration::from_secs(5));
+}
+
+/// The repository's templates render, for every server, node files that the services load on
+/// top of the shipped configs, as the installer lays them out: the package's `pkg/` directory
+/// with the server's overlay placed over it.
+#[test]
+fn the_repositorys_templates_make_configs_the_services_load() {
+    let dir = TempDir::new("unlock-templates");
+    let templates = overlay::template::load_dir(&repo().join("overlay-templates")).unwrap();
+    assert!(templates.len() >= 2, "{templates:?}");
+    generate_with(dir.path(), templates, &["fd00::11", "10.0.0.12", "node3.example"]);
+    for node in NODES {
+        let release = dir.path().join(format!("release-{node}"));
+        for service in ["node-agent", "control-plane"] {
+            let pkg = release.join(service).join("pkg");
+            std::fs::create_dir_all(&pkg).unwrap();
+            for entry in repo().join("smf").join(service).read_dir_utf8().unwrap() {
+                let entry = entry.unwrap();
+                std::fs::copy(entry.path(), pkg.join(entry.file_name())).unwrap();
+            }
+            let overlay = dir.path().join(format!("overlay/{node}/opt/flotilla/{service}/pkg"));
+            copy_tree(&overlay, &pkg);
+        }
+        let agent = node_agent::config::load(&release.join("node-agent/pkg/config.toml")).unwrap();
+        assert_eq!(agent.node.as_deref(), Some(node));
+        assert_eq!(agent.tls_listen, Some(node_agent::config::DEFAULT_TLS_LISTEN));
+        let share = node_agent::load_share(agent.secret.as_ref()).unwrap().unwrap();
+        assert_eq!((share.threshold, share.total_shares), (2, 3));
+        service_common::tls::server_config(agent.tls.as_ref().unwrap()).unwrap();
+
+        let cp =
+            control_plane::config::load(&release.join("control-plane/pkg/config.toml")).unwrap();
+        assert_eq!(cp.node.as_deref(), Some(node));
+        let agents: Vec<(&str, &str, Option<&str>)> = cp
+            .agents
+            .iter()
+            .map(|a| (a.name.as_str(), a.address.as_str(), a.tls_address.as_deref()))
+            .collect();
+        assert_eq!(
+            agents,
+            [
+                ("node1", "[fd00::11]:12220", Some("[fd00::11]:12223")),
+                ("node2", "10.0.0.12:12220", Some("10.0.0.12:12223")),
+                ("node3", "node3.example:12220", Some("node3.example:12223")),
+            ]
+        );
+        service_common::tls::client_config(cp.tls.as_ref().unwrap()).unwrap();
+    }
+}
+
+fn copy_tree(from: &Utf8Path, to: &Utf8Path) {
+    for entry in from.read_dir_utf8().unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            copy_tree(entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
 }

@@ -173,7 +173,12 @@ mod tests {
             Utf8Path::new(env!("CARGO_MANIFEST_DIR")).join("../../smf/node-agent/config.toml");
         let config = load(&path).unwrap();
         assert_eq!(config.listen, "[::]:12220".parse().unwrap());
-        assert_eq!(config.node_config, None);
+        // The shipped node file is empty: nothing is replaced until an overlay brings one.
+        assert_eq!(config.node_config, Some(path.parent().unwrap().join("node.toml")));
+        assert_eq!(
+            (config.node, config.tls, config.secret, config.tls_listen),
+            (None, None, None, None)
+        );
     }
 
     #[test]

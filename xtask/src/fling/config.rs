@@ -72,6 +72,8 @@ pub struct Deployment {
     pub service_manager: ServiceManager,
     pub parallel: usize,
     pub connect_parallel: usize,
+    /// How many servers' shares unlock the rack (k of n); a majority when not given.
+    pub rack_threshold: u8,
 }
 
 /// How every hop connects. The testbed writes this table.
@@ -345,6 +347,7 @@ struct RawDeployment {
     service_manager: Option<ServiceManager>,
     parallel: Option<Spanned<usize>>,
     connect_parallel: Option<Spanned<usize>>,
+    rack_threshold: Option<Spanned<usize>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -482,6 +485,7 @@ fn validate(errors: &Errors<'_>, raw: RawConfig, text: &str) -> Result<Config, C
         Some(v) => Ok(*v.get_ref()),
         None => Ok(default),
     };
+    let deployment_servers_len = deployment_servers.len();
     let deployment = Deployment {
         servers: deployment_servers,
         staging_dir: remote_path(errors, &d.staging_dir, "deployment.staging_dir")?,
@@ -498,6 +502,17 @@ fn validate(errors: &Errors<'_>, raw: RawConfig, text: &str) -> Result<Config, C
             "deployment.connect_parallel",
             DEFAULT_CONNECT_PARALLEL,
         )?,
+        rack_threshold: match &d.rack_threshold {
+            Some(v) if *v.get_ref() == 0 || *v.get_ref() > deployment_servers_len => {
+                return Err(errors.at(
+                    v.span(),
+                    "deployment.rack_threshold",
+                    format!("must be between 1 and the {deployment_servers_len} servers"),
+                ));
+            }
+            Some(v) => *v.get_ref() as u8,
+            None => (deployment_servers_len / 2 + 1) as u8,
+        },
     };
     let ssh = SshSettings {
         config: raw.ssh.config.as_ref().map(|p| local_path(errors, p, "ssh.config")).transpose()?,

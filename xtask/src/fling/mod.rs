@@ -32,6 +32,7 @@ use crate::{
     Context,
 };
 use config::Config;
+use flotilla_package::overlay::Identities;
 use plan::{BuildKind, DeployAction};
 
 pub fn run(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Result<()> {
@@ -57,14 +58,16 @@ fn run_inner(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Result<
         Config::load(&ctx.user_path(&args.config))?
     };
 
-    if let FlingCommand::Overlay { generate_here: true } = &args.command {
+    if let FlingCommand::Overlay { generate_here: true, rotate } = &args.command {
         // This half runs on the builder, started by the client's `overlay` below from the
         // root of the builder's workspace.
-        let out = ctx.invoked_from.join("out");
-        overlay::generate(&config, &out)?;
+        let identities = if *rotate { Identities::Rotate } else { Identities::Keep };
+        let summary = overlay::generate(&config, &ctx.invoked_from, identities)?;
         println!(
-            "wrote the overlay of {} servers under {out}/overlay",
-            config.deployment.servers.len()
+            "wrote the overlay of {} servers under {}/out/overlay: {}",
+            config.deployment.servers.len(),
+            ctx.invoked_from,
+            overlay::describe(&summary)
         );
         return Ok(exec::EXIT_OK);
     }
@@ -105,7 +108,7 @@ fn run_inner(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Result<
             FlingBuildCommand::Check { args } => plan::build(&cx, BuildKind::Check, args),
             FlingBuildCommand::Package { args } => plan::build(&cx, BuildKind::Package, args),
         },
-        FlingCommand::Overlay { .. } => plan::overlay(&cx),
+        FlingCommand::Overlay { rotate, .. } => plan::overlay(&cx, *rotate),
         FlingCommand::Deploy { command } => {
             let action = match command {
                 FlingDeployCommand::Install => DeployAction::Install,

@@ -1,42 +1,123 @@
 //! Overlays: the files that differ from server to server, generated on the builder under
 //! `out/overlay/<server>/` and shipped to that server only.
 //!
-//! A generator is a function from the config and one server to the files of that server. The
+//! Two kinds of generators run. The simple ones here are functions from the config and one
+//! server to that server's files (the node identity). The cluster generators of
+//! `flotilla_package::overlay` make the rack secret's shares, the cluster CA with each server's
+//! key and certificate, and per-server configs rendered from the templates under
+//! `overlay-templates/<service>/`. Their identities are kept in `out/overlay-state/`, which
+//! never leaves the builder, so regenerating keeps them unless `--rotate` is given. The
 //! installer places an overlay's `opt/flotilla/<service>/...` into the release before any
-//! service starts. The first generator writes a node identity file for the node agent; real
-//! generators (secrets, per-node device configs) are added next to it.
+//! service starts.
 
 use std::{io::Write, os::unix::fs::OpenOptionsExt};
 
 use anyhow::{bail, Context as _};
 use camino::{Utf8Path, Utf8PathBuf};
+use flotilla_package::overlay::{self as cluster, Identities};
 
 use super::config::{Config, Server};
 
+/// The directory of the config templates, relative to the workspace root.
+pub const TEMPLATES_DIR: &str = "overlay-templates";
+/// The builder-only directory of the kept identities, relative to the workspace root.
+pub const STATE_DIR: &str = "out/overlay-state";
+/// The services that get the node's key, certificate and the cluster CA.
+pub const TLS_SERVICES: &[&str] = &["node-agent", "control-plane"];
+/// The service that gets the node's share of the rack secret.
+pub const SHARE_SERVICE: &str = "node-agent";
+
 /// One file of a server's overlay.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct OverlayFile {
     /// Relative to the server's overlay directory.
     pub path: Utf8PathBuf,
-    pub contents: String,
+    pub contents: Vec<u8>,
+}
+
+// Overlay files may hold secrets: debug output shows only their paths and sizes.
+impl std::fmt::Debug for OverlayFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OverlayFile {{ path: {:?}, {} bytes }}", self.path, self.contents.len())
+    }
 }
 
 /// A generator of per-server files.
 type Generator = fn(&Config, &Server) -> Vec<OverlayFile>;
 
-/// Every generator, in order.
+/// Every simple generator, in order.
 const GENERATORS: &[Generator] = &[node_identity];
 
-/// The files of one server's overlay.
+/// The files of one server's overlay from the simple generators.
 pub fn files_for(config: &Config, server: &Server) -> Vec<OverlayFile> {
     GENERATORS.iter().flat_map(|generate| generate(config, server)).collect()
 }
 
-/// Writes every deployment server's overlay under `<out>/overlay/`, replacing the previous
-/// overlays as a whole: the new tree is written beside the old one and renamed into place,
-/// so a failed run never leaves a mix. Directories are 0700 and files 0600, since overlays
-/// carry secrets.
-pub fn generate(config: &Config, out: &Utf8Path) -> anyhow::Result<()> {
+/// The cluster generators' input: the deployment servers in order, their address and
+/// variables, and the rack threshold.
+pub fn cluster_config(
+    config: &Config,
+    root: &Utf8Path,
+    identities: Identities,
+) -> anyhow::Result<cluster::Config> {
+    let nodes = config
+        .deployment
+        .servers
+        .iter()
+        .map(|name| {
+            let server = config.server(name);
+            cluster::Node {
+                name: server.name.as_str().to_owned(),
+                addresses: vec![server.addr.for_ssh()],
+                vars: server.vars.clone(),
+            }
+        })
+        .collect();
+    let templates_dir = root.join(TEMPLATES_DIR);
+    let templates = cluster::template::load_dir(&templates_dir)
+        .with_context(|| format!("load the overlay templates under {templates_dir}"))?;
+    Ok(cluster::Config {
+        cluster: cluster::Cluster {
+            nodes,
+            threshold: config.deployment.rack_threshold,
+            vars: Default::default(),
+        },
+        state_dir: root.join(STATE_DIR),
+        identities,
+        tls_services: TLS_SERVICES.iter().map(|s| s.to_string()).collect(),
+        share_service: SHARE_SERVICE.to_owned(),
+        templates,
+    })
+}
+
+/// One line saying what the cluster generators kept and made; never a secret.
+pub fn describe(summary: &cluster::Summary) -> String {
+    let count = |fate| summary.nodes.values().filter(|f| **f == fate).count();
+    format!(
+        "CA {:?}, server identities {} kept {} created {} reissued, rack secret {} of {} {:?}",
+        summary.ca,
+        count(cluster::Fate::Kept),
+        count(cluster::Fate::Created),
+        count(cluster::Fate::Reissued),
+        summary.threshold,
+        summary.total_shares,
+        summary.shares
+    )
+    .to_lowercase()
+}
+
+/// Writes every deployment server's overlay under `<root>/out/overlay/`, replacing the
+/// previous overlays as a whole: the new tree is written beside the old one and renamed into
+/// place, so a failed run never leaves a mix. Directories are 0700 and files 0600, since
+/// overlays carry secrets.
+pub fn generate(
+    config: &Config,
+    root: &Utf8Path,
+    identities: Identities,
+) -> anyhow::Result<cluster::Summary> {
+    let out = root.join("out");
+    let generated = cluster::generate(&cluster_config(config, root, identities)?)
+        .context("generate the cluster's shares, certificates and configs")?;
     let target = out.join("overlay");
     let staging = out.join(format!(".overlay.tmp-{}", std::process::id()));
     let old = out.join(format!(".overlay.old-{}", std::process::id()));
@@ -48,7 +129,12 @@ pub fn generate(config: &Config, out: &Utf8Path) -> anyhow::Result<()> {
             let server = config.server(name);
             let dir = staging.join(name.as_str());
             create_private_dir(&dir)?;
-            for file in files_for(config, server) {
+            let mut files = files_for(config, server);
+            let own = generated.servers.get(name.as_str()).into_iter().flatten();
+            files.extend(
+                own.map(|f| OverlayFile { path: f.path.clone(), contents: f.contents.clone() }),
+            );
+            for file in files {
                 let path = dir.join(&file.path);
                 if let Some(parent) = path.parent() {
                     create_private_dir(parent)?;
@@ -68,10 +154,11 @@ pub fn generate(config: &Config, out: &Utf8Path) -> anyhow::Result<()> {
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&staging);
     }
-    result
+    result.map(|()| generated.summary)
 }
 
-/// The node agent's identity: the server's name, address and config variables, in TOML.
+/// The node's identity for people and scripts on the server: its name, address, role and
+/// config variables, in TOML (the services read their own `node.toml`, from a template).
 fn node_identity(config: &Config, server: &Server) -> Vec<OverlayFile> {
     let mut node = toml::Table::new();
     node.insert("name".into(), server.name.as_str().into());
@@ -84,12 +171,13 @@ fn node_identity(config: &Config, server: &Server) -> Vec<OverlayFile> {
     let mut doc = toml::Table::new();
     doc.insert("node".into(), node.into());
     vec![OverlayFile {
-        path: "opt/flotilla/node-agent/pkg/node.toml".into(),
+        path: "opt/flotilla/node-agent/pkg/identity.toml".into(),
         contents: format!(
             "# Written by `cargo xtask fling overlay` for {}.\n{}",
             server.name,
             toml::to_string(&doc).expect("a table serializes")
-        ),
+        )
+        .into_bytes(),
     }]
 }
 
@@ -102,14 +190,14 @@ fn create_private_dir(dir: &Utf8Path) -> anyhow::Result<()> {
 }
 
 /// Writes a file 0600 under a temporary name, then renames it into place.
-fn write_private(path: &Utf8Path, contents: &str) -> anyhow::Result<()> {
+fn write_private(path: &Utf8Path, contents: &[u8]) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     let written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(&tmp)
-        .and_then(|mut f| f.write_all(contents.as_bytes()).and_then(|()| f.sync_all()));
+        .and_then(|mut f| f.write_all(contents).and_then(|()| f.sync_all()));
     if let Err(err) = written {
         let _ = std::fs::remove_file(&tmp);
         bail!("write the overlay file {path}: {err}");
@@ -158,11 +246,16 @@ addr = "fd00::2"
             }
         }
         let _cleanup = Cleanup(dir);
-        generate(&config, &out).unwrap();
-        // Twice: a rerun replaces the tree.
-        generate(&config, &out).unwrap();
-        let n1 = out.join("overlay/n1/opt/flotilla/node-agent/pkg/node.toml");
-        let n2 = out.join("overlay/n2/opt/flotilla/node-agent/pkg/node.toml");
+        let first = generate(&config, &out, Identities::Keep).unwrap();
+        // Twice: a rerun replaces the tree and keeps the identities.
+        let second = generate(&config, &out, Identities::Keep).unwrap();
+        assert_eq!(first.ca, cluster::Fate::Created);
+        assert_eq!(second.ca, cluster::Fate::Kept);
+        assert_eq!(second.shares, cluster::Fate::Kept);
+        assert_eq!(second.threshold, 2, "a majority of two servers");
+        let out_dir = out.join("out");
+        let n1 = out_dir.join("overlay/n1/opt/flotilla/node-agent/pkg/identity.toml");
+        let n2 = out_dir.join("overlay/n2/opt/flotilla/node-agent/pkg/identity.toml");
         let text1 = std::fs::read_to_string(&n1).unwrap();
         let text2 = std::fs::read_to_string(&n2).unwrap();
         let doc: toml::Table = text1.parse().unwrap();
@@ -172,10 +265,23 @@ addr = "fd00::2"
         assert!(text2.contains("rss = true"));
         assert!(!text2.contains("only-n1"), "n2's overlay holds n1's secret:\n{text2}");
         assert_eq!(std::fs::metadata(&n1).unwrap().permissions().mode() & 0o777, 0o600);
-        let d = std::fs::metadata(out.join("overlay/n1")).unwrap().permissions().mode();
+        let d = std::fs::metadata(out_dir.join("overlay/n1")).unwrap().permissions().mode();
         assert_eq!(d & 0o777, 0o700);
-        let entries: Vec<_> =
-            std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(entries, ["overlay"], "temporary trees are gone");
+        let n1_pkg = out_dir.join("overlay/n1/opt/flotilla/node-agent/pkg");
+        for file in ["tls/node.key", "tls/node.crt", "tls/ca.crt", "secret/share.json"] {
+            let mode = std::fs::metadata(n1_pkg.join(file)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{file}");
+        }
+        let key1 = std::fs::read(n1_pkg.join("tls/node.key")).unwrap();
+        let key2 =
+            std::fs::read(out_dir.join("overlay/n2/opt/flotilla/node-agent/pkg/tls/node.key"));
+        assert_ne!(key1, key2.unwrap());
+        let mut entries: Vec<_> =
+            std::fs::read_dir(&out_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        entries.sort();
+        assert_eq!(entries, ["overlay", "overlay-state"], "temporary trees are gone");
+        let rotated = generate(&config, &out, Identities::Rotate).unwrap();
+        assert_eq!(rotated.ca, cluster::Fate::Created);
+        assert_ne!(std::fs::read(n1_pkg.join("tls/node.key")).unwrap(), key1);
     }
 }

@@ -333,12 +333,13 @@ pub fn build(cx: &Context<'_>, kind: BuildKind, args: &[String]) -> Plan {
 
 /// `overlay`: the builder generates every server's own files under `out/overlay/<server>/`
 /// from the config, which travels on standard input.
-pub fn overlay(cx: &Context<'_>) -> Plan {
+pub fn overlay(cx: &Context<'_>, rotate: bool) -> Plan {
     let mut plan = cx.plan("overlay".into(), Locking::Lock, false, Agent::NoForward);
     let script = format!(
         "cd -- {} && PATH=\"$HOME/.cargo/bin:$PATH\" && cargo xtask fling --config - overlay \
-         --generate-here",
-        cx.source()
+         --generate-here{}",
+        cx.source(),
+        if rotate { " --rotate" } else { "" }
     );
     let mut step = cx.on_builder("overlay", StepKind::Work, Agent::NoForward, &script);
     step.stdin = Some(cx.config.text.clone());
