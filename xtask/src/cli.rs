@@ -41,6 +41,10 @@ pub enum Command {
     /// A local fleet of real servers: network namespaces and systemd-nspawn containers with
     /// their own sshd and systemd.
     Testbed(TestbedArgs),
+    /// The whole system on a three-node testbed: package, boot, overlay, deploy, wait for
+    /// health, print the nodes, services and the rack unlock; torn down unless `--keep`
+    /// [runs on: this machine, as root, Linux].
+    Demo(DemoArgs),
     /// Deploy from this machine (the client) through a builder to many servers over OpenSSH
     /// (thing-flinger's workflow).
     Fling(FlingArgs),
@@ -205,6 +209,13 @@ pub enum BenchCommand {
 pub struct TestbedArgs {
     #[command(subcommand)]
     pub command: TestbedCommand,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Leave the testbed up at the end (`cargo xtask testbed down --name demo` removes it).
+    #[arg(long)]
+    pub keep: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -5,6 +5,7 @@
 
 mod bench;
 mod cli;
+mod demo;
 mod fling;
 mod install;
 mod package;
@@ -50,6 +51,7 @@ fn run(cli: cli::Cli) -> anyhow::Result<()> {
         Command::Completions(args) => workflow::completions(args),
         Command::Bench(args) => bench::run(&sh, &ctx, args),
         Command::Testbed(args) => testbed::run(&sh, args),
+        Command::Demo(args) => demo::run(&sh, args),
         Command::Fling(args) => fling::run(&sh, &ctx, args),
         Command::Install(args) => install::install(&ctx, args),
         Command::Rollback(args) => install::rollback(&ctx, args),

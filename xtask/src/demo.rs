@@ -1,0 +1,155 @@
+//! `cargo xtask demo`: the whole system on a three-node testbed in one command.
+//!
+//! It drives the same commands a user types, through this very binary: `testbed up`, then
+//! `fling install-prereqs`, `sync`, `build package`, `overlay` and `install` (which waits for
+//! every service's health check), then prints the nodes, their services and each control
+//! plane's rack unlock. The testbed is torn down at the end, even on failure, unless `--keep`.
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use camino::{Utf8Path, Utf8PathBuf};
+use xshell::{cmd, Shell};
+
+use crate::cli::DemoArgs;
+use crate::fling::config::Config;
+use crate::testbed;
+
+/// The demo's testbed name, distinct from the default one a user may have up.
+const NAME: &str = "demo";
+/// How many nodes the demo boots: the smallest cluster in which one node may fail.
+const NODES: u32 = 3;
+/// The control plane's HTTP port (see `smf/control-plane/config.toml`).
+const CONTROL_PLANE_PORT: u16 = 12221;
+/// How long the control planes get to gather the shares after the deploy.
+const UNLOCK_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn run(sh: &Shell, args: DemoArgs) -> anyhow::Result<()> {
+    if !cfg!(target_os = "linux") {
+        bail!("cargo xtask demo: the testbed needs Linux (network namespaces and systemd-nspawn)");
+    }
+    if !crate::is_root() {
+        bail!(
+            "cargo xtask demo: run as root (it creates network namespaces and boots containers); \
+             without root, `cargo xtask package` builds the packages"
+        );
+    }
+    let exe = Utf8PathBuf::try_from(std::env::current_exe().context("find this xtask binary")?)?;
+    // The layout of `testbed::Paths`: the deployment config `testbed up` writes.
+    let config_path = testbed::testbed_root().join("beds").join(NAME).join("deployment.toml");
+    step(&format!("boot a testbed of {NODES} nodes ({NAME})"));
+    let _teardown = Teardown { sh, exe: &exe, keep: args.keep };
+    let nodes = NODES.to_string();
+    cmd!(sh, "{exe} testbed up --nodes {nodes} --name {NAME}").run().context("testbed up")?;
+
+    let fling = |what: &str, args: &[&str]| -> anyhow::Result<()> {
+        step(what);
+        cmd!(sh, "{exe} fling --config {config_path} {args...}")
+            .run()
+            .with_context(|| format!("fling {}", args.join(" ")))
+    };
+    fling("check what the builder and the servers need", &["install-prereqs"])?;
+    fling("copy the workspace to the builder", &["sync"])?;
+    fling("build the packages on the builder", &["build", "package"])?;
+    fling("generate each server's overlay (shares, TLS, configs)", &["overlay"])?;
+    fling("install on every server and wait for health", &["install"])?;
+    fling("every server's release and services", &["deploy", "status"])?;
+
+    step("the rack unlock, as each control plane reports it");
+    let config = Config::load(&config_path)?;
+    let unlocked = wait_for_unlock(&config)?;
+    println!();
+    for (server, message) in &unlocked {
+        println!("  {server}: {message}");
+    }
+    if args.keep {
+        println!(
+            "\nthe testbed stays up: `cargo xtask testbed ssh --name {NAME} node1`, \
+             `cargo xtask fling --config {config_path} deploy status`, and \
+             `cargo xtask testbed down --name {NAME}` when done"
+        );
+    }
+    Ok(())
+}
+
+/// Polls every server's control plane until each reports the rack unlocked, and returns each
+/// one's message (`rack unlocked (2 of 3)`).
+fn wait_for_unlock(config: &Config) -> anyhow::Result<Vec<(String, String)>> {
+    let deadline = Instant::now() + UNLOCK_TIMEOUT;
+    let mut done = Vec::new();
+    for name in &config.deployment.servers {
+        let host = config.server(name).addr.for_rsync();
+        let address = format!("{host}:{CONTROL_PLANE_PORT}");
+        loop {
+            let last = match get_json(&address, "/status") {
+                Ok(status) if status["rack"]["state"] == "unlocked" => {
+                    let message = status["rack"]["message"].as_str().unwrap_or("").to_owned();
+                    done.push((name.as_str().to_owned(), message));
+                    break;
+                }
+                Ok(status) => status["rack"]["message"].as_str().unwrap_or("no rack").to_owned(),
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() > deadline {
+                bail!("the control plane of {name} did not unlock the rack: {last}");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    Ok(done)
+}
+
+/// A GET over plain HTTP/1.1 returning the parsed JSON body.
+pub fn get_json(address: &str, path: &str) -> anyhow::Result<serde_json::Value> {
+    let addr = address
+        .to_socket_addrs()
+        .with_context(|| format!("resolve {address}"))?
+        .next()
+        .with_context(|| format!("resolve {address}: no address"))?;
+    let timeout = Duration::from_secs(5);
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("connect to {address}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")
+        .with_context(|| format!("GET {path} from {address}"))?;
+    let mut raw = Vec::new();
+    stream
+        .take(1 << 20)
+        .read_to_end(&mut raw)
+        .with_context(|| format!("GET {path} from {address}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        bail!("GET {path} from {address}: an incomplete response");
+    };
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {path} from {address}: {}", head.lines().next().unwrap_or_default());
+    }
+    serde_json::from_str(body).with_context(|| format!("GET {path} from {address}: not JSON"))
+}
+
+fn step(what: &str) {
+    println!("\n==> {what}");
+}
+
+/// Tears the demo's testbed down when the demo ends, however it ends, unless `--keep`.
+struct Teardown<'a> {
+    sh: &'a Shell,
+    exe: &'a Utf8Path,
+    keep: bool,
+}
+
+impl Drop for Teardown<'_> {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        step(&format!("tear the testbed down ({NAME})"));
+        let exe = self.exe;
+        if let Err(e) = cmd!(self.sh, "{exe} testbed down --name {NAME}").run() {
+            eprintln!("error: tear the demo testbed down: {e}; run `cargo xtask testbed down --name {NAME}`");
+        }
+    }
+}
