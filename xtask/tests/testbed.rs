@@ -255,10 +255,10 @@ impl Leftovers {
         self.pids.iter().copied().filter(|p| is_alive(*p)).collect()
     }
 
-    /// Namespaces and interfaces carrying this testbed's tag.
+    /// Namespaces, interfaces and runtime directories carrying this testbed's tag.
     fn system_names(&self) -> Vec<String> {
         let mut names = Vec::new();
-        for dir in ["/run/netns", "/sys/class/net"] {
+        for dir in ["/run/netns", "/sys/class/net", "/run/flotilla-testbed"] {
             for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if name.starts_with("flt") && name.contains(&self.tag) {

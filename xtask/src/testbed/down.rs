@@ -40,6 +40,7 @@ pub fn down(sh: &Shell, root: &Utf8Path, name: &TestbedName) -> anyhow::Result<(
     let machine_prefix = format!("{}-{tag}-node", layout::PREFIX);
     cgroups::remove(|machine| machine.starts_with(&machine_prefix))?;
     unmount_under(sh, &paths.dir)?;
+    remove_dir_if_present(&super::run_dir(&tag))?;
     if paths.dir.exists() {
         std::fs::remove_dir_all(&paths.dir).with_context(|| format!("remove {}", paths.dir))?;
     }
@@ -67,9 +68,23 @@ pub fn down_all(sh: &Shell, root: &Utf8Path) -> anyhow::Result<()> {
         }
     }
     remove_network(sh, None)?;
+    for name in list_dir(super::RUN_ROOT) {
+        if layout::is_ours(&name, None) {
+            remove_dir_if_present(&Utf8Path::new(super::RUN_ROOT).join(name))?;
+        }
+    }
     let prefix = format!("{}-", layout::PREFIX);
     cgroups::remove(|machine| machine.starts_with(&prefix))?;
     Ok(())
+}
+
+fn remove_dir_if_present(dir: &Utf8Path) -> anyhow::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            Err(err).with_context(|| format!("remove {dir}"))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Network namespaces and interfaces of this machine made by the testbed with `tag`, or by any

@@ -16,6 +16,11 @@
 //! beds/<name>/nodes/<node>/       the node's overlay layer (`upper`) and console log
 //! beds/<name>/builder/            the loopback sshd of the builder: config, host key, log
 //! ```
+//!
+//! One file lives elsewhere: the builder sshd's `authorized_keys`, in
+//! `/run/flotilla-testbed/flt-<tag>/`. sshd (StrictModes) refuses an authorized keys file
+//! below a directory that others may write, such as a checkout under `/tmp`; `/run` is
+//! root's alone wherever the checkout is.
 
 mod cgroups;
 mod down;
@@ -82,6 +87,14 @@ pub struct Paths {
     pub builder: Utf8PathBuf,
 }
 
+/// Where testbeds keep the files that must sit below root-owned directories only.
+pub const RUN_ROOT: &str = "/run/flotilla-testbed";
+
+/// The directory under `RUN_ROOT` of the testbed with `tag`.
+pub fn run_dir(tag: &str) -> Utf8PathBuf {
+    Utf8Path::new(RUN_ROOT).join(format!("{}-{tag}", layout::PREFIX))
+}
+
 impl Paths {
     pub fn new(root: &Utf8Path, name: &TestbedName) -> Paths {
         let dir = root.join("beds").join(name.as_str());
@@ -99,6 +112,12 @@ impl Paths {
 
     pub fn node_dir(&self, node: &str) -> Utf8PathBuf {
         self.dir.join("nodes").join(node)
+    }
+
+    /// The builder sshd's authorized keys, in a root-owned directory of the testbed's own (see
+    /// the module comment for why it is not under the testbed directory).
+    pub fn builder_authorized_keys(tag: &str) -> Utf8PathBuf {
+        run_dir(tag).join("authorized_keys")
     }
 
     pub fn builder_config(&self) -> Utf8PathBuf {

@@ -118,7 +118,7 @@ fn create(sh: &Shell, layout: &Layout, paths: &Paths, state: &mut State) -> anyh
         state.save(&paths.state)?;
         children.push(child);
     }
-    let (builder_child, builder_key, port) = start_builder(sh, paths, &client_key)?;
+    let (builder_child, builder_key, port) = start_builder(sh, paths, &layout.tag, &client_key)?;
     state.builder = Some(state::Builder { port, pid: builder_child.id() });
     state.save(&paths.state)?;
 
@@ -248,6 +248,7 @@ fn boot(sh: &Shell, node: &NodeLayout, paths: &Paths, image: &Utf8Path) -> anyho
 fn start_builder(
     sh: &Shell,
     paths: &Paths,
+    tag: &str,
     client_key: &str,
 ) -> anyhow::Result<(Child, String, u16)> {
     let dir = &paths.builder;
@@ -255,7 +256,10 @@ fn start_builder(
     set_mode(dir, 0o700)?;
     let host_key = dir.join("ssh_host_ed25519_key");
     keygen(sh, &host_key, "flotilla-testbed-builder")?;
-    let authorized = dir.join("authorized_keys");
+    let authorized = Paths::builder_authorized_keys(tag);
+    let run_dir = authorized.parent().expect("authorized_keys has a directory");
+    std::fs::create_dir_all(run_dir).with_context(|| format!("create {run_dir}"))?;
+    set_mode(run_dir, 0o700)?;
     write_mode(&authorized, client_key, 0o600)?;
     // sshd needs its privilege separation directory, which only its own service unit creates.
     std::fs::create_dir_all("/run/sshd").context("create /run/sshd")?;
