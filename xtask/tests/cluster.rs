@@ -1,0 +1,253 @@
+//! The overlay generators end to end on a three-node testbed: after `fling overlay` and
+//! `fling install`, every control plane unlocks the rack over mutual TLS; each node holds its
+//! own share and key and no other node's (its whole file system layer is scanned for every
+//! secret's bytes); secret files are 0600 and owned by root; a redeploy keeps the identities,
+//! `--rotate` replaces them and the cluster unlocks again; with one node's agent stopped the
+//! remaining two shares still unlock.
+//!
+//! Needs root (the testbed); skipped without it unless CI is "true".
+
+#[path = "../src/testbed/test_support.rs"]
+mod testbed_support;
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use testbed_support::Testbed;
+
+const SERVICES_WITH_KEYS: [&str; 2] = ["node-agent", "control-plane"];
+
+struct Cluster {
+    tb: Testbed,
+}
+
+impl Cluster {
+    fn fling(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .arg("fling")
+            .arg("--config")
+            .arg(&self.tb.deployment)
+            .args(args)
+            .env_remove("SSH_AUTH_SOCK")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run cargo xtask fling")
+    }
+
+    fn fling_ok(&self, args: &[&str]) -> String {
+        let out = self.fling(args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(0), "fling {args:?}: {text}");
+        text
+    }
+
+    fn config(&self) -> toml::Table {
+        std::fs::read_to_string(&self.tb.deployment).unwrap().parse().unwrap()
+    }
+
+    fn addr(&self, node: &str) -> String {
+        let addr = self.config()["servers"][node]["addr"].as_str().unwrap().to_owned();
+        if addr.contains(':') {
+            format!("[{addr}]")
+        } else {
+            addr
+        }
+    }
+
+    /// The builder's copy of the workspace, where `fling overlay` writes.
+    fn builder_source(&self) -> PathBuf {
+        PathBuf::from(self.config()["builder"]["source_path"].as_str().unwrap())
+    }
+
+    /// A file of a node's overlay on the builder.
+    fn overlay_file(&self, node: &str, path: &str) -> Vec<u8> {
+        let path = self.builder_source().join("out/overlay").join(node).join(path);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+    }
+
+    /// Each node's secrets as the builder made them: its private key and its share.
+    fn secrets(&self) -> Vec<(String, &'static str, Vec<u8>)> {
+        let mut secrets = Vec::new();
+        for node in &self.tb.nodes {
+            let key = self.overlay_file(node, "opt/flotilla/node-agent/pkg/tls/node.key");
+            secrets.push((node.clone(), "private key", key));
+            let share = self.overlay_file(node, "opt/flotilla/node-agent/pkg/secret/share.json");
+            let share: serde_json::Value = serde_json::from_slice(&share).unwrap();
+            let hex = share["share"].as_str().unwrap().as_bytes().to_vec();
+            secrets.push((node.clone(), "share", hex));
+        }
+        secrets
+    }
+
+    /// The rack section of a node's control-plane `/status`, once `done` holds.
+    fn wait_for_rack(
+        &self,
+        node: &str,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let address = format!("{}:12221", self.addr(node));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let last = match get_json(&address, "/status") {
+                Ok(status) if done(&status["rack"]) => return status["rack"].clone(),
+                Ok(status) => status["rack"].to_string(),
+                Err(e) => e,
+            };
+            assert!(Instant::now() < deadline, "{node}: the rack never settled: {last}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    fn main_pid(&self, node: &str, service: &str) -> String {
+        self.tb.ssh_ok(node, &format!("systemctl show -p MainPID --value {service}.service"))
+    }
+}
+
+fn unlocked(rack: &serde_json::Value) -> bool {
+    rack["state"] == "unlocked"
+}
+
+#[test]
+fn a_three_node_cluster_unlocks_keeps_secrets_apart_rotates_and_survives_a_lost_node() {
+    let test = "a_three_node_cluster_unlocks_keeps_secrets_apart_rotates_and_survives_a_lost_node";
+    if !testbed_support::can_run(test) {
+        return;
+    }
+    let cluster = Cluster { tb: Testbed::up(Path::new(env!("CARGO_BIN_EXE_xtask")), "cluster", 3) };
+    let nodes = cluster.tb.nodes.clone();
+    cluster.fling_ok(&["install-prereqs"]);
+    cluster.fling_ok(&["sync"]);
+    cluster.fling_ok(&["build", "package"]);
+    let overlay = cluster.fling_ok(&["overlay"]);
+    assert!(overlay.contains("rack secret 2 of 3 created"), "{overlay}");
+    cluster.fling_ok(&["install"]);
+
+    // Every control plane gathers the shares over mutual TLS and unlocks.
+    let mut first_unlock = Vec::new();
+    for node in &nodes {
+        let rack = cluster.wait_for_rack(node, unlocked);
+        assert_eq!(rack["message"], "rack unlocked (2 of 3)", "{node}: {rack}");
+        // Whichever agents answered first: at least the threshold, all of them cluster nodes
+        // (a node's own agent may still be starting when its control plane unlocks).
+        let from: Vec<&str> =
+            rack["shares_from"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+        assert!(from.len() >= 2, "{node}: {rack}");
+        assert!(from.iter().all(|n| nodes.iter().any(|m| m == n)), "{node}: {rack}");
+        first_unlock.push(rack["unlocked_at"].clone());
+    }
+
+    // Each node's file system layer holds its own secrets and no other node's. The layer is
+    // everything the node wrote on top of the shared image, read from this side.
+    let secrets = cluster.secrets();
+    for node in &nodes {
+        let layer = cluster.tb.dir.join("nodes").join(node).join("upper");
+        assert!(layer.is_dir(), "{} is not a directory", layer.display());
+        let found = scan(&layer, &secrets);
+        for (owner, what, _) in &secrets {
+            let holds = found.iter().any(|(o, w)| o == owner && w == what);
+            assert_eq!(holds, owner == node, "{node} holding {owner}'s {what}: {holds}");
+        }
+    }
+
+    // Secret files are 0600 and root's (the services run as root).
+    for node in &nodes {
+        for service in SERVICES_WITH_KEYS {
+            let pkg = format!("/opt/flotilla/current/{service}/pkg");
+            let stat =
+                cluster.tb.ssh_ok(node, &format!("stat -L -c '%a %U %G' {pkg}/tls/node.key"));
+            assert_eq!(stat, "600 root root", "{node} {service} node.key");
+        }
+        let stat = cluster.tb.ssh_ok(
+            node,
+            "stat -L -c '%a %U %G' /opt/flotilla/current/node-agent/pkg/secret/share.json",
+        );
+        assert_eq!(stat, "600 root root", "{node} share.json");
+    }
+
+    // Regenerating and redeploying keeps every identity: same bytes, no service restarted.
+    let pids: Vec<String> = nodes.iter().map(|n| cluster.main_pid(n, "node-agent")).collect();
+    let overlay = cluster.fling_ok(&["overlay"]);
+    assert!(overlay.contains("server identities 3 kept"), "{overlay}");
+    cluster.fling_ok(&["install"]);
+    assert_eq!(cluster.secrets(), secrets, "a plain overlay changed an identity");
+    for (node, pid) in nodes.iter().zip(&pids) {
+        assert_eq!(&cluster.main_pid(node, "node-agent"), pid, "node-agent restarted on {node}");
+    }
+
+    // --rotate replaces every identity; the services restart with them and unlock again.
+    let overlay = cluster.fling_ok(&["overlay", "--rotate"]);
+    assert!(overlay.contains("server identities 0 kept 3 created"), "{overlay}");
+    cluster.fling_ok(&["install"]);
+    let rotated = cluster.secrets();
+    for ((node, what, old), (_, _, new)) in secrets.iter().zip(&rotated) {
+        assert_ne!(old, new, "{node}'s {what} survived --rotate");
+    }
+    for (node, before) in nodes.iter().zip(&first_unlock) {
+        let rack = cluster.wait_for_rack(node, |r| unlocked(r) && &r["unlocked_at"] != before);
+        assert_eq!(rack["message"], "rack unlocked (2 of 3)", "{node}: {rack}");
+    }
+
+    // One node's agent stops: a restarted control plane still unlocks with the other two.
+    let lost = &nodes[2];
+    cluster.tb.ssh_ok(lost, "systemctl stop node-agent.service");
+    cluster.tb.ssh_ok(&nodes[0], "systemctl restart control-plane.service");
+    let rack = cluster.wait_for_rack(&nodes[0], |r| {
+        unlocked(r) && r["shares_from"].as_array().is_some_and(|a| a.len() == 2)
+    });
+    assert_eq!(rack["message"], "rack unlocked (2 of 3)");
+    assert_eq!(rack["shares_from"], serde_json::json!([nodes[0], nodes[1]]));
+}
+
+/// Which secrets (owner, kind) occur in any regular file under `dir`.
+fn scan(dir: &Path, secrets: &[(String, &'static str, Vec<u8>)]) -> Vec<(String, &'static str)> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(current) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&current) else { continue };
+        for entry in entries.flatten() {
+            let Ok(kind) = entry.file_type() else { continue };
+            if kind.is_dir() {
+                stack.push(entry.path());
+            } else if kind.is_file() {
+                let Ok(bytes) = std::fs::read(entry.path()) else { continue };
+                for (owner, what, secret) in secrets {
+                    let pair = (owner.clone(), *what);
+                    if !found.contains(&pair) && bytes.windows(secret.len()).any(|w| w == secret) {
+                        found.push(pair);
+                    }
+                }
+            }
+        }
+    }
+    found
+}
+
+/// A GET over plain HTTP/1.1 to the testbed network, returning the JSON body.
+fn get_json(address: &str, path: &str) -> Result<serde_json::Value, String> {
+    let addr = address
+        .to_socket_addrs()
+        .map_err(|e| format!("resolve {address}: {e}"))?
+        .next()
+        .ok_or(format!("resolve {address}: no address"))?;
+    let timeout = Duration::from_secs(5);
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|e| format!("connect {address}: {e}"))?;
+    stream.set_read_timeout(Some(timeout)).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("GET {path}: {e}"))?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).map_err(|e| format!("GET {path}: {e}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("an incomplete response")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("GET {path}: {}", head.lines().next().unwrap_or_default()));
+    }
+    serde_json::from_str(body).map_err(|e| format!("GET {path}: {e}"))
+}
