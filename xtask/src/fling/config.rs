@@ -777,6 +777,22 @@ addr = "node2.example.com"
     }
 
     #[test]
+    fn the_rack_threshold_is_a_majority_unless_given_within_the_servers() {
+        assert_eq!(parse(GOOD).unwrap().deployment.rack_threshold, 2, "two servers need both");
+        let staging = "staging_dir = \"/var/tmp/staging\"";
+        let one = GOOD.replace(staging, &format!("{staging}\nrack_threshold = 1"));
+        assert_eq!(parse(&one).unwrap().deployment.rack_threshold, 1);
+        for bad in ["0", "3"] {
+            let text = GOOD.replace(staging, &format!("{staging}\nrack_threshold = {bad}"));
+            let err = error(&text);
+            assert!(
+                err.contains("deployment.rack_threshold: must be between 1 and the 2 servers"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn duplicates_are_errors() {
         let text = GOOD.replace("[\"n1\", \"n2\"]", "[\"n1\", \"n2\", \"n1\"]");
         assert!(error(&text).contains("server n1 is listed twice"), "{}", error(&text));
