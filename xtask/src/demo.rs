@@ -36,6 +36,10 @@ pub fn run(sh: &Shell, args: DemoArgs) -> anyhow::Result<()> {
              without root, `cargo xtask package` builds the packages"
         );
     }
+    // A newcomer's first command: install what the testbed needs rather than send them to
+    // another command first (a no-op when everything is there).
+    let prereqs = crate::cli::TestbedArgs { command: crate::cli::TestbedCommand::Prereqs };
+    testbed::run(sh, prereqs).context("install the testbed's prerequisites")?;
     let exe = Utf8PathBuf::try_from(std::env::current_exe().context("find this xtask binary")?)?;
     // The layout of `testbed::Paths`: the deployment config `testbed up` writes.
     let config_path = testbed::testbed_root().join("beds").join(NAME).join("deployment.toml");
