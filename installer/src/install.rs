@@ -15,7 +15,7 @@ use crate::health::{self, HEALTH_FILE};
 use crate::lock::{who, InstallLock};
 use crate::manager::{
     self, parse_manifest, unit_dependencies, Action, ManagerKind, Plan, Planned, ServiceManager,
-    ServiceRef,
+    ServiceRef, Settled,
 };
 use crate::release::{
     dependency_order, fsync_dir, now, release_id, tree_digest, write_atomic, Activation, Layout,
@@ -544,12 +544,23 @@ impl Installer {
             _ => None,
         };
         let plan = self.plan(&target, previous.as_ref());
-        state.pending = Some(Pending { from: previous_id.clone(), to: id.to_owned() });
-        state.write(&self.layout)?;
-        self.layout.switch_current(Some(id))?;
-        (self.log)(&format!("activating release {id} ({kind})"));
+        let settled = self.already_settled(id, &state, previous_id.as_deref(), &plan);
+        let steps = if settled.is_some() {
+            // Nothing would change: no pending record, no symlink swap, no manager calls.
+            // The health checks below still run, as after every activation.
+            (self.log)(&format!(
+                "release {id} is already active, its services run and are enabled: nothing to change"
+            ));
+            Vec::new()
+        } else {
+            state.pending = Some(Pending { from: previous_id.clone(), to: id.to_owned() });
+            state.write(&self.layout)?;
+            self.layout.switch_current(Some(id))?;
+            (self.log)(&format!("activating release {id} ({kind})"));
+            self.manager.activate(&plan)
+        };
         let mut failure = None;
-        for step in self.manager.activate(&plan) {
+        for step in steps {
             (self.log)(&format!("  {step}"));
             if let Err(e) = self.execute_step(&step) {
                 let text = step.to_string();
@@ -564,7 +575,7 @@ impl Installer {
             }
         }
         if failure.is_none() {
-            failure = self.wait_healthy(&target).err();
+            failure = self.wait_healthy_known(&target, settled.as_deref()).err();
         }
         if let Some((service, reason)) = failure {
             let logs = target
@@ -691,20 +702,65 @@ impl Installer {
         }
     }
 
+    /// Whether activating `id` would change nothing: it is the active release, no earlier
+    /// activation was interrupted, no service is added, removed, changed or has a changed
+    /// definition, and the manager reports every service running and enabled (one command
+    /// for all of them). Returns what the manager reported, for the health checks.
+    fn already_settled(
+        &self,
+        id: &str,
+        state: &State,
+        previous_id: Option<&str>,
+        plan: &Plan,
+    ) -> Option<Vec<Settled>> {
+        let unchanged = state.pending.is_none()
+            && previous_id == Some(id)
+            && plan.removed.is_empty()
+            && plan.services.iter().all(|p| p.action == Action::Start && !p.definition_changed);
+        if !unchanged || plan.services.is_empty() {
+            return None;
+        }
+        let services: Vec<ServiceRef> = plan.services.iter().map(|p| p.service.clone()).collect();
+        let cmd = self.manager.states_command(&services)?;
+        let out = self.runner.output(&cmd).ok().filter(|o| o.success)?;
+        let states = self.manager.parse_states(&services, &out);
+        states.iter().all(|s| s.running && s.enabled).then_some(states)
+    }
+
     /// Waits until every service of the release runs and passes its health check, each
     /// within its timeout counted from now. Returns the first service that did not, and why.
     fn wait_healthy(&self, release: &ReleaseInfo) -> Result<(), (String, String)> {
+        self.wait_healthy_known(release, None)
+    }
+
+    /// `wait_healthy`, where `known` (in the release's service order) is what the manager
+    /// has just reported: a service it reported running is not asked again before its first
+    /// health check. One that fails the check is asked again, like any other.
+    fn wait_healthy_known(
+        &self,
+        release: &ReleaseInfo,
+        known: Option<&[Settled]>,
+    ) -> Result<(), (String, String)> {
         let start = Instant::now();
         let dir = self.layout.release(&release.id);
-        for (service, info) in release.service_refs(&dir).iter().zip(&release.services) {
+        for (index, (service, info)) in
+            release.service_refs(&dir).iter().zip(&release.services).enumerate()
+        {
             let timeout = Duration::from_secs(
                 info.health.as_ref().map_or(health::DEFAULT_TIMEOUT_SECS, |h| h.timeout_secs),
             );
+            let mut known_running = known.and_then(|k| k.get(index)).is_some_and(|s| s.running);
             loop {
-                let why = match self.runner.output(&self.manager.state_command(service)) {
+                let observed = if std::mem::take(&mut known_running) {
+                    Ok(("running".to_owned(), true))
+                } else {
+                    self.runner
+                        .output(&self.manager.state_command(service))
+                        .map(|out| self.manager.parse_state(&out))
+                };
+                let why = match observed {
                     Err(e) => e.to_string(),
-                    Ok(out) => {
-                        let (state, running) = self.manager.parse_state(&out);
+                    Ok((state, running)) => {
                         if !running {
                             format!("its state is `{state}`")
                         } else {

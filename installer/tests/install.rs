@@ -13,11 +13,26 @@ use installer::runner::{Output, RecordingRunner};
 use installer::{Config, Error, Installer, ManagerKind};
 use support::{packages_dir, smf_manifest, tar_bytes, zone_bytes, Entry, Service, TempDir};
 
-/// A runner where every command succeeds and every service reports itself running.
+/// `systemctl show` output for the units after `--`, each in `active` and `unit_file` state.
+fn show_output(cmd: &installer::runner::Cmd, active: &str, unit_file: &str) -> String {
+    let units = cmd.args.iter().skip_while(|a| *a != "--").skip(1);
+    let blocks: Vec<String> = units
+        .map(|u| format!("Id={u}\nActiveState={active}\nUnitFileState={unit_file}\n"))
+        .collect();
+    blocks.join("\n")
+}
+
+/// A runner where every command succeeds and every service reports itself running (and
+/// enabled).
 fn running() -> Arc<RecordingRunner> {
     Arc::new(RecordingRunner::with(|cmd| {
+        let show;
         let stdout = if cmd.args.first().map(String::as_str) == Some("is-active") {
             "active\n"
+        } else if cmd.program == "systemctl" && cmd.args.first().map(String::as_str) == Some("show")
+        {
+            show = show_output(cmd, "active", "enabled");
+            show.as_str()
         } else if cmd.program.ends_with("svcs")
             && cmd.args.first().map(String::as_str) == Some("-H")
         {
@@ -115,10 +130,10 @@ fn install_is_idempotent_and_restarts_only_what_changed() {
     assert_eq!(again.release, first.release);
     assert!(!again.unpacked);
     assert!(again.restarted.is_empty(), "{again:?}");
-    let commands = runner.take();
-    assert!(
-        commands.iter().all(|c| !c.contains("restart") && !c.contains("daemon-reload")),
-        "{commands:?}"
+    // Everything runs and is enabled, so one question to systemd is all it takes.
+    assert_eq!(
+        runner.take(),
+        ["systemctl show --property=Id,ActiveState,UnitFileState -- a.service b.service"]
     );
 
     // One package changed: only its service restarts.
@@ -579,4 +594,46 @@ fn a_rerun_after_an_interrupted_activation_restarts_what_the_interrupted_one_had
     assert_eq!(installer::release::State::read(&layout).unwrap().pending, None);
     // And a normal rerun restarts nothing.
     assert!(inst.install(&v2_dir, None).unwrap().restarted.is_empty());
+}
+
+#[test]
+fn a_redeploy_repairs_a_disabled_or_stopped_service() {
+    let tmp = TempDir::new("settle");
+    let root = tmp.path();
+    let v1 = two_services(root, "v1", "v = 1\n", None);
+    let first = installer(root, ManagerKind::Systemd, &running()).install(&v1, None).unwrap();
+    // The same release again, but systemd reports b disabled and stopped: the full
+    // activation runs (enable, start) instead of the no-op path.
+    let runner = Arc::new(RecordingRunner::with(|cmd| {
+        let stdout = match cmd.args.first().map(String::as_str) {
+            Some("show") => show_output(cmd, "active", "enabled").replace(
+                "Id=b.service\nActiveState=active\nUnitFileState=enabled",
+                "Id=b.service\nActiveState=inactive\nUnitFileState=disabled",
+            ),
+            Some("is-active") => "active\n".to_owned(),
+            _ => String::new(),
+        };
+        Output { success: true, status: "exit status: 0".into(), stdout, stderr: String::new() }
+    }));
+    let again = installer(root, ManagerKind::Systemd, &runner).install(&v1, None).unwrap();
+    assert_eq!(again.release, first.release);
+    assert_eq!(
+        runner.take(),
+        [
+            "systemctl show --property=Id,ActiveState,UnitFileState -- a.service b.service",
+            "systemctl enable a.service b.service",
+            "systemctl start a.service",
+            "systemctl start b.service",
+            "systemctl is-active a.service",
+            "systemctl is-active b.service",
+        ]
+    );
+    // A unit file removed by hand is put back even though systemd would report the
+    // service running: the definitions are compared before systemd is asked.
+    fs::remove_file(root.join("units/a.service")).unwrap();
+    let runner = running();
+    installer(root, ManagerKind::Systemd, &runner).install(&v1, None).unwrap();
+    let commands = runner.take();
+    assert_eq!(commands.first().map(String::as_str), Some("systemctl daemon-reload"));
+    assert!(root.join("units/a.service").is_file());
 }

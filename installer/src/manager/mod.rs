@@ -126,6 +126,25 @@ pub trait ServiceManager: Send + Sync {
     fn parse_state(&self, output: &Output) -> (String, bool);
     /// The command that prints the service's recent log lines or diagnosis.
     fn logs_command(&self, service: &ServiceRef) -> Cmd;
+    /// One command that asks for the state of every service at once, when the manager has
+    /// one; a redeploy that changes nothing then costs one process instead of one per step.
+    fn states_command(&self, _services: &[ServiceRef]) -> Option<Cmd> {
+        None
+    }
+    /// Reads the output of [`ServiceManager::states_command`]: for each service in order,
+    /// whether it runs and is enabled. A service the output does not mention is neither.
+    fn parse_states(&self, services: &[ServiceRef], _output: &Output) -> Vec<Settled> {
+        vec![Settled::default(); services.len()]
+    }
+}
+
+/// What a service manager reports of a service that a no-op activation must leave alone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// It runs now.
+    pub running: bool,
+    /// It starts at boot.
+    pub enabled: bool,
 }
 
 /// The driver for a manager kind. `unit_dir` is where systemd unit files go.

@@ -3,7 +3,7 @@
 
 use camino::Utf8PathBuf;
 
-use super::{same_contents, Action, ManagerKind, Plan, ServiceManager, ServiceRef};
+use super::{same_contents, Action, ManagerKind, Plan, ServiceManager, ServiceRef, Settled};
 use crate::runner::{Cmd, Output, Step};
 
 /// Where unit files go unless configured otherwise.
@@ -111,6 +111,41 @@ impl ServiceManager for Systemd {
             "journalctl",
             &["-u", &unit(service), "-n", "20", "--no-pager"],
         )
+    }
+
+    fn states_command(&self, services: &[ServiceRef]) -> Option<Cmd> {
+        let units: Vec<String> = services.iter().map(unit).collect();
+        let mut args = vec!["show", "--property=Id,ActiveState,UnitFileState", "--"];
+        args.extend(units.iter().map(String::as_str));
+        Some(Cmd::new("ask the state of every service", "systemctl", &args))
+    }
+
+    fn parse_states(&self, services: &[ServiceRef], output: &Output) -> Vec<Settled> {
+        // `systemctl show` prints one block of `Key=Value` lines per unit, blank-line
+        // separated; the blocks are matched by `Id` rather than by position.
+        let mut found: Vec<(String, Settled)> = Vec::new();
+        for block in output.stdout.split("\n\n") {
+            let mut id = None;
+            let mut settled = Settled::default();
+            for line in block.lines() {
+                match line.split_once('=') {
+                    Some(("Id", value)) => id = Some(value.to_owned()),
+                    Some(("ActiveState", value)) => settled.running = value == "active",
+                    Some(("UnitFileState", value)) => settled.enabled = value == "enabled",
+                    _ => {}
+                }
+            }
+            if let Some(id) = id {
+                found.push((id, settled));
+            }
+        }
+        services
+            .iter()
+            .map(|s| {
+                let u = unit(s);
+                found.iter().find(|(id, _)| *id == u).map(|(_, st)| *st).unwrap_or_default()
+            })
+            .collect()
     }
 }
 
