@@ -82,6 +82,24 @@ fn listen_port(config: &str) -> u16 {
     listen.rsplit_once(':').unwrap().1.parse().unwrap()
 }
 
+/// How the unit passes the config: the workspace's services take `--config config.toml`;
+/// Debian's etcd, the one prebuilt binary, takes `--config-file config.yaml`.
+fn launch(dir: &Utf8Path, service: &str) -> (&'static str, &'static str) {
+    let unit = fs::read_to_string(dir.join(format!("{service}.service"))).unwrap();
+    if unit.contains(" --config-file ") {
+        ("--config-file", "config.yaml")
+    } else {
+        ("--config", "config.toml")
+    }
+}
+
+/// The port of etcd's plain-HTTP `listen-metrics-urls`, which serves its `/health`.
+fn metrics_port(config: &str) -> u16 {
+    let line = config.lines().find_map(|l| l.strip_prefix("listen-metrics-urls:"));
+    let url = line.expect("etcd's config has no listen-metrics-urls").trim();
+    url.rsplit_once(':').unwrap().1.trim_end_matches('/').parse().unwrap()
+}
+
 fn listing(dir: &Utf8Path) -> Vec<String> {
     let mut names: Vec<String> =
         dir.read_dir_utf8().unwrap().map(|e| e.unwrap().file_name().to_owned()).collect();
@@ -101,13 +119,14 @@ fn the_projects_service_definitions_install_under_systemd_and_smf() {
     let mut health_servers = Vec::new();
     for service in &services {
         let dir = smf.join(service);
-        for required in ["manifest.xml", &format!("{service}.service"), "config.toml"] {
+        let (flag, config_file) = launch(&dir, service);
+        for required in ["manifest.xml", &format!("{service}.service"), config_file] {
             assert!(dir.join(required).is_file(), "{dir} has no {required}");
         }
         let base = format!("root/opt/flotilla/{service}");
         // Each service declares an HTTP health check of its own API on loopback, at the port
         // its config listens on.
-        let config = fs::read_to_string(dir.join("config.toml")).unwrap();
+        let config = fs::read_to_string(dir.join(config_file)).unwrap();
         let declared = fs::read_to_string(dir.join(installer::health::HEALTH_FILE))
             .unwrap_or_else(|e| panic!("{dir} has no health.toml: {e}"));
         let check = installer::health::parse(&declared)
@@ -115,7 +134,7 @@ fn the_projects_service_definitions_install_under_systemd_and_smf() {
         let installer::health::Probe::Http(url) = &check.probe else {
             panic!("{dir}/health.toml: expected an http probe, got {:?}", check.probe)
         };
-        let port = listen_port(&config);
+        let port = if flag == "--config" { listen_port(&config) } else { metrics_port(&config) };
         assert!(
             url == &format!("http://[::1]:{port}/health")
                 || url == &format!("http://127.0.0.1:{port}/health"),
@@ -179,7 +198,8 @@ fn the_projects_service_definitions_install_under_systemd_and_smf() {
         let unit =
             fs::read_to_string(sd_root.join("units").join(format!("{service}.service"))).unwrap();
         let current = format!("{}/current/{service}", sd_root.join("prefix"));
-        let exec = format!("ExecStart={current}/bin/{service} --config {current}/pkg/config.toml");
+        let (flag, config_file) = launch(&smf.join(service), service);
+        let exec = format!("ExecStart={current}/bin/{service} {flag} {current}/pkg/{config_file}");
         assert!(unit.contains(&exec), "{service}.service does not contain {exec}:\n{unit}");
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use camino::{Utf8Path, Utf8PathBuf};
 use sha2::{Digest, Sha256};
 
+use crate::manifest::DebFile;
 use crate::plan::{Fetch, Origin};
 
 /// How often and how patiently a download is retried.
@@ -28,7 +29,7 @@ pub fn fetch(spec: &Fetch, retry: &Retry, message: &dyn Fn(&str)) -> Result<Utf8
             check(path, spec)?;
             Ok(path.clone())
         }
-        Origin::Url(url) => {
+        Origin::Url(_) | Origin::Deb(_) => {
             let dest = &spec.download_path;
             if dest.is_file() {
                 match &spec.sha256 {
@@ -38,7 +39,11 @@ pub fn fetch(spec: &Fetch, retry: &Retry, message: &dyn Fn(&str)) -> Result<Utf8
                     Some(_) => message(&format!("{dest} has another digest; downloading again")),
                 }
             }
-            download(url, dest, retry, message)?;
+            match &spec.origin {
+                Origin::Url(url) => download(url, dest, retry, message)?,
+                Origin::Deb(deb) => extract_deb(deb, dest, message)?,
+                Origin::Local(_) => unreachable!("handled above"),
+            }
             if let Err(e) = check(dest, spec) {
                 // A download with the wrong content must not be reused by the next run.
                 let _ = std::fs::remove_file(dest);
@@ -106,4 +111,136 @@ fn download(
     }
     let _ = std::fs::remove_file(&partial);
     Err(format!("download {url}: failed after {} attempt(s): {last}", retry.count + 1))
+}
+
+/// Fetches a Debian package with `apt-get download` (no root needed: it only writes into its
+/// working directory) and extracts one file of it with `dpkg-deb -x`. The package and its
+/// unpacked tree live in a scratch directory beside `dest` that is removed afterwards, so only
+/// the pinned file is kept.
+fn extract_deb(deb: &DebFile, dest: &Utf8Path, message: &dyn Fn(&str)) -> Result<(), String> {
+    let dir = dest.parent().unwrap_or(Utf8Path::new("."));
+    let name = dest.file_name().unwrap_or("deb");
+    let work = dir.join(format!(".{name}.deb-work"));
+    if work.exists() {
+        std::fs::remove_dir_all(&work).map_err(|e| format!("remove {work}: {e}"))?;
+    }
+    std::fs::create_dir_all(&work).map_err(|e| format!("create {work}: {e}"))?;
+    let result = extract_deb_in(deb, &work, dest, message);
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+fn extract_deb_in(
+    deb: &DebFile,
+    work: &Utf8Path,
+    dest: &Utf8Path,
+    message: &dyn Fn(&str),
+) -> Result<(), String> {
+    let pinned = format!("{}={}", deb.package, deb.version);
+    message(&format!("downloading Debian package {pinned}"));
+    let out = Command::new("apt-get")
+        .args(["download", "--quiet"])
+        .arg(&pinned)
+        .current_dir(work)
+        .output()
+        .map_err(|e| format!("run apt-get download {pinned} (a Debian or Ubuntu host): {e}"))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        if stderr.contains("was not found") || stderr.contains("Unable to locate") {
+            return Err(format!(
+                "apt-get download {pinned}: the archive no longer has this version; Debian \
+                 superseded it: update the pin (version and sha256) in the manifest: {stderr}"
+            ));
+        }
+        return Err(format!("apt-get download {pinned}: {stderr}"));
+    }
+    let debs: Vec<Utf8PathBuf> = work
+        .read_dir_utf8()
+        .map_err(|e| format!("list {work}: {e}"))?
+        .filter_map(|e| e.ok().map(|e| e.into_path()))
+        .filter(|p| p.extension() == Some("deb"))
+        .collect();
+    let [package] = debs.as_slice() else {
+        return Err(format!(
+            "apt-get download {pinned}: expected one .deb in {work}, found {debs:?}"
+        ));
+    };
+    let tree = work.join("tree");
+    let out = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(package.as_str())
+        .arg(tree.as_str())
+        .output()
+        .map_err(|e| format!("run dpkg-deb -x {package}: {e}"))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        return Err(format!("extract {package} with dpkg-deb: {stderr}"));
+    }
+    let source = tree.join(&deb.file);
+    if !source.is_file() {
+        return Err(format!("Debian package {pinned} has no file {}", deb.file));
+    }
+    // The copy keeps the file's mode, so an executable stays one in the archive. It is renamed
+    // into place only when complete.
+    let partial = work.join("partial");
+    std::fs::copy(&source, &partial).map_err(|e| format!("copy {source} to {partial}: {e}"))?;
+    std::fs::rename(&partial, dest).map_err(|e| format!("rename {partial} to {dest}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deb(version: &str) -> DebFile {
+        DebFile {
+            package: "etcd-server".into(),
+            version: version.into(),
+            file: "usr/bin/etcd".into(),
+        }
+    }
+
+    fn spec(dir: &Utf8Path, version: &str, sha256: &str) -> Fetch {
+        Fetch {
+            origin: Origin::Deb(deb(version)),
+            sha256: Some(crate::manifest::Sha256Digest::new(sha256).unwrap()),
+            download_path: dir.join("etcd"),
+        }
+    }
+
+    fn temp() -> (tempfile::TempDir, Utf8PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = Utf8PathBuf::try_from(tmp.path().to_owned()).unwrap();
+        (tmp, dir)
+    }
+
+    const RETRY: Retry = Retry { count: 0, delay: Duration::ZERO };
+
+    /// A file with the pinned digest is the cache: no apt-get runs, so this works offline (the
+    /// version pinned here does not exist, and running apt-get would fail).
+    #[test]
+    fn a_cached_deb_file_with_the_pinned_digest_is_reused() {
+        let (_tmp, dir) = temp();
+        std::fs::write(dir.join("etcd"), b"cached etcd").unwrap();
+        let sha = sha256_file(&dir.join("etcd")).unwrap();
+        let spec = spec(&dir, "0.0.0-flotilla-test", &sha);
+        let messages = std::cell::RefCell::new(Vec::new());
+        let path = fetch(&spec, &RETRY, &|m| messages.borrow_mut().push(m.to_owned())).unwrap();
+        assert_eq!(path, dir.join("etcd"));
+        assert_eq!(std::fs::read(&path).unwrap(), b"cached etcd");
+        assert!(messages.borrow().is_empty(), "{:?}", messages.borrow());
+    }
+
+    /// A version the archive does not have (as after a Debian point release superseded it) is
+    /// an error that says to update the pin, and a stale cached file is not used instead. apt
+    /// answers this from its local package lists.
+    #[test]
+    fn a_version_debian_no_longer_has_asks_to_update_the_pin() {
+        let (_tmp, dir) = temp();
+        std::fs::write(dir.join("etcd"), b"another etcd").unwrap();
+        let spec = spec(&dir, "0.0.0-flotilla-test", &"0".repeat(64));
+        let err = fetch(&spec, &RETRY, &|_| {}).unwrap_err();
+        assert!(err.contains("apt-get download etcd-server=0.0.0-flotilla-test"), "{err}");
+        assert!(err.contains("Debian superseded it: update the pin"), "{err}");
+        assert!(!dir.join(".etcd.deb-work").exists(), "the scratch directory was left behind");
+    }
 }

@@ -11,8 +11,8 @@ use std::os::unix::fs::PermissionsExt;
 use camino::{Utf8Component, Utf8Path, Utf8PathBuf};
 
 use crate::manifest::{
-    Blob, Manifest, Package, PackageName, PackageOutput, PackageSource, ServiceName, Sha256Digest,
-    Target,
+    Blob, DebFile, Manifest, Package, PackageName, PackageOutput, PackageSource, ServiceName,
+    Sha256Digest, Target,
 };
 use crate::Error;
 
@@ -140,6 +140,8 @@ pub struct Fetch {
 pub enum Origin {
     Local(Utf8PathBuf),
     Url(String),
+    /// One file of a Debian package, by `apt-get download` and extraction.
+    Deb(DebFile),
 }
 
 const BUILDOMAT: &str = "https://buildomat.eng.oxide.computer/public/file/oxidecomputer";
@@ -194,6 +196,7 @@ impl Origin {
         match self {
             Origin::Local(p) => p.to_string(),
             Origin::Url(u) => u.clone(),
+            Origin::Deb(d) => format!("deb {}={} {}", d.package, d.version, d.file),
         }
     }
 }
@@ -418,17 +421,28 @@ impl Planner<'_> {
                             )
                         }
                         Blob::Pinned(p) => {
-                            let origin = match (&p.path, &p.url) {
-                                (Some(path), _) => Origin::Local(
-                                    self.base.join(self.interpolate(path.raw(), &field)?),
-                                ),
-                                (_, Some(url)) => self.url_origin(url, &field)?,
+                            let (origin, from) = match (&p.path, &p.url, &p.deb) {
+                                (Some(path), _, _) => {
+                                    let path =
+                                        self.base.join(self.interpolate(path.raw(), &field)?);
+                                    (Origin::Local(path.clone()), path.to_string())
+                                }
+                                (_, Some(url), _) => (self.url_origin(url, &field)?, url.clone()),
+                                (_, _, Some(deb)) => (Origin::Deb(deb.clone()), deb.file.clone()),
                                 _ => unreachable!("validated when the manifest was parsed"),
                             };
-                            let file =
-                                self.blob_file_name(&origin.describe(), p.name.as_deref(), &field)?;
+                            let file = self.blob_file_name(&from, p.name.as_deref(), &field)?;
                             let download_path = downloads.join(&file);
-                            (file, Fetch { origin, sha256: Some(p.sha256.clone()), download_path })
+                            let fetch =
+                                Fetch { origin, sha256: Some(p.sha256.clone()), download_path };
+                            if let Some(to) = &p.to {
+                                let to_field = format!("{field}.to");
+                                let to = self.interpolate(to.raw(), &to_field)?;
+                                let dest = self.dest(format, &to, &to_field)?;
+                                inputs.push(Input::Blob { dest, fetch });
+                                continue;
+                            }
+                            (file, fetch)
                         }
                     };
                     inputs.push(Input::Blob { dest: blob_dir.join(file), fetch });

@@ -271,3 +271,69 @@ fn bad_paths_and_binaries_are_refused() {
         "{e}"
     );
 }
+
+/// The project's own etcd package: one file of a pinned Debian package, placed under the
+/// service's `bin/` and only for targets that ask for it.
+#[test]
+fn the_etcd_package_takes_its_binary_from_a_pinned_debian_package() {
+    let root = Utf8Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let manifest = Manifest::load(&root.join("package-manifest.toml")).unwrap();
+    let workspace = Workspace { target_dir: "/ws/target".into(), crates: BTreeMap::new() };
+    let only = names(&["etcd"]);
+    let mut config = PlanConfig {
+        manifest: &manifest,
+        target: &Target::parse_pairs(["etcd=true"]).unwrap(),
+        workspace: &workspace,
+        out_dir: Utf8Path::new("/ws/out"),
+        only: &only,
+    };
+    let plan = plan(&config).unwrap();
+    let Work::Assemble(inputs) = &plan.outputs[&only[0]].work else { panic!() };
+    let blob = inputs.iter().find_map(|i| match i {
+        Input::Blob { dest, fetch } => Some((dest, fetch)),
+        _ => None,
+    });
+    let (dest, fetch) = blob.expect("a blob input");
+    assert_eq!(dest, "root/opt/flotilla/etcd/bin/etcd");
+    let Origin::Deb(deb) = &fetch.origin else { panic!("{:?}", fetch.origin) };
+    assert_eq!((deb.package.as_str(), deb.file.as_str()), ("etcd-server", "usr/bin/etcd"));
+    assert_eq!(fetch.download_path, "/ws/out/downloads/etcd/etcd");
+    assert!(fetch.sha256.is_some());
+
+    // The default target leaves etcd out.
+    let default = Target::parse_pairs([]).unwrap();
+    config.target = &default;
+    let err = plan_error(&config);
+    assert!(err.contains("etcd"), "{err}");
+}
+
+fn plan_error(config: &PlanConfig) -> String {
+    match plan(config) {
+        Ok(plan) => format!("planned {:?}", plan.outputs.keys().collect::<Vec<_>>()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn a_deb_blob_is_refused_with_another_origin_or_an_unsafe_name() {
+    let sha = "a45de16600eafc57939b84013b0522c4670435471eb4073dd963d01e0eb5a217";
+    let case = |blob: &str| {
+        let text = format!(
+            "[package.db]\nservice_name = \"db\"\nsource.type = \"local\"\n\
+             source.blobs = [{{ {blob}, sha256 = \"{sha}\" }}]\noutput.type = \"zone\"\n"
+        );
+        match Manifest::parse(Utf8Path::new("m.toml"), &text) {
+            Ok(_) => "accepted".to_owned(),
+            Err(e) => e.to_string(),
+        }
+    };
+    let deb =
+        r#"deb = { package = "etcd-server", version = "3.4.23-4+b4", file = "usr/bin/etcd" }"#;
+    assert_eq!(case(deb), "accepted");
+    let both = case(&format!("{deb}, url = \"https://example.com/etcd\""));
+    assert!(both.contains("give exactly one of `path`, `url` and `deb`"), "{both}");
+    let option = case(r#"deb = { package = "-oDir=/", version = "1", file = "a" }"#);
+    assert!(option.contains("is not a Debian package name"), "{option}");
+    let escape = case(r#"deb = { package = "etcd", version = "1", file = "../../etc/shadow" }"#);
+    assert!(escape.contains("is not a relative path inside the package"), "{escape}");
+}

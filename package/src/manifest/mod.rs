@@ -132,10 +132,30 @@ pub struct PinnedBlob {
     /// An `http(s)://` or `file://` URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// One file of a Debian package, fetched with `apt-get download` and extracted; `sha256`
+    /// is the digest of that file, so the pin holds whatever the package's own packaging.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deb: Option<DebFile>,
     pub sha256: Sha256Digest,
     /// The file name inside `blob/`; the last component of the path or URL when not given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Where the file lands instead of `blob/`, like a `paths` entry's `to` (for example a
+    /// prebuilt binary under the service's `bin/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<InterpolatedString>,
+}
+
+/// A file inside a Debian package of an exact version.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DebFile {
+    /// The binary package's name, as `apt-get download` takes it.
+    pub package: String,
+    /// The exact version; a point release of Debian may remove it from the archive.
+    pub version: String,
+    /// The file's path inside the package, without a leading `/`.
+    pub file: String,
 }
 
 /// An artifact published by Oxide's buildomat CI.
@@ -168,6 +188,30 @@ impl<'de> Deserialize<'de> for Blob {
             }
         }
         deserializer.deserialize_any(BlobVisitor)
+    }
+}
+
+impl DebFile {
+    /// Refuses names that `apt-get` would read as options and file paths that leave the
+    /// extracted package.
+    fn check(&self) -> Result<(), String> {
+        let word = |w: &str| {
+            !w.is_empty()
+                && !w.starts_with('-')
+                && w.chars().all(|c| c.is_ascii_alphanumeric() || "+-.:~_".contains(c))
+        };
+        if !word(&self.package) {
+            return Err(format!("`{}` is not a Debian package name", self.package));
+        }
+        if !word(&self.version) {
+            return Err(format!("`{}` is not a Debian version", self.version));
+        }
+        let path = Utf8Path::new(&self.file);
+        let plain = path.components().all(|c| matches!(c, camino::Utf8Component::Normal(_)));
+        if self.file.is_empty() || !plain {
+            return Err(format!("file `{}` is not a relative path inside the package", self.file));
+        }
+        Ok(())
     }
 }
 
@@ -313,12 +357,22 @@ impl Manifest {
                 }
                 for (i, blob) in blobs.iter().enumerate() {
                     if let Blob::Pinned(p) = blob {
-                        if p.path.is_some() == p.url.is_some() {
+                        let origins = [p.path.is_some(), p.url.is_some(), p.deb.is_some()];
+                        if origins.iter().filter(|o| **o).count() != 1 {
                             return Err(self.invalid(
                                 name,
                                 &format!("source.blobs[{i}]"),
-                                "give exactly one of `path` and `url`",
+                                "give exactly one of `path`, `url` and `deb`",
                             ));
+                        }
+                        if let Some(deb) = &p.deb {
+                            if let Err(e) = deb.check() {
+                                return Err(self.invalid(
+                                    name,
+                                    &format!("source.blobs[{i}].deb"),
+                                    e,
+                                ));
+                            }
                         }
                     }
                 }

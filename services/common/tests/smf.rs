@@ -24,18 +24,41 @@ fn binary(service: &str) -> String {
     format!("/opt/flotilla/current/{service}/bin/{service}")
 }
 
+/// Whether the service's binary is built from this workspace (its package has `source.rust`),
+/// rather than taken prebuilt, like Debian's etcd.
+fn built_here(service: &str) -> bool {
+    let path = repo_root().join("package-manifest.toml");
+    let manifest: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let package = manifest["package"].get(service);
+    package.and_then(|p| p["source"].get("rust")).is_some()
+}
+
+/// The config file under `pkg/` and the flag that passes it: the workspace's services take
+/// `--config config.toml`; a prebuilt binary keeps its own convention (etcd's `--config-file`
+/// with YAML).
+fn config_file(service: &str) -> (&'static str, &'static str) {
+    if built_here(service) {
+        ("--config", "config.toml")
+    } else {
+        ("--config-file", "config.yaml")
+    }
+}
+
 fn config(service: &str) -> String {
-    format!("/opt/flotilla/current/{service}/pkg/config.toml")
+    format!("/opt/flotilla/current/{service}/pkg/{}", config_file(service).1)
 }
 
 #[test]
 fn every_service_has_its_three_files() {
     for service in services() {
         let dir = repo_root().join("smf").join(&service);
-        for file in
-            ["config.toml".to_owned(), "manifest.xml".to_owned(), format!("{service}.service")]
-        {
+        let config = config_file(&service).1;
+        for file in [config.to_owned(), "manifest.xml".to_owned(), format!("{service}.service")] {
             assert!(dir.join(&file).is_file(), "smf/{service}/{file} is missing");
+        }
+        if !built_here(&service) {
+            // A prebuilt binary's config has its own format, checked by its end-to-end test.
+            continue;
         }
         let text = std::fs::read_to_string(dir.join("config.toml")).unwrap();
         let parsed: toml::Table =
@@ -85,7 +108,8 @@ fn smf_manifests_have_what_svccfg_requires() {
             .collect();
         let start = methods.get("start").unwrap_or_else(|| panic!("{path}: no start method"));
         let exec = start.attribute("exec").unwrap();
-        assert_eq!(exec, format!("{} --config %{{config/file}}", binary(&service)), "{path}");
+        let flag = config_file(&service).0;
+        assert_eq!(exec, format!("{} {flag} %{{config/file}}", binary(&service)), "{path}");
         let stop = methods.get("stop").unwrap_or_else(|| panic!("{path}: no stop method"));
         assert_eq!(stop.attribute("exec"), Some(":kill"), "{path}");
         for method in methods.values() {
@@ -142,12 +166,15 @@ fn systemd_units_run_the_right_binary_and_config() {
         let get = |section: &str, key: &str| -> Vec<String> {
             unit.get(&(section.to_owned(), key.to_owned())).cloned().unwrap_or_default()
         };
-        let exec = format!("{} --config {}", binary(&service), config(&service));
+        let exec = format!("{} {} {}", binary(&service), config_file(&service).0, config(&service));
         assert_eq!(get("Service", "ExecStart"), [exec], "{path}");
         let kind = get("Service", "Type");
         assert!(kind == ["simple"] || kind == ["exec"], "{path}: Type={kind:?}");
         assert_eq!(get("Service", "Restart"), ["on-failure"], "{path}");
-        assert_eq!(get("Service", "RestartPreventExitStatus"), ["78"], "{path}");
+        if built_here(&service) {
+            // The workspace's services exit 78 (EX_CONFIG) on a bad config.
+            assert_eq!(get("Service", "RestartPreventExitStatus"), ["78"], "{path}");
+        }
         assert_eq!(get("Service", "NoNewPrivileges"), ["yes"], "{path}");
         assert!(
             get("Unit", "After")
@@ -171,8 +198,21 @@ fn every_service_is_packaged_with_its_binary_and_smf_files() {
             packages.get(&service).unwrap_or_else(|| panic!("{path}: no [package.{service}]"));
         assert_eq!(package["service_name"].as_str(), Some(service.as_str()), "{path}: {service}");
         let source = &package["source"];
-        let binaries = source["rust"]["binary_names"].as_array().unwrap();
-        assert!(binaries.iter().any(|b| b.as_str() == Some(&service)), "{path}: {service} binary");
+        let bin = format!("/opt/flotilla/{service}/bin/{service}");
+        if built_here(&service) {
+            let binaries = source["rust"]["binary_names"].as_array().unwrap();
+            assert!(
+                binaries.iter().any(|b| b.as_str() == Some(&service)),
+                "{path}: {service} binary"
+            );
+        } else {
+            // A prebuilt binary is a pinned blob placed at the same path.
+            let blobs = source["blobs"].as_array().unwrap();
+            assert!(
+                blobs.iter().any(|b| b.get("to").and_then(|t| t.as_str()) == Some(&bin)),
+                "{path}: {service} has no blob placed at {bin}"
+            );
+        }
         let paths = source["paths"].as_array().unwrap();
         let smf = paths.iter().find(|p| p["from"].as_str() == Some(&format!("smf/{service}")));
         let smf = smf.unwrap_or_else(|| panic!("{path}: {service} does not package smf/{service}"));
