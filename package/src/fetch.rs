@@ -41,7 +41,7 @@ pub fn fetch(spec: &Fetch, retry: &Retry, message: &dyn Fn(&str)) -> Result<Utf8
             }
             match &spec.origin {
                 Origin::Url(url) => download(url, dest, retry, message)?,
-                Origin::Deb(deb) => extract_deb(deb, dest, message)?,
+                Origin::Deb(deb) => fetch_deb(deb, spec, dest, message)?,
                 Origin::Local(_) => unreachable!("handled above"),
             }
             if let Err(e) = check(dest, spec) {
@@ -111,6 +111,90 @@ fn download(
     }
     let _ = std::fs::remove_file(&partial);
     Err(format!("download {url}: failed after {} attempt(s): {last}", retry.count + 1))
+}
+
+/// The directory shared by every checkout of this user that keeps the files extracted from
+/// Debian packages, by sha256: `$FLOTILLA_CACHE_DIR`, else `$XDG_CACHE_HOME/flotilla`, else
+/// `$HOME/.cache/flotilla`. A fresh checkout (a builder's copy, a test's) finds a pinned file
+/// there without reaching the network; `cargo xtask testbed prereqs` fills it ahead of tests.
+pub fn shared_cache_dir() -> Option<Utf8PathBuf> {
+    let var = |name| std::env::var(name).ok().filter(|v| !v.is_empty()).map(Utf8PathBuf::from);
+    var("FLOTILLA_CACHE_DIR")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("flotilla")))
+        .or_else(|| var("HOME").map(|d| d.join(".cache/flotilla")))
+}
+
+/// Fetches every Debian file the manifest pins into the shared cache, so that packaging in any
+/// checkout of this user then works offline. Returns the cached files.
+pub fn prefetch_debs(
+    manifest: &crate::manifest::Manifest,
+    message: &dyn Fn(&str),
+) -> Result<Vec<Utf8PathBuf>, String> {
+    use crate::manifest::{Blob, PackageSource};
+    let Some(dir) = shared_cache_dir() else {
+        return Err(
+            "prefetch Debian files: no cache directory (set HOME or FLOTILLA_CACHE_DIR)".into()
+        );
+    };
+    let mut cached = Vec::new();
+    for (name, package) in &manifest.packages {
+        let PackageSource::Local { blobs, .. } = &package.source else { continue };
+        for blob in blobs {
+            let Blob::Pinned(pinned) = blob else { continue };
+            let Some(deb) = &pinned.deb else { continue };
+            let file = Utf8Path::new(&deb.file).file_name().unwrap_or("file");
+            let path = dir.join("deb").join(pinned.sha256.as_str()).join(file);
+            let spec = Fetch {
+                origin: Origin::Deb(deb.clone()),
+                sha256: Some(pinned.sha256.clone()),
+                download_path: path,
+            };
+            let retry = Retry { count: 0, delay: Duration::ZERO };
+            let path = fetch(&spec, &retry, message).map_err(|e| format!("package {name}: {e}"))?;
+            cached.push(path);
+        }
+    }
+    Ok(cached)
+}
+
+fn shared_path(spec: &Fetch, dest: &Utf8Path) -> Option<Utf8PathBuf> {
+    let sha = spec.sha256.as_ref()?;
+    Some(shared_cache_dir()?.join("deb").join(sha.as_str()).join(dest.file_name()?))
+}
+
+/// Copies the pinned file from the shared cache when it is there with the right digest, else
+/// fetches and extracts the package and keeps a copy in the shared cache.
+fn fetch_deb(
+    deb: &DebFile,
+    spec: &Fetch,
+    dest: &Utf8Path,
+    message: &dyn Fn(&str),
+) -> Result<(), String> {
+    let shared = shared_path(spec, dest);
+    if let Some(shared) = shared.as_ref().filter(|p| p.is_file() && check(p, spec).is_ok()) {
+        let dir = dest.parent().unwrap_or(Utf8Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| format!("create {dir}: {e}"))?;
+        let partial = dir.join(format!(".{}.partial", dest.file_name().unwrap_or("deb")));
+        std::fs::copy(shared, &partial).map_err(|e| format!("copy {shared} to {partial}: {e}"))?;
+        return std::fs::rename(&partial, dest)
+            .map_err(|e| format!("rename {partial} to {dest}: {e}"));
+    }
+    extract_deb(deb, dest, message)?;
+    check(dest, spec)?;
+    if let Some(shared) = shared.filter(|s| s != dest) {
+        // The shared copy only saves a later download, so failing to write it is not an error
+        // of this build; it is written under a temporary name so no reader sees half a file.
+        if let Some(dir) = shared.parent() {
+            let partial = dir.join(".partial");
+            let stored = std::fs::create_dir_all(dir)
+                .and_then(|()| std::fs::copy(dest, &partial))
+                .and_then(|_| std::fs::rename(&partial, &shared));
+            if let Err(e) = stored {
+                message(&format!("could not keep a copy in {shared}: {e}"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Fetches a Debian package with `apt-get download` (no root needed: it only writes into its
@@ -242,5 +326,24 @@ mod tests {
         assert!(err.contains("apt-get download etcd-server=0.0.0-flotilla-test"), "{err}");
         assert!(err.contains("Debian superseded it: update the pin"), "{err}");
         assert!(!dir.join(".etcd.deb-work").exists(), "the scratch directory was left behind");
+    }
+
+    /// A fresh checkout finds the pinned file in the user's shared cache and copies it, again
+    /// without apt-get (the version pinned here does not exist).
+    #[test]
+    fn a_fresh_checkout_takes_the_pinned_file_from_the_shared_cache() {
+        let (_tmp, dir) = temp();
+        let (_cache_tmp, cache) = temp();
+        std::fs::write(cache.join("etcd"), b"shared etcd").unwrap();
+        let sha = sha256_file(&cache.join("etcd")).unwrap();
+        let shared_dir = cache.join("deb").join(&sha);
+        std::fs::create_dir_all(&shared_dir).unwrap();
+        std::fs::rename(cache.join("etcd"), shared_dir.join("etcd")).unwrap();
+        // Only this test sets the variable; the others pin digests no cache holds.
+        std::env::set_var("FLOTILLA_CACHE_DIR", &cache);
+        let spec = spec(&dir.join("downloads"), "0.0.0-flotilla-test", &sha);
+        let path = fetch(&spec, &RETRY, &|_| {}).unwrap();
+        assert_eq!(path, dir.join("downloads/etcd"));
+        assert_eq!(std::fs::read(&path).unwrap(), b"shared etcd");
     }
 }

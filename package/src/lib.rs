@@ -15,4 +15,4 @@ pub mod overlay;
 pub mod plan;
 
 pub use error::Error;
-pub use fetch::{sha256_file, Retry};
+pub use fetch::{prefetch_debs, sha256_file, shared_cache_dir, Retry};

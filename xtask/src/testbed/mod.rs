@@ -134,6 +134,8 @@ const REQUIRED: &[(&str, &str)] = &[
     ("sshd", "openssh-server"),
     ("ip", "iproute2"),
     ("rsync", "rsync"),
+    // The cluster test asks the nodes' etcd members for their health from this side.
+    ("etcdctl", "etcd-client"),
 ];
 
 /// debootstrap verifies the Debian archive with this keyring.
@@ -163,6 +165,21 @@ fn find_command(name: &str) -> Option<Utf8PathBuf> {
 }
 
 fn prereqs(sh: &Shell) -> anyhow::Result<()> {
+    install_packages(sh)?;
+    // The packages' pinned Debian files (etcd) go into the user's shared cache now, so that
+    // packaging in a test's fresh checkout finds them there and never reaches the network.
+    let path = crate::project_root().join("package-manifest.toml");
+    let manifest = flotilla_package::manifest::Manifest::load(&path)
+        .with_context(|| format!("load {path}"))?;
+    let cached = flotilla_package::prefetch_debs(&manifest, &|m| println!("testbed: {m}"))
+        .map_err(|e| anyhow::anyhow!("prefetch the manifest's Debian files: {e}"))?;
+    for file in cached {
+        println!("testbed: cached {file}");
+    }
+    Ok(())
+}
+
+fn install_packages(sh: &Shell) -> anyhow::Result<()> {
     let missing = missing_packages();
     if missing.is_empty() {
         println!("testbed: every prerequisite is installed");
