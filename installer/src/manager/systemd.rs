@@ -226,4 +226,31 @@ mod tests {
             ["network-online.target", "node-agent.service", "network-online.target"]
         );
     }
+
+    #[test]
+    fn states_are_matched_by_unit_id_and_missing_units_are_neither() {
+        let driver = Systemd { unit_dir: "/etc/systemd/system".into() };
+        let services = [svc("a"), svc("b"), svc("c")];
+        let cmd = driver.states_command(&services).unwrap();
+        assert_eq!(
+            cmd.to_string(),
+            "systemctl show --property=Id,ActiveState,UnitFileState -- a.service b.service c.service"
+        );
+        // Blocks in another order than asked, and no block for c.
+        let output = Output {
+            success: true,
+            stdout: "Id=b.service\nActiveState=activating\nUnitFileState=enabled\n\n\
+                     Id=a.service\nActiveState=active\nUnitFileState=enabled\n"
+                .into(),
+            ..Output::default()
+        };
+        assert_eq!(
+            driver.parse_states(&services, &output),
+            [
+                Settled { running: true, enabled: true },
+                Settled { running: false, enabled: true },
+                Settled { running: false, enabled: false },
+            ]
+        );
+    }
 }
