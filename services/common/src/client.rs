@@ -1,5 +1,5 @@
-//! A minimal HTTP/1.1 GET client, over plain TCP or mutually authenticated TLS, used by the
-//! control plane to poll the agents and gather their shares.
+//! A minimal HTTP/1.1 client, over plain TCP or mutually authenticated TLS, used by the control
+//! plane to poll the agents, gather their shares (GET) and record the unlock in etcd (POST).
 //!
 //! One request per connection with `Connection: close`, an overall deadline, and a bounded
 //! response size, so that an unresponsive or misbehaving agent cannot stall the poller.
@@ -37,7 +37,7 @@ pub struct ClientResponse {
 pub fn get(address: &str, path: &str, timeout: Duration) -> Result<ClientResponse, ClientError> {
     let deadline = Instant::now() + timeout;
     let mut stream = connect(address, deadline)?;
-    exchange(&mut stream, address, path, deadline)
+    exchange(&mut stream, address, path, None, deadline)
 }
 
 /// Sends `GET <path>` to `address` over TLS with `config` (see [`crate::tls::client_config`]),
@@ -50,6 +50,29 @@ pub fn get_tls(
     timeout: Duration,
     config: &Arc<rustls::ClientConfig>,
 ) -> Result<ClientResponse, ClientError> {
+    request_tls(address, server_name, path, None, timeout, config)
+}
+
+/// Sends `POST <path>` with a JSON `body` to `address` over TLS, like [`get_tls`].
+pub fn post_json_tls(
+    address: &str,
+    server_name: &str,
+    path: &str,
+    body: &[u8],
+    timeout: Duration,
+    config: &Arc<rustls::ClientConfig>,
+) -> Result<ClientResponse, ClientError> {
+    request_tls(address, server_name, path, Some(body), timeout, config)
+}
+
+fn request_tls(
+    address: &str,
+    server_name: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    timeout: Duration,
+    config: &Arc<rustls::ClientConfig>,
+) -> Result<ClientResponse, ClientError> {
     let deadline = Instant::now() + timeout;
     let tcp = connect(address, deadline)?;
     let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
@@ -57,7 +80,7 @@ pub fn get_tls(
     let conn = rustls::ClientConnection::new(Arc::clone(config), name)
         .map_err(|e| malformed(address, path, &format!("start a TLS session: {e}")))?;
     let mut stream = rustls::StreamOwned::new(conn, tcp);
-    exchange(&mut stream, address, path, deadline)
+    exchange(&mut stream, address, path, body, deadline)
 }
 
 /// A connection the client can set deadlines on: plain TCP, or TLS over TCP.
@@ -81,14 +104,24 @@ fn exchange<S: Socket>(
     stream: &mut S,
     address: &str,
     path: &str,
+    body: Option<&[u8]>,
     deadline: Instant,
 ) -> Result<ClientResponse, ClientError> {
     let io_err =
         |error| ClientError::Io { address: address.to_owned(), path: path.to_owned(), error };
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nAccept: application/json\r\n\r\n");
+    let head = format!("Host: {address}\r\nConnection: close\r\nAccept: application/json\r\n");
+    let mut request = match body {
+        None => format!("GET {path} HTTP/1.1\r\n{head}\r\n").into_bytes(),
+        Some(body) => format!(
+            "POST {path} HTTP/1.1\r\n{head}Content-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes(),
+    };
+    request.extend_from_slice(body.unwrap_or_default());
     set_timeouts(stream.tcp(), deadline).map_err(io_err)?;
-    stream.write_all(request.as_bytes()).map_err(io_err)?;
+    stream.write_all(&request).map_err(io_err)?;
     stream.flush().map_err(io_err)?;
     let mut raw = Vec::new();
     let mut chunk = [0u8; 8192];

@@ -44,6 +44,9 @@ pub struct Config {
     /// The agents to poll, in config order, with unique names.
     pub agents: Vec<Agent>,
     pub tls: Option<TlsPaths>,
+    /// The etcd member the rack unlock is recorded in (`host:port` of its client URL), reached
+    /// over TLS with `tls`' certificate; the unlock is not recorded when unset.
+    pub etcd: Option<String>,
     /// The per-node file that was merged in, if any.
     pub node_config: Option<Utf8PathBuf>,
 }
@@ -69,6 +72,13 @@ struct ControlPlaneFile {
     request_timeout_ms: Option<Spanned<u64>>,
     agents: Option<Vec<AgentFile>>,
     tls: Option<TlsFile>,
+    etcd: Option<EtcdFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EtcdFile {
+    endpoint: Spanned<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -88,6 +98,7 @@ struct Layer {
     request_timeout: Option<Duration>,
     agents: Option<Vec<Agent>>,
     tls: Option<TlsPaths>,
+    etcd: Option<String>,
 }
 
 /// Loads and checks the config at `path`, merging the node config it names.
@@ -107,6 +118,7 @@ pub fn load(path: &Utf8Path) -> Result<Config, ConfigError> {
             request_timeout: node.request_timeout.or(layer.request_timeout),
             agents: node.agents.or(layer.agents),
             tls: node.tls.or(layer.tls),
+            etcd: node.etcd.or(layer.etcd),
         };
         node_config = Some(source.path().to_owned());
     }
@@ -120,6 +132,7 @@ pub fn load(path: &Utf8Path) -> Result<Config, ConfigError> {
         request_timeout: layer.request_timeout.unwrap_or(DEFAULT_REQUEST_TIMEOUT),
         agents: layer.agents.unwrap_or_default(),
         tls: layer.tls,
+        etcd: layer.etcd,
         node_config,
     })
 }
@@ -137,6 +150,12 @@ fn check(file: &ControlPlaneFile, source: &Source) -> Result<Layer, ConfigError>
     }
     if let Some(tls) = &file.tls {
         layer.tls = Some(tls.check(source)?);
+    }
+    if let Some(etcd) = &file.etcd {
+        if let Err(message) = check_address(etcd.endpoint.get_ref()) {
+            return Err(source.invalid("etcd.endpoint", Some(etcd.endpoint.span()), message));
+        }
+        layer.etcd = Some(etcd.endpoint.get_ref().clone());
     }
     if let Some(agents) = &file.agents {
         let mut names = BTreeSet::new();
@@ -254,6 +273,20 @@ mod tests {
             [Agent { name: "b".into(), address: "h:2".into(), tls_address: None }]
         );
         assert_eq!(config.node_config, Some(dir.path().join("node.toml")));
+    }
+
+    #[test]
+    fn the_etcd_endpoint_comes_from_the_node_config_and_is_checked() {
+        let dir = TempDir::new("cp-config");
+        dir.write("node.toml", "[etcd]\nendpoint = \"127.0.0.1:2379\"\n");
+        let path =
+            dir.write("config.toml", "listen = \"127.0.0.1:0\"\nnode_config = \"node.toml\"\n");
+        assert_eq!(load(&path).unwrap().etcd.as_deref(), Some("127.0.0.1:2379"));
+        let path = dir.write("plain.toml", "listen = \"127.0.0.1:0\"\n");
+        assert_eq!(load(&path).unwrap().etcd, None);
+        let path = dir.write("bad.toml", "listen = \"127.0.0.1:0\"\n[etcd]\nendpoint = \"etcd\"\n");
+        let err = load(&path).unwrap_err().to_string();
+        assert!(err.contains("etcd.endpoint: `etcd` is not host:port"), "{err}");
     }
 
     #[test]

@@ -87,6 +87,8 @@ pub fn start(config: Config) -> Result<Service, String> {
         tls: config.tls.clone(),
         interval: config.poll_interval,
         timeout: config.request_timeout,
+        etcd: config.etcd.clone(),
+        node: node.clone(),
     };
     let shared = Arc::new(Mutex::new(agents));
     if !config.agents.is_empty() {
@@ -121,6 +123,9 @@ struct Unlock {
     tls: Option<service_common::config::TlsPaths>,
     interval: Duration,
     timeout: Duration,
+    /// Where to record the unlock, if anywhere.
+    etcd: Option<String>,
+    node: String,
 }
 
 /// Starts gathering shares when there is something to unlock with; the returned status is
@@ -138,13 +143,28 @@ fn start_unlock(unlock: Unlock) -> Result<Arc<Mutex<RackStatus>>, String> {
     let mut initial = RackStatus::disabled("rack locked: no share gathered yet");
     initial.state = rack::RackState::Locked;
     let shared = Arc::new(Mutex::new(initial));
+    let recorder = unlock.etcd.map(|endpoint| rack::EtcdRecorder {
+        endpoint,
+        node: unlock.node,
+        tls: Arc::clone(&tls),
+        timeout: unlock.timeout.max(Duration::from_secs(5)),
+        attempts: 60,
+        interval: Duration::from_secs(2),
+    });
+    let status = Arc::clone(&shared);
+    let on_unlock = move |unlocked: &RackStatus| {
+        if let Some(recorder) = &recorder {
+            let line = recorder.record(unlocked);
+            rack::lock(&status).etcd = Some(line);
+        }
+    };
     let unlocker = Unlocker {
         agents: with_share,
         interval: unlock.interval,
         timeout: unlock.timeout,
         tls,
         shared: Arc::clone(&shared),
-        on_unlock: Box::new(|_| {}),
+        on_unlock: Box::new(on_unlock),
     };
     thread::Builder::new()
         .name("unlock".to_owned())

@@ -30,6 +30,9 @@ pub struct RackStatus {
     pub errors: BTreeMap<String, String>,
     /// When the rack was unlocked (RFC 3339, UTC).
     pub unlocked_at: Option<String>,
+    /// Whether the unlock was recorded in etcd, and where, or why not; `None` without an
+    /// `[etcd]` endpoint or before the unlock.
+    pub etcd: Option<String>,
 }
 
 /// Whether the rack is unlocked.
@@ -52,6 +55,7 @@ impl RackStatus {
             shares_from: Vec::new(),
             errors: BTreeMap::new(),
             unlocked_at: None,
+            etcd: None,
         }
     }
 }
@@ -132,6 +136,7 @@ impl Unlocker {
             shares_from: Vec::new(),
             errors,
             unlocked_at: None,
+            etcd: None,
         };
         let Some(first) = shares.first() else {
             status.message = "rack locked: no share gathered yet".to_owned();
@@ -168,4 +173,81 @@ impl Unlocker {
 /// Locks the shared rack status; a poisoned lock still holds a whole status.
 pub fn lock(shared: &Mutex<RackStatus>) -> std::sync::MutexGuard<'_, RackStatus> {
     shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Records a rack unlock in etcd through its v3 JSON gateway (`POST /v3/kv/put`, key and value
+/// in base64) over mutual TLS with the node's certificate. Best-effort: the unlock stands
+/// whether or not etcd takes the record.
+pub struct EtcdRecorder {
+    /// `host:port` of the member's client URL.
+    pub endpoint: String,
+    pub node: String,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub timeout: Duration,
+    /// How often a failed put is tried again, and how long apart: etcd may still be waiting for
+    /// a quorum of its peers when the rack unlocks.
+    pub attempts: u32,
+    pub interval: Duration,
+}
+
+/// Where each control plane records its unlock, one key per node.
+pub fn etcd_key(node: &str) -> String {
+    format!("flotilla/rack/unlocked/{node}")
+}
+
+impl EtcdRecorder {
+    /// Puts the unlock and returns the line `/status` shows.
+    pub fn record(&self, status: &RackStatus) -> String {
+        use base64::Engine as _;
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        let key = etcd_key(&self.node);
+        let value = serde_json::json!({
+            "node": self.node,
+            "message": status.message,
+            "unlocked_at": status.unlocked_at,
+            "shares_from": status.shares_from,
+        });
+        let body = serde_json::json!({ "key": b64(key.as_bytes()), "value": b64(value.to_string().as_bytes()) });
+        let body = body.to_string().into_bytes();
+        let mut last = String::new();
+        for attempt in 1..=self.attempts.max(1) {
+            match self.put(&body) {
+                Ok(()) => {
+                    let line = format!("recorded in etcd at {} as {key}", self.endpoint);
+                    info!("rack unlock {line}");
+                    return line;
+                }
+                Err(e) => {
+                    if attempt == 1 {
+                        warn!("record the rack unlock in etcd at {}: {e}; retrying", self.endpoint);
+                    }
+                    last = e;
+                }
+            }
+            thread::sleep(self.interval);
+        }
+        let line = format!("not recorded in etcd at {}: {last}", self.endpoint);
+        warn!("rack unlock {line}");
+        line
+    }
+
+    fn put(&self, body: &[u8]) -> Result<(), String> {
+        let host = self.endpoint.rsplit_once(':').map_or(self.endpoint.as_str(), |(h, _)| h);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let response = client::post_json_tls(
+            &self.endpoint,
+            host,
+            "/v3/kv/put",
+            body,
+            self.timeout,
+            &self.tls,
+        )
+        .map_err(|e| e.to_string())?;
+        if response.status != 200 {
+            let text = String::from_utf8_lossy(&response.body);
+            let text: String = text.chars().take(200).collect();
+            return Err(format!("POST /v3/kv/put answered {}: {}", response.status, text.trim()));
+        }
+        Ok(())
+    }
 }
