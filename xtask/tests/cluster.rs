@@ -5,6 +5,12 @@
 //! `--rotate` replaces them and the cluster unlocks again; with one node's agent stopped the
 //! remaining two shares still unlock.
 //!
+//! etcd runs as a three-member cluster with peer and client TLS from the overlay: `etcdctl`
+//! (from the host, with the cluster CA and a node's client certificate) finds every member
+//! healthy, a client certificate from another CA is refused, a redeploy keeps etcd's data, the
+//! cluster comes back healthy after `--rotate`, two members keep quorum when one stops, and
+//! every control plane records its unlock in etcd.
+//!
 //! Needs root (the testbed); skipped without it unless CI is "true".
 
 #[path = "../src/testbed/test_support.rs"]
@@ -12,13 +18,14 @@ mod testbed_support;
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use testbed_support::Testbed;
 
-const SERVICES_WITH_KEYS: [&str; 2] = ["node-agent", "control-plane"];
+const SERVICES_WITH_KEYS: [&str; 3] = ["node-agent", "control-plane", "etcd"];
 
 struct Cluster {
     tb: Testbed,
@@ -105,6 +112,67 @@ impl Cluster {
         }
     }
 
+    /// Runs `etcdctl` on this side against `nodes`' client URLs with the cluster CA and the
+    /// client certificate and key at `cert` and `key` (node1's own, unless a test says
+    /// otherwise).
+    fn etcdctl(&self, nodes: &[String], cert: &Path, key: &Path, args: &[&str]) -> Output {
+        let tls = self.builder_source().join("out/overlay/node1/opt/flotilla/etcd/pkg/tls");
+        let endpoints: Vec<String> =
+            nodes.iter().map(|n| format!("https://{}:2379", self.addr(n))).collect();
+        Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg("--cacert")
+            .arg(tls.join("ca.crt"))
+            .arg("--cert")
+            .arg(cert)
+            .arg("--key")
+            .arg(key)
+            .arg(format!("--endpoints={}", endpoints.join(",")))
+            .args(["--dial-timeout=5s", "--command-timeout=10s"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run etcdctl (cargo xtask testbed prereqs installs etcd-client)")
+    }
+
+    /// `etcdctl` with node1's own client certificate; it must succeed.
+    fn etcdctl_ok(&self, nodes: &[String], args: &[&str]) -> String {
+        let tls = self.builder_source().join("out/overlay/node1/opt/flotilla/etcd/pkg/tls");
+        let out = self.etcdctl(nodes, &tls.join("node.crt"), &tls.join("node.key"), args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "etcdctl {args:?} on {nodes:?}: {text}");
+        text
+    }
+
+    /// Waits until every member of `nodes` reports healthy (a member of a new cluster is
+    /// healthy only once a leader is elected).
+    fn wait_for_etcd(&self, nodes: &[String], cluster_wide: bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut args = vec!["endpoint", "health"];
+        if cluster_wide {
+            args.push("--cluster");
+        }
+        loop {
+            let tls = self.builder_source().join("out/overlay/node1/opt/flotilla/etcd/pkg/tls");
+            let out = self.etcdctl(nodes, &tls.join("node.crt"), &tls.join("node.key"), &args);
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let healthy = text.matches("is healthy").count();
+            if out.status.success() && healthy == if cluster_wide { 3 } else { nodes.len() } {
+                return text;
+            }
+            assert!(Instant::now() < deadline, "etcd on {nodes:?} never became healthy: {text}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
     fn main_pid(&self, node: &str, service: &str) -> String {
         self.tb.ssh_ok(node, &format!("systemctl show -p MainPID --value {service}.service"))
     }
@@ -143,6 +211,36 @@ fn a_three_node_cluster_unlocks_keeps_secrets_apart_rotates_and_survives_a_lost_
         first_unlock.push(rack["unlocked_at"].clone());
     }
 
+    // etcd: all three members healthy over client TLS, asked from this side.
+    let health = cluster.wait_for_etcd(&nodes, true);
+    for node in &nodes {
+        let url = format!("https://{}:2379 is healthy", cluster.addr(node));
+        assert!(health.contains(&url), "{node} missing from {health}");
+    }
+    // A client certificate from another CA is refused, though the server is trusted.
+    let foreign = ForeignIdentity::new();
+    let out = cluster.etcdctl(&nodes[..1], &foreign.cert, &foreign.key, &["get", "flotilla"]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "etcd accepted a foreign client certificate: {text}");
+    // etcdctl reports a refused handshake only as a failed connection; the same request with
+    // the cluster's own certificate succeeds, so the certificate is what was refused.
+    cluster.etcdctl_ok(&nodes[..1], &["get", "flotilla"]);
+    // Every control plane recorded its unlock in etcd, and says so in /status.
+    for node in &nodes {
+        let recorded =
+            |r: &serde_json::Value| r["etcd"].as_str().is_some_and(|l| l.starts_with("recorded"));
+        let rack = cluster.wait_for_rack(node, recorded);
+        let line = format!("recorded in etcd at 127.0.0.1:2379 as flotilla/rack/unlocked/{node}");
+        assert_eq!(rack["etcd"], line.as_str(), "{node}: {rack}");
+        let key = format!("flotilla/rack/unlocked/{node}");
+        let value = cluster.etcdctl_ok(&nodes, &["get", "--print-value-only", &key]);
+        let value: serde_json::Value = serde_json::from_str(value.trim()).unwrap();
+        assert_eq!(value["node"], node.as_str(), "{value}");
+        assert_eq!(value["message"], "rack unlocked (2 of 3)", "{value}");
+    }
+    // A key written now must survive the redeploy below.
+    cluster.etcdctl_ok(&nodes, &["put", "flotilla/test/kept", "before-redeploy"]);
+
     // Each node's file system layer holds its own secrets and no other node's. The layer is
     // everything the node wrote on top of the shared image, read from this side.
     let secrets = cluster.secrets();
@@ -180,6 +278,8 @@ fn a_three_node_cluster_unlocks_keeps_secrets_apart_rotates_and_survives_a_lost_
     for (node, pid) in nodes.iter().zip(&pids) {
         assert_eq!(&cluster.main_pid(node, "node-agent"), pid, "node-agent restarted on {node}");
     }
+    let kept = cluster.etcdctl_ok(&nodes, &["get", "--print-value-only", "flotilla/test/kept"]);
+    assert_eq!(kept.trim(), "before-redeploy", "etcd lost its data in a redeploy");
 
     // --rotate replaces every identity; the services restart with them and unlock again.
     let overlay = cluster.fling_ok(&["overlay", "--rotate"]);
@@ -194,6 +294,19 @@ fn a_three_node_cluster_unlocks_keeps_secrets_apart_rotates_and_survives_a_lost_
         assert_eq!(rack["message"], "rack unlocked (2 of 3)", "{node}: {rack}");
     }
 
+    // etcd comes back healthy with the rotated identities (the CA too), and kept its data.
+    cluster.wait_for_etcd(&nodes, true);
+    let kept = cluster.etcdctl_ok(&nodes, &["get", "--print-value-only", "flotilla/test/kept"]);
+    assert_eq!(kept.trim(), "before-redeploy", "etcd lost its data in a rotation");
+
+    // One etcd member stops: the other two keep quorum, and a write and a read succeed.
+    cluster.tb.ssh_ok(&nodes[2], "systemctl stop etcd.service");
+    let two = &nodes[..2];
+    cluster.wait_for_etcd(two, false);
+    cluster.etcdctl_ok(two, &["put", "flotilla/test/quorum", "two-of-three"]);
+    let value = cluster.etcdctl_ok(two, &["get", "--print-value-only", "flotilla/test/quorum"]);
+    assert_eq!(value.trim(), "two-of-three");
+
     // One node's agent stops: a restarted control plane still unlocks with the other two.
     let lost = &nodes[2];
     cluster.tb.ssh_ok(lost, "systemctl stop node-agent.service");
@@ -203,6 +316,67 @@ fn a_three_node_cluster_unlocks_keeps_secrets_apart_rotates_and_survives_a_lost_
     });
     assert_eq!(rack["message"], "rack unlocked (2 of 3)");
     assert_eq!(rack["shares_from"], serde_json::json!([nodes[0], nodes[1]]));
+}
+
+/// A client key and certificate signed by a CA of its own, not the cluster's, removed with the
+/// value.
+struct ForeignIdentity {
+    dir: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl ForeignIdentity {
+    fn new() -> ForeignIdentity {
+        use flotilla_package::overlay as gen;
+        let dir = std::env::temp_dir().join(format!("flotilla-foreign-ca-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let state = camino::Utf8PathBuf::try_from(dir.join("state")).unwrap();
+        let node = |name: &str| gen::Node {
+            name: name.to_owned(),
+            addresses: vec!["127.0.0.1".to_owned()],
+            vars: Default::default(),
+        };
+        let config = gen::Config {
+            cluster: gen::Cluster {
+                nodes: vec![node("intruder1"), node("intruder2")],
+                threshold: 2,
+                vars: Default::default(),
+            },
+            state_dir: state,
+            identities: gen::Identities::Rotate,
+            tls_services: vec!["etcd".to_owned()],
+            share_service: "etcd".to_owned(),
+            templates: Vec::new(),
+        };
+        let overlay = gen::generate(&config).expect("generate a foreign CA and identity");
+        let identity =
+            ForeignIdentity { cert: dir.join("foreign.crt"), key: dir.join("foreign.key"), dir };
+        for file in &overlay.servers["intruder1"] {
+            match file.path.file_name() {
+                Some("node.crt") => std::fs::write(&identity.cert, &file.contents).unwrap(),
+                Some("node.key") => {
+                    // A private key, even a throwaway one, is written 0600.
+                    let mut out = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&identity.key)
+                        .unwrap();
+                    out.write_all(&file.contents).unwrap();
+                }
+                _ => {}
+            }
+        }
+        assert!(identity.cert.is_file() && identity.key.is_file(), "no foreign identity");
+        identity
+    }
+}
+
+impl Drop for ForeignIdentity {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Which secrets (owner, kind) occur in any regular file under `dir`.

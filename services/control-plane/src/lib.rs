@@ -154,7 +154,8 @@ fn start_unlock(unlock: Unlock) -> Result<Arc<Mutex<RackStatus>>, String> {
     let status = Arc::clone(&shared);
     let on_unlock = move |unlocked: &RackStatus| {
         if let Some(recorder) = &recorder {
-            let line = recorder.record(unlocked);
+            let report = |line: String| rack::lock(&status).etcd = Some(line);
+            let line = recorder.record(unlocked, &report);
             rack::lock(&status).etcd = Some(line);
         }
     };

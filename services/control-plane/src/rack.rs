@@ -196,8 +196,9 @@ pub fn etcd_key(node: &str) -> String {
 }
 
 impl EtcdRecorder {
-    /// Puts the unlock and returns the line `/status` shows.
-    pub fn record(&self, status: &RackStatus) -> String {
+    /// Puts the unlock and returns the line `/status` shows; `report` gets the reason of each
+    /// failed attempt while it retries, so `/status` says why it is not recorded yet.
+    pub fn record(&self, status: &RackStatus, report: &dyn Fn(String)) -> String {
         use base64::Engine as _;
         let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
         let key = etcd_key(&self.node);
@@ -221,6 +222,7 @@ impl EtcdRecorder {
                     if attempt == 1 {
                         warn!("record the rack unlock in etcd at {}: {e}; retrying", self.endpoint);
                     }
+                    report(format!("not recorded in etcd at {} yet: {e}; retrying", self.endpoint));
                     last = e;
                 }
             }

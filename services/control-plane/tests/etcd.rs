@@ -121,7 +121,7 @@ fn the_recorder_puts_the_unlock_into_a_real_etcd_over_mutual_tls() {
     let mut status = RackStatus::disabled("rack unlocked (2 of 2)");
     status.shares_from = vec!["cp1".into(), "cp2".into()];
     let started = Instant::now();
-    let line = recorder.record(&status);
+    let line = recorder.record(&status, &|_| {});
     assert_eq!(line, format!("recorded in etcd at 127.0.0.1:{client_port} as {}", etcd_key("cp1")));
     assert!(started.elapsed() < Duration::from_secs(30));
 

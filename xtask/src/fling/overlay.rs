@@ -23,7 +23,7 @@ pub const TEMPLATES_DIR: &str = "overlay-templates";
 /// The builder-only directory of the kept identities, relative to the workspace root.
 pub const STATE_DIR: &str = "out/overlay-state";
 /// The services that get the node's key, certificate and the cluster CA.
-pub const TLS_SERVICES: &[&str] = &["node-agent", "control-plane"];
+pub const TLS_SERVICES: &[&str] = &["node-agent", "control-plane", "etcd"];
 /// The service that gets the node's share of the rack secret.
 pub const SHARE_SERVICE: &str = "node-agent";
 
