@@ -214,6 +214,12 @@ fn extract_deb(deb: &DebFile, dest: &Utf8Path, message: &dyn Fn(&str)) -> Result
     result
 }
 
+/// Whether this process runs as root: the owner of `/proc/self` is its effective user.
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
 fn extract_deb_in(
     deb: &DebFile,
     work: &Utf8Path,
@@ -222,15 +228,43 @@ fn extract_deb_in(
 ) -> Result<(), String> {
     let pinned = format!("{}={}", deb.package, deb.version);
     message(&format!("downloading Debian package {pinned}"));
-    let out = Command::new("apt-get")
-        .args(["download", "--quiet"])
-        .arg(&pinned)
-        .current_dir(work)
-        .output()
-        .map_err(|e| format!("run apt-get download {pinned} (a Debian or Ubuntu host): {e}"))?;
+    let download = || {
+        Command::new("apt-get")
+            .args(["download", "--quiet"])
+            .arg(&pinned)
+            .current_dir(work)
+            .output()
+            .map_err(|e| format!("run apt-get download {pinned} (a Debian or Ubuntu host): {e}"))
+    };
+    let mut out = download()?;
+    // apt answers from its local package lists. "Unable to locate package" means the lists do
+    // not know the package at all: never fetched on a fresh machine, or out of date. As root,
+    // refresh them once and ask again; otherwise say what to run.
+    let unknown_package = |out: &std::process::Output| {
+        String::from_utf8_lossy(&out.stderr).contains("Unable to locate package")
+    };
+    if !out.status.success() && unknown_package(&out) && running_as_root() {
+        message("apt's package lists do not know it: running apt-get update");
+        let update = Command::new("apt-get")
+            .args(["update", "--quiet"])
+            .output()
+            .map_err(|e| format!("run apt-get update: {e}"))?;
+        if !update.status.success() {
+            let stderr = String::from_utf8_lossy(&update.stderr).trim().to_owned();
+            return Err(format!("apt-get update (to find {pinned}): {stderr}"));
+        }
+        out = download()?;
+    }
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-        if stderr.contains("was not found") || stderr.contains("Unable to locate") {
+        if unknown_package(&out) {
+            return Err(format!(
+                "apt-get download {pinned}: apt's package lists do not know {}: run \
+                 `sudo apt-get update` once, then package again: {stderr}",
+                deb.package
+            ));
+        }
+        if stderr.contains("was not found") {
             return Err(format!(
                 "apt-get download {pinned}: the archive no longer has this version; Debian \
                  superseded it: update the pin (version and sha256) in the manifest: {stderr}"
