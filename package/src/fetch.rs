@@ -33,7 +33,11 @@ pub fn fetch(spec: &Fetch, retry: &Retry, message: &dyn Fn(&str)) -> Result<Utf8
             let dest = &spec.download_path;
             if dest.is_file() {
                 match &spec.sha256 {
-                    Some(_) if check(dest, spec).is_ok() => return Ok(dest.clone()),
+                    Some(_) if verified_before(dest, spec) => return Ok(dest.clone()),
+                    Some(_) if check(dest, spec).is_ok() => {
+                        record_verified(dest, spec);
+                        return Ok(dest.clone());
+                    }
                     // Unpinned bucket blobs are kept once downloaded, as omicron does.
                     None => return Ok(dest.clone()),
                     Some(_) => message(&format!("{dest} has another digest; downloading again")),
@@ -49,8 +53,38 @@ pub fn fetch(spec: &Fetch, retry: &Retry, message: &dyn Fn(&str)) -> Result<Utf8
                 let _ = std::fs::remove_file(dest);
                 return Err(e);
             }
+            record_verified(dest, spec);
             Ok(dest.clone())
         }
+    }
+}
+
+/// The record, beside a download, of the digest it had when last checked, with its size and
+/// modification time then. Hashing a large artifact on every no-op run costs more than the
+/// rest of the run together; while the file's size and modification time are unchanged, its
+/// earlier check still holds.
+fn verified_path(path: &Utf8Path) -> Utf8PathBuf {
+    let name = path.file_name().unwrap_or("download");
+    path.with_file_name(format!(".{name}.verified"))
+}
+
+fn verified_line(path: &Utf8Path, sha256: &str) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(path).ok()?;
+    Some(format!("{sha256} {} {} {}\n", meta.len(), meta.mtime(), meta.mtime_nsec()))
+}
+
+fn verified_before(path: &Utf8Path, spec: &Fetch) -> bool {
+    let Some(wanted) = &spec.sha256 else { return false };
+    let Ok(recorded) = std::fs::read_to_string(verified_path(path)) else { return false };
+    verified_line(path, wanted.as_str()).is_some_and(|now| now == recorded)
+}
+
+fn record_verified(path: &Utf8Path, spec: &Fetch) {
+    let Some(wanted) = &spec.sha256 else { return };
+    if let Some(line) = verified_line(path, wanted.as_str()) {
+        // Best effort: without the record the next run hashes the file again.
+        let _ = crate::fsutil::write_atomic(&verified_path(path), line.as_bytes());
     }
 }
 
@@ -346,6 +380,25 @@ mod tests {
         assert_eq!(path, dir.join("etcd"));
         assert_eq!(std::fs::read(&path).unwrap(), b"cached etcd");
         assert!(messages.borrow().is_empty(), "{:?}", messages.borrow());
+    }
+
+    /// A verified download is not hashed again while its size and mtime are unchanged; a file
+    /// changed since then is checked again and its wrong digest noticed (here it leads to a
+    /// download attempt of a version that does not exist, which fails).
+    #[test]
+    fn a_verified_download_is_rechecked_only_when_it_changed() {
+        let (_tmp, dir) = temp();
+        std::fs::write(dir.join("etcd"), b"cached etcd").unwrap();
+        let sha = sha256_file(&dir.join("etcd")).unwrap();
+        let spec = spec(&dir, "0.0.0-flotilla-test", &sha);
+        fetch(&spec, &RETRY, &|_| {}).unwrap();
+        assert!(verified_before(&dir.join("etcd"), &spec), "the check was recorded");
+        fetch(&spec, &RETRY, &|_| {}).unwrap();
+        std::fs::write(dir.join("etcd"), b"tampered etcd!").unwrap();
+        assert!(!verified_before(&dir.join("etcd"), &spec), "a changed file is not trusted");
+        let messages = std::cell::RefCell::new(Vec::new());
+        let err = fetch(&spec, &RETRY, &|m| messages.borrow_mut().push(m.to_owned())).unwrap_err();
+        assert!(messages.borrow().iter().any(|m| m.contains("has another digest")), "{err}");
     }
 
     /// A version the archive does not have (as after a Debian point release superseded it) is
