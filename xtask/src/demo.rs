@@ -68,6 +68,7 @@ pub fn run(sh: &Shell, args: DemoArgs) -> anyhow::Result<()> {
     for (server, message) in &unlocked {
         println!("  {server}: {message}");
     }
+    etcd_health(sh, &config)?;
     if args.keep {
         println!(
             "\nthe testbed stays up: `cargo xtask testbed ssh --name {NAME} node1`, \
@@ -75,6 +76,37 @@ pub fn run(sh: &Shell, args: DemoArgs) -> anyhow::Result<()> {
              `cargo xtask testbed down --name {NAME}` when done"
         );
     }
+    Ok(())
+}
+
+/// Prints the etcd cluster's health as `etcdctl` (from `etcd-client`, which the prerequisites
+/// install) sees it from here, with the cluster CA and the first server's client certificate
+/// from the overlay on the builder, which for a testbed is this machine.
+fn etcd_health(sh: &Shell, config: &Config) -> anyhow::Result<()> {
+    step("the etcd cluster's health, as etcdctl sees it with the cluster CA");
+    let crate::fling::quote::RemotePath::Absolute(source) = &config.builder.source_path else {
+        bail!("the testbed's builder keeps its workspace at an absolute path");
+    };
+    let Some(first) = config.deployment.servers.first() else { return Ok(()) };
+    let tls = Utf8PathBuf::from(source)
+        .join("out/overlay")
+        .join(first.as_str())
+        .join("opt/flotilla/etcd/pkg/tls");
+    let (ca, cert, key) = (tls.join("ca.crt"), tls.join("node.crt"), tls.join("node.key"));
+    let endpoints: Vec<String> = config
+        .deployment
+        .servers
+        .iter()
+        .map(|name| format!("https://{}:2379", config.server(name).addr.for_rsync()))
+        .collect();
+    let endpoints = format!("--endpoints={}", endpoints.join(","));
+    cmd!(
+        sh,
+        "etcdctl --cacert {ca} --cert {cert} --key {key} {endpoints} --dial-timeout=5s endpoint health --cluster"
+    )
+    .env("ETCDCTL_API", "3")
+    .run()
+    .context("etcdctl endpoint health --cluster")?;
     Ok(())
 }
 
