@@ -8,34 +8,10 @@ use std::collections::BTreeMap;
 
 use camino::Utf8Path;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::{read_state, write_state, Cluster, Fate, Identities, OverlayError};
 
-/// The length of the rack secret in bytes.
-pub const SECRET_LEN: usize = 32;
-
-/// The domain prefix of the verifier, so that the hash cannot be confused with any other use
-/// of SHA-256 over the same bytes.
-const VERIFIER_DOMAIN: &[u8] = b"flotilla rack secret verifier v1\0";
-
-/// One server's share, as written to its overlay (thing-flinger's fields, in hex).
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ShareFile {
-    pub threshold: u8,
-    pub total_shares: u8,
-    /// The hex SHA-256 of the verifier domain followed by the secret.
-    pub verifier: String,
-    /// The hex bytes of the share: its x coordinate, then one y byte per secret byte.
-    pub share: String,
-}
-
-impl std::fmt::Debug for ShareFile {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ShareFile {{ {} of {}, share: <secret> }}", self.threshold, self.total_shares)
-    }
-}
+pub use rack_secret::{combine, verifier, ShareFile, SECRET_LEN};
 
 /// The shares kept in the state directory, by server name.
 #[derive(Serialize, Deserialize)]
@@ -43,14 +19,6 @@ impl std::fmt::Debug for ShareFile {
 struct State {
     threshold: u8,
     shares: BTreeMap<String, ShareFile>,
-}
-
-/// The hex verifier of a secret.
-pub fn verifier(secret: &[u8]) -> String {
-    let mut hasher = Sha256::new();
-    hasher.update(VERIFIER_DOMAIN);
-    hasher.update(secret);
-    hex(&hasher.finalize())
 }
 
 /// Splits a fresh random secret into one share per server, `threshold` of which reconstruct it.
@@ -78,29 +46,6 @@ pub fn deal(threshold: u8, names: &[&str]) -> Result<BTreeMap<String, ShareFile>
     // The secret only lived in this stack frame; clearing it is cheap insurance.
     secret.fill(0);
     Ok(shares)
-}
-
-/// Reconstructs the secret from shares and checks it against their verifier. Fewer than
-/// `threshold` distinct shares, shares of different secrets, or a wrong result are errors.
-pub fn combine(shares: &[ShareFile]) -> Result<Vec<u8>, String> {
-    let Some(first) = shares.first() else { return Err("no shares".into()) };
-    if shares.iter().any(|s| s.verifier != first.verifier || s.threshold != first.threshold) {
-        return Err("the shares belong to different secrets".into());
-    }
-    let parsed = shares
-        .iter()
-        .map(|s| {
-            let bytes = unhex(&s.share).ok_or("a share is not hex")?;
-            blahaj::Share::try_from(bytes.as_slice()).map_err(str::to_owned)
-        })
-        .collect::<Result<Vec<_>, String>>()?;
-    let secret = blahaj::Sharks(first.threshold).recover(&parsed).map_err(|e| {
-        format!("{} of {} shares needed: {}", first.threshold, first.total_shares, e.to_lowercase())
-    })?;
-    if verifier(&secret) != first.verifier {
-        return Err("the reconstructed secret does not match the verifier".into());
-    }
-    Ok(secret)
 }
 
 /// Keeps the shares in the state directory when they were dealt to the same servers with the
@@ -136,11 +81,4 @@ fn sorted<'a>(names: &[&'a str]) -> Vec<&'a str> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 || !text.is_ascii() {
-        return None;
-    }
-    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok()).collect()
 }

@@ -10,8 +10,9 @@ pub mod client;
 pub mod config;
 pub mod http;
 pub mod log;
-pub mod rack;
 pub mod shutdown;
+/// The rack secret's share format (its own crate, shared with the overlay generator).
+pub use rack_secret as rack;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 pub mod tls;

@@ -1,6 +1,7 @@
-//! The rack secret as the services see it: each node agent holds one share (written by the
-//! overlay generator on the builder), and the control plane reconstructs the secret from
-//! `threshold` of them and checks it against the verifier that every share carries.
+//! The rack secret's share format, shared by the overlay generator on the builder, which deals
+//! the shares, and the services: each node agent holds one share, and the control plane
+//! reconstructs the secret from `threshold` of them and checks it against the verifier that
+//! every share carries. One crate, so both sides always agree on the format.
 //!
 //! Shares are Shamir shares over GF(256) from the `blahaj` crate, the same crate the builder
 //! dealt them with; the verifier is a SHA-256 of a fixed domain prefix and the secret.
@@ -8,7 +9,11 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// The domain prefix of the verifier; must match the builder's overlay generator.
+/// The length of the rack secret in bytes.
+pub const SECRET_LEN: usize = 32;
+
+/// The domain prefix of the verifier, so that the hash cannot be confused with any other use
+/// of SHA-256 over the same bytes.
 const VERIFIER_DOMAIN: &[u8] = b"flotilla rack secret verifier v1\0";
 
 /// One node's share, as the overlay ships it (`share.json`).
@@ -80,7 +85,8 @@ pub fn combine(shares: &[ShareFile]) -> Result<Vec<u8>, String> {
     Ok(secret)
 }
 
-fn unhex(text: &str) -> Option<Vec<u8>> {
+/// The bytes of a hex string, or `None` if it is not hex.
+pub fn unhex(text: &str) -> Option<Vec<u8>> {
     if text.len() % 2 != 0 || !text.is_ascii() {
         return None;
     }
