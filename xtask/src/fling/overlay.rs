@@ -13,7 +13,7 @@
 use std::{io::Write, os::unix::fs::OpenOptionsExt};
 
 use anyhow::{bail, Context as _};
-use camino::{Utf8Path, Utf8PathBuf};
+use camino::Utf8Path;
 use flotilla_package::overlay::{self as cluster, Identities};
 
 use super::config::{Config, Server};
@@ -27,20 +27,8 @@ pub const TLS_SERVICES: &[&str] = &["node-agent", "control-plane", "etcd"];
 /// The service that gets the node's share of the rack secret.
 pub const SHARE_SERVICE: &str = "node-agent";
 
-/// One file of a server's overlay.
-#[derive(Clone, PartialEq, Eq)]
-pub struct OverlayFile {
-    /// Relative to the server's overlay directory.
-    pub path: Utf8PathBuf,
-    pub contents: Vec<u8>,
-}
-
-// Overlay files may hold secrets: debug output shows only their paths and sizes.
-impl std::fmt::Debug for OverlayFile {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "OverlayFile {{ path: {:?}, {} bytes }}", self.path, self.contents.len())
-    }
-}
+/// One file of a server's overlay: the library's type, whose debug output hides the contents.
+pub use flotilla_package::overlay::OverlayFile;
 
 /// A generator of per-server files.
 type Generator = fn(&Config, &Server) -> Vec<OverlayFile>;
@@ -211,6 +199,8 @@ fn write_private(path: &Utf8Path, contents: &[u8]) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
+
+    use camino::Utf8PathBuf;
 
     use super::*;
 
