@@ -516,7 +516,7 @@ impl Installer {
                 };
                 let definition_changed =
                     self.manager.definition_changed(&service, old.map(|(r, _)| r));
-                Planned { service, action, definition_changed }
+                Planned { service, action, definition_changed, after: info.after.clone() }
             })
             .collect();
         let mut removed: Vec<ServiceRef> = prev_refs
@@ -563,12 +563,7 @@ impl Installer {
         for step in steps {
             (self.log)(&format!("  {step}"));
             if let Err(e) = self.execute_step(&step) {
-                let text = step.to_string();
-                let service = plan
-                    .services
-                    .iter()
-                    .rev()
-                    .find(|p| text.contains(&p.service.name))
+                let service = failed_service(&plan, &step, &e)
                     .map_or_else(|| "(activation)".to_owned(), |p| p.service.name.clone());
                 failure = Some((service, e.to_string()));
                 break;
@@ -736,6 +731,13 @@ impl Installer {
     /// `wait_healthy`, where `known` (in the release's service order) is what the manager
     /// has just reported: a service it reported running is not asked again before its first
     /// health check. One that fails the check is asked again, like any other.
+    ///
+    /// All services are polled together: each round asks the manager for the state of every
+    /// service not yet healthy (one command when it has [`ServiceManager::states_command`],
+    /// one per service otherwise), then probes those that run. Rounds start 50 ms apart and
+    /// back off to 250 ms, so a service that is up at once costs one short round rather than
+    /// a fixed sleep. A service fails when it is not healthy within its own timeout, counted
+    /// from the start of the wait; the first such service, in the release's order, is named.
     fn wait_healthy_known(
         &self,
         release: &ReleaseInfo,
@@ -743,48 +745,87 @@ impl Installer {
     ) -> Result<(), (String, String)> {
         let start = Instant::now();
         let dir = self.layout.release(&release.id);
-        for (index, (service, info)) in
-            release.service_refs(&dir).iter().zip(&release.services).enumerate()
-        {
-            let timeout = Duration::from_secs(
-                info.health.as_ref().map_or(health::DEFAULT_TIMEOUT_SECS, |h| h.timeout_secs),
-            );
-            let mut known_running = known.and_then(|k| k.get(index)).is_some_and(|s| s.running);
-            loop {
-                let observed = if std::mem::take(&mut known_running) {
-                    Ok(("running".to_owned(), true))
-                } else {
-                    self.runner
-                        .output(&self.manager.state_command(service))
-                        .map(|out| self.manager.parse_state(&out))
-                };
+        let refs = release.service_refs(&dir);
+        let timeouts: Vec<Duration> = release
+            .services
+            .iter()
+            .map(|info| {
+                Duration::from_secs(
+                    info.health.as_ref().map_or(health::DEFAULT_TIMEOUT_SECS, |h| h.timeout_secs),
+                )
+            })
+            .collect();
+        let mut waiting: Vec<usize> = (0..refs.len()).collect();
+        let mut known = known;
+        let mut interval = HEALTH_POLL_FIRST;
+        loop {
+            let asked: Vec<ServiceRef> = waiting.iter().map(|&i| refs[i].clone()).collect();
+            let observed: Vec<Result<(String, bool), String>> = match known.take() {
+                Some(known) => waiting
+                    .iter()
+                    .map(|&i| match known.get(i) {
+                        Some(s) if s.running => Ok(("running".to_owned(), true)),
+                        _ => self.observe_one(&refs[i]),
+                    })
+                    .collect(),
+                None => self.observe(&asked),
+            };
+            let mut still = Vec::new();
+            let mut why_not: Vec<(usize, String)> = Vec::new();
+            for (&i, observed) in waiting.iter().zip(observed) {
                 let why = match observed {
-                    Err(e) => e.to_string(),
-                    Ok((state, running)) => {
-                        if !running {
-                            format!("its state is `{state}`")
-                        } else {
-                            match &info.health {
-                                None => break,
-                                Some(check) => match health::probe(&check.probe) {
-                                    Ok(()) => break,
-                                    Err(e) => format!("health check failed: {e}"),
-                                },
-                            }
-                        }
+                    Err(e) => e,
+                    Ok((state, false)) => format!("its state is `{state}`"),
+                    Ok((_, true)) => match &release.services[i].health {
+                        None => None,
+                        Some(check) => health::probe(&check.probe)
+                            .err()
+                            .map(|e| format!("health check failed: {e}")),
                     }
+                    .unwrap_or_default(),
                 };
-                if start.elapsed() >= timeout {
-                    return Err((
-                        service.name.clone(),
-                        format!("{why} (after {}s)", timeout.as_secs()),
-                    ));
+                if why.is_empty() {
+                    (self.log)(&format!("  {} is running and healthy", refs[i].name));
+                } else {
+                    still.push(i);
+                    why_not.push((i, why));
                 }
-                std::thread::sleep(Duration::from_millis(250));
             }
-            (self.log)(&format!("  {} is running and healthy", service.name));
+            waiting = still;
+            if waiting.is_empty() {
+                return Ok(());
+            }
+            let elapsed = start.elapsed();
+            if let Some((i, why)) = why_not.into_iter().find(|(i, _)| elapsed >= timeouts[*i]) {
+                return Err((
+                    refs[i].name.clone(),
+                    format!("{why} (after {}s)", timeouts[i].as_secs()),
+                ));
+            }
+            std::thread::sleep(interval);
+            interval = (interval * 2).min(HEALTH_POLL_MAX);
         }
-        Ok(())
+    }
+
+    /// The state of each service, and whether it runs: one command for all of them when the
+    /// manager has one, else one per service. An error is why the state is not known.
+    fn observe(&self, services: &[ServiceRef]) -> Vec<Result<(String, bool), String>> {
+        let Some(cmd) = self.manager.states_command(services) else {
+            return services.iter().map(|s| self.observe_one(s)).collect();
+        };
+        match self.runner.run(&cmd) {
+            Ok(out) => {
+                self.manager.parse_active_states(services, &out).into_iter().map(Ok).collect()
+            }
+            Err(e) => vec![Err(e.to_string()); services.len()],
+        }
+    }
+
+    fn observe_one(&self, service: &ServiceRef) -> Result<(String, bool), String> {
+        self.runner
+            .output(&self.manager.state_command(service))
+            .map(|out| self.manager.parse_state(&out))
+            .map_err(|e| e.to_string())
     }
 
     fn logs(&self, service: &ServiceRef) -> String {
@@ -847,6 +888,46 @@ impl Installer {
         }
         Ok(pruned)
     }
+}
+
+/// The first pause between two rounds of health polling; it doubles up to [`HEALTH_POLL_MAX`].
+const HEALTH_POLL_FIRST: Duration = Duration::from_millis(50);
+/// The longest pause between two rounds of health polling.
+const HEALTH_POLL_MAX: Duration = Duration::from_millis(250);
+
+/// The planned service an activation step failed for. A step may name several services (one
+/// `systemctl restart` for all of them); the command's stderr then tells which one failed
+/// (systemd: "Job for b.service failed"), so the logs shown are that service's. Otherwise, the
+/// last service the step names.
+fn failed_service<'a>(plan: &'a Plan, step: &Step, error: &Error) -> Option<&'a Planned> {
+    let text = step.to_string();
+    let named: Vec<&Planned> = plan.services.iter().filter(|p| mentions(&text, p)).collect();
+    if let Error::Command { stderr, .. } = error {
+        let job_failed = named.iter().find(|p| {
+            stderr
+                .lines()
+                .any(|l| l.starts_with("Job for ") && mentions(l, p) && l.contains(" failed"))
+        });
+        if let Some(p) = job_failed.or_else(|| named.iter().find(|p| mentions(stderr, p))) {
+            return Some(p);
+        }
+    }
+    named.last().copied()
+}
+
+/// Whether `text` names the service: as a word, its unit or FMRI, or a path of its own.
+fn mentions(text: &str, planned: &Planned) -> bool {
+    let name = planned.service.name.as_str();
+    let (unit, dir) = (format!("{name}.service"), format!("/{name}/"));
+    text.split(|c: char| c.is_whitespace() || matches!(c, '\'' | '"' | '`' | ',' | ';'))
+        .map(|word| word.trim_end_matches(['.', ':']))
+        .any(|word| {
+            word == name
+                || word == unit
+                || word.ends_with(&format!("/{unit}"))
+                || word.contains(&dir)
+                || planned.service.fmri.as_deref() == Some(word)
+        })
 }
 
 /// Removes a file or directory tree if it exists.

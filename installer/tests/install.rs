@@ -5,6 +5,7 @@
 mod support;
 
 use std::fs;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -112,16 +113,16 @@ fn install_is_idempotent_and_restarts_only_what_changed() {
         "ExecStart={prefix}/current/a/bin/a --config {prefix}/current/a/pkg/config.toml"
     )));
     assert_eq!(listing(&units), ["a.service", "b.service"]);
-    // Units are in place before the reload; a starts before b, which is ordered after it.
+    // Units are in place before the one reload (`enable` does not reload again); a and b
+    // restart in one transaction, where systemd starts b after a because b's unit says
+    // `After=a.service`. One `systemctl show` then finds both running.
     assert_eq!(
         runner.take(),
         [
+            "systemctl enable --no-reload a.service b.service",
             "systemctl daemon-reload",
-            "systemctl enable a.service b.service",
-            "systemctl restart a.service",
-            "systemctl restart b.service",
-            "systemctl is-active a.service",
-            "systemctl is-active b.service",
+            "systemctl restart a.service b.service",
+            "systemctl show --property=Id,ActiveState,UnitFileState -- a.service b.service",
         ]
     );
 
@@ -604,28 +605,34 @@ fn a_redeploy_repairs_a_disabled_or_stopped_service() {
     let first = installer(root, ManagerKind::Systemd, &running()).install(&v1, None).unwrap();
     // The same release again, but systemd reports b disabled and stopped: the full
     // activation runs (enable, start) instead of the no-op path.
-    let runner = Arc::new(RecordingRunner::with(|cmd| {
+    // b runs once something has started it.
+    let started = Arc::new(AtomicBool::new(false));
+    let seen = started.clone();
+    let runner = Arc::new(RecordingRunner::with(move |cmd| {
         let stdout = match cmd.args.first().map(String::as_str) {
+            Some("start") => {
+                seen.store(cmd.args.iter().any(|a| a == "b.service"), Ordering::SeqCst);
+                String::new()
+            }
+            Some("show") if seen.load(Ordering::SeqCst) => show_output(cmd, "active", "enabled"),
             Some("show") => show_output(cmd, "active", "enabled").replace(
                 "Id=b.service\nActiveState=active\nUnitFileState=enabled",
                 "Id=b.service\nActiveState=inactive\nUnitFileState=disabled",
             ),
-            Some("is-active") => "active\n".to_owned(),
             _ => String::new(),
         };
         Output { success: true, status: "exit status: 0".into(), stdout, stderr: String::new() }
     }));
     let again = installer(root, ManagerKind::Systemd, &runner).install(&v1, None).unwrap();
     assert_eq!(again.release, first.release);
+    assert!(started.load(Ordering::SeqCst));
     assert_eq!(
         runner.take(),
         [
             "systemctl show --property=Id,ActiveState,UnitFileState -- a.service b.service",
             "systemctl enable a.service b.service",
-            "systemctl start a.service",
-            "systemctl start b.service",
-            "systemctl is-active a.service",
-            "systemctl is-active b.service",
+            "systemctl start a.service b.service",
+            "systemctl show --property=Id,ActiveState,UnitFileState -- a.service b.service",
         ]
     );
     // A unit file removed by hand is put back even though systemd would report the
@@ -634,6 +641,9 @@ fn a_redeploy_repairs_a_disabled_or_stopped_service() {
     let runner = running();
     installer(root, ManagerKind::Systemd, &runner).install(&v1, None).unwrap();
     let commands = runner.take();
-    assert_eq!(commands.first().map(String::as_str), Some("systemctl daemon-reload"));
+    assert_eq!(
+        commands[..2],
+        ["systemctl enable --no-reload a.service b.service", "systemctl daemon-reload"]
+    );
     assert!(root.join("units/a.service").is_file());
 }

@@ -222,8 +222,10 @@ fn install_upgrade_revert_rollback_uninstall_on_a_systemd_node() {
     );
 
     // svc-b changed: only svc-b restarts.
+    let start = Instant::now();
     let out = node.install(&v2);
     assert!(out.status.success(), "upgrade: {}", text(&out));
+    eprintln!("upgrade of one service took {:?}", start.elapsed());
     assert!(String::from_utf8_lossy(&out.stdout).contains("restarted: svc-b"), "{}", text(&out));
     assert_eq!(node.invocation("svc-a.service"), a1, "svc-a was restarted");
     assert_ne!(node.invocation("svc-b.service"), b1, "svc-b was not restarted");

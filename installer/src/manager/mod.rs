@@ -94,6 +94,10 @@ pub struct Planned {
     pub action: Action,
     /// Whether its definition (unit file or manifest) must be put in place again.
     pub definition_changed: bool,
+    /// The services of this plan that must be up before this one starts (the release's
+    /// recorded dependencies). The plan lists them earlier; a driver that starts several
+    /// services with one command must keep this order.
+    pub after: Vec<String>,
 }
 
 /// Everything one activation does to the service manager, in dependency order.
@@ -135,6 +139,17 @@ pub trait ServiceManager: Send + Sync {
     /// whether it runs and is enabled. A service the output does not mention is neither.
     fn parse_states(&self, services: &[ServiceRef], _output: &Output) -> Vec<Settled> {
         vec![Settled::default(); services.len()]
+    }
+    /// Reads the output of [`ServiceManager::states_command`] the way
+    /// [`ServiceManager::parse_state`] reads that of `state_command`: for each service in
+    /// order, its state and whether that is the running one. The health waits poll all
+    /// services of a release with it, one process per round instead of one per service.
+    fn parse_active_states(
+        &self,
+        services: &[ServiceRef],
+        _output: &Output,
+    ) -> Vec<(String, bool)> {
+        vec![("unknown".to_owned(), false); services.len()]
     }
 }
 

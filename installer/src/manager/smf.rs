@@ -254,11 +254,13 @@ mod tests {
                     service: svc("node-agent", "r2"),
                     action: Action::Start,
                     definition_changed: false,
+                    after: vec![],
                 },
                 Planned {
                     service: svc("control-plane", "r2"),
                     action: Action::Restart,
                     definition_changed: true,
+                    after: vec!["node-agent".into()],
                 },
             ],
             removed: vec![svc("old", "r1")],
