@@ -774,21 +774,20 @@ impl Installer {
             let mut why_not: Vec<(usize, String)> = Vec::new();
             for (&i, observed) in waiting.iter().zip(observed) {
                 let why = match observed {
-                    Err(e) => e,
-                    Ok((state, false)) => format!("its state is `{state}`"),
-                    Ok((_, true)) => match &release.services[i].health {
-                        None => None,
-                        Some(check) => health::probe(&check.probe)
+                    Err(e) => Some(e),
+                    Ok((state, false)) => Some(format!("its state is `{state}`")),
+                    Ok((_, true)) => release.services[i].health.as_ref().and_then(|check| {
+                        health::probe(&check.probe)
                             .err()
-                            .map(|e| format!("health check failed: {e}")),
-                    }
-                    .unwrap_or_default(),
+                            .map(|e| format!("health check failed: {e}"))
+                    }),
                 };
-                if why.is_empty() {
-                    (self.log)(&format!("  {} is running and healthy", refs[i].name));
-                } else {
-                    still.push(i);
-                    why_not.push((i, why));
+                match why {
+                    None => (self.log)(&format!("  {} is running and healthy", refs[i].name)),
+                    Some(why) => {
+                        still.push(i);
+                        why_not.push((i, why));
+                    }
                 }
             }
             waiting = still;

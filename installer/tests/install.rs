@@ -5,7 +5,7 @@
 mod support;
 
 use std::fs;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -646,4 +646,70 @@ fn a_redeploy_repairs_a_disabled_or_stopped_service() {
         ["systemctl enable --no-reload a.service b.service", "systemctl daemon-reload"]
     );
     assert!(root.join("units/a.service").is_file());
+}
+
+#[test]
+fn health_waits_ask_systemd_once_per_round_for_every_service() {
+    let tmp = TempDir::new("poll");
+    let root = tmp.path();
+    // b is still `activating` for the first two rounds; a runs at once.
+    let shows = Arc::new(AtomicUsize::new(0));
+    let counted = shows.clone();
+    let runner = Arc::new(RecordingRunner::with(move |cmd| {
+        let stdout = match cmd.args.first().map(String::as_str) {
+            Some("show") if counted.fetch_add(1, Ordering::SeqCst) < 2 => {
+                show_output(cmd, "activating", "enabled")
+            }
+            Some("show") => show_output(cmd, "active", "enabled"),
+            _ => String::new(),
+        };
+        Output { success: true, status: "exit status: 0".into(), stdout, stderr: String::new() }
+    }));
+    let inst = installer(root, ManagerKind::Systemd, &runner);
+    inst.install(&two_services(root, "v1", "v = 1\n", None), None).unwrap();
+    let commands = runner.take();
+    let show = "systemctl show --property=Id,ActiveState,UnitFileState --";
+    // The first two rounds ask for both services; the third finds both running.
+    assert_eq!(
+        commands[3..],
+        [
+            format!("{show} a.service b.service"),
+            format!("{show} a.service b.service"),
+            format!("{show} a.service b.service")
+        ],
+        "{commands:?}"
+    );
+    assert!(!commands.iter().any(|c| c.contains("is-active")), "{commands:?}");
+}
+
+#[test]
+fn a_failed_restart_of_several_units_names_the_one_systemd_reports() {
+    let tmp = TempDir::new("restart-fails");
+    let root = tmp.path();
+    let runner = Arc::new(RecordingRunner::with(|cmd| {
+        if cmd.args.first().map(String::as_str) == Some("restart") {
+            return Output {
+                success: false,
+                status: "exit status: 1".into(),
+                stdout: String::new(),
+                stderr: "Job for a.service failed because the control process exited with error \
+                         code.\nSee \"systemctl status a.service\" and \"journalctl -xeu \
+                         a.service\" for details.\n"
+                    .into(),
+            };
+        }
+        Output { success: true, status: "exit status: 0".into(), ..Output::default() }
+    }));
+    let inst = installer(root, ManagerKind::Systemd, &runner);
+    let err = inst.install(&two_services(root, "v1", "v = 1\n", None), None).unwrap_err();
+    let Error::Unhealthy { service, reason, .. } = &err else { panic!("{err:?}") };
+    assert_eq!(service, "a", "{err}");
+    assert!(reason.contains("Job for a.service failed"), "{reason}");
+    let commands = runner.take();
+    assert!(
+        commands.contains(&"journalctl -u a.service -n 20 --no-pager".to_owned()),
+        "{commands:?}"
+    );
+    // Nothing is left active after the failed first install.
+    assert!(fs::symlink_metadata(root.join("prefix/current")).is_err());
 }

@@ -18,16 +18,19 @@ use support::{packages_dir, zone_bytes, Entry, TempDir};
 fn running() -> Arc<RecordingRunner> {
     Arc::new(RecordingRunner::with(|cmd| {
         let stdout = match cmd.args.first().map(String::as_str) {
-            Some("is-active") => "active\n",
-            Some("-H") => "online\n",
-            _ => "",
+            Some("is-active") => "active\n".to_owned(),
+            Some("-H") => "online\n".to_owned(),
+            // `systemctl show` for the units after `--`: each one active and enabled.
+            Some("show") => {
+                let units = cmd.args.iter().skip_while(|a| *a != "--").skip(1);
+                let blocks: Vec<String> = units
+                    .map(|u| format!("Id={u}\nActiveState=active\nUnitFileState=enabled\n"))
+                    .collect();
+                blocks.join("\n")
+            }
+            _ => String::new(),
         };
-        Output {
-            success: true,
-            status: "exit status: 0".into(),
-            stdout: stdout.into(),
-            stderr: String::new(),
-        }
+        Output { success: true, status: "exit status: 0".into(), stdout, stderr: String::new() }
     }))
 }
 
