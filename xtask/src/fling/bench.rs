@@ -54,7 +54,6 @@ pub fn run(
     let xtask = std::env::current_exe().context("find the xtask binary")?;
     let xtask = Utf8PathBuf::try_from(xtask)?;
 
-    let mut rows = Vec::new();
     for &n in nodes {
         if n == 0 || n > config.deployment.servers.len() {
             bail!(
@@ -62,12 +61,21 @@ pub fn run(
                 config.deployment.servers.len()
             );
         }
+    }
+    let scratch = Scratch::new()?;
+    let mut rows = Vec::new();
+    for &n in nodes {
         let servers: Vec<&Server> =
             config.deployment.servers[..n].iter().map(|s| config.server(s)).collect();
         let names = servers.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(",");
+        // The first n servers are a cluster of their own (etcd's members, the rack secret's
+        // shares): a config that names only them, and their overlay generated from it.
+        let config_path = &first_servers_config(config, n, &scratch.0)?;
+        overlay(sh, &xtask, config_path)?;
         let mut samples = Vec::new();
         for _ in 0..runs {
-            // Start from nothing installed: fling's releases and the baseline's files gone.
+            // Start from nothing installed: fling's releases and the baseline's files gone,
+            // and no etcd data of a cluster with other members.
             let _ = fling(sh, &xtask, config_path, &names, "uninstall");
             baseline_clean(sh, config, &servers);
 
@@ -96,6 +104,8 @@ pub fn run(
         samples.sort_by_key(|r| r.fling);
         rows.push(samples.swap_remove(samples.len() / 2));
     }
+    // Leave the overlay of the whole deployment, as `fling overlay` made it.
+    overlay(sh, &xtask, config_path)?;
 
     println!(
         "\npayload: {} packages, {:.1} MB, plus the installer; median of {runs} run(s)\n",
@@ -116,6 +126,57 @@ pub fn run(
             r.noop.as_secs_f64(),
             r.noop_sent as f64 / 1e3,
             r.baseline.as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// A private directory of the bench's derived configs, removed when dropped.
+struct Scratch(Utf8PathBuf);
+
+impl Scratch {
+    fn new() -> anyhow::Result<Scratch> {
+        let base = Utf8PathBuf::try_from(std::env::temp_dir())?;
+        let dir = base.join(format!("fling-bench-{}", std::process::id()));
+        std::fs::create_dir(&dir).with_context(|| format!("create {dir}"))?;
+        Ok(Scratch(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes a copy of the config whose deployment is its first `n` servers.
+fn first_servers_config(config: &Config, n: usize, dir: &Utf8Path) -> anyhow::Result<Utf8PathBuf> {
+    let mut table: toml::Table =
+        toml::from_str(&config.text).with_context(|| format!("parse {} again", config.path))?;
+    let servers = config.deployment.servers[..n]
+        .iter()
+        .map(|s| toml::Value::String(s.as_str().to_owned()))
+        .collect();
+    let Some(toml::Value::Table(deployment)) = table.get_mut("deployment") else {
+        bail!("{}: no [deployment] table", config.path);
+    };
+    deployment.insert("servers".into(), toml::Value::Array(servers));
+    // A threshold fitted to the whole deployment may be more than n servers hold.
+    deployment.remove("rack_threshold");
+    let path = dir.join(format!("first-{n}.toml"));
+    std::fs::write(&path, toml::to_string(&table)?).with_context(|| format!("write {path}"))?;
+    Ok(path)
+}
+
+/// Runs `cargo xtask fling ... overlay`: the builder generates the config's overlays.
+fn overlay(sh: &Shell, xtask: &Utf8Path, config: &Utf8Path) -> anyhow::Result<()> {
+    let out =
+        cmd!(sh, "{xtask} fling --config {config} overlay").ignore_status().quiet().output()?;
+    if !out.status.success() {
+        bail!(
+            "fling overlay with {config} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
         );
     }
     Ok(())
@@ -151,7 +212,16 @@ fn fling(
 
 /// The ssh words that reach a server straight from this machine, as the baseline does.
 fn ssh_words(config: &Config, server: &Server) -> anyhow::Result<Vec<String>> {
-    let mut words: Vec<String> = vec!["-o".into(), "BatchMode=yes".into()];
+    // The config's own options (a key exchange, say) apply to the baseline too, so that both
+    // sides pay for the same handshakes.
+    let mut words: Vec<String> = config
+        .ssh
+        .options
+        .iter()
+        .chain(&server.ssh_options)
+        .flat_map(|o| ["-o".to_owned(), o.clone()])
+        .collect();
+    words.extend(["-o".into(), "BatchMode=yes".into()]);
     words.extend(["-o".into(), "StrictHostKeyChecking=yes".into()]);
     if let Some(kh) = &config.ssh.known_hosts {
         let kh = kh.local().map_err(|e| anyhow::anyhow!("ssh.known_hosts: {e}"))?;
@@ -215,7 +285,8 @@ fn baseline_clean(sh: &Shell, config: &Config, servers: &[&Server]) {
         let script = "if [ -d /opt/flotilla/current ] && [ ! -L /opt/flotilla/current ]; then \
             for u in /opt/flotilla/current/*/pkg/*.service; do [ -e \"$u\" ] || continue; \
             n=$(basename \"$u\"); systemctl stop \"$n\" || true; rm -f /etc/systemd/system/\"$n\"; \
-            done; rm -rf /opt/flotilla; systemctl daemon-reload; fi; rm -rf /var/tmp/baseline";
+            done; rm -rf /opt/flotilla; systemctl daemon-reload; fi; rm -rf /var/tmp/baseline \
+            /var/lib/flotilla/etcd";
         let _ = cmd!(sh, "ssh {opts...} {dest} {script}").quiet().ignore_status().output();
     }
 }

@@ -15,7 +15,7 @@ use std::{
     collections::VecDeque,
     io::{BufRead, BufReader, IsTerminal, Read, Write},
     process::{Command, Stdio},
-    sync::{Condvar, Mutex},
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -23,7 +23,10 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::json;
 use xshell::{cmd, Shell};
 
-use super::plan::{Plan, Step, StepKind, LOCK_HELD_STATUS};
+use super::{
+    batch,
+    plan::{Plan, Session, Step, StepKind, LOCK_HELD_STATUS},
+};
 
 /// Every host succeeded.
 pub const EXIT_OK: i32 = 0;
@@ -91,10 +94,27 @@ pub struct Report {
 pub fn execute(sh: &Shell, plan: &Plan, options: &Options) -> Report {
     let started = Instant::now();
     let ui = if options.quiet { Ui::Quiet } else { Ui::new(options.json, plan) };
+    if let Some(session) = &plan.session {
+        let (setup_failure, hosts) = run_session(sh, plan, session, options, &ui);
+        // The session released the lock and closed the server connections itself; what is
+        // left is the client's shared connection to the builder.
+        for step in plan.teardown.iter().filter(|s| s.script.is_none()) {
+            let _ = command(sh, &step.argv).output();
+        }
+        ui.finish();
+        let exit_code = exit_code(setup_failure.as_ref(), &hosts);
+        return Report {
+            command: plan.command.clone(),
+            hosts,
+            setup_failure,
+            exit_code,
+            duration: started.elapsed(),
+        };
+    }
     let mut setup_report = HostReport::new(&plan.builder);
     let mut builder_reached = false;
     for step in &plan.setup {
-        run_step(sh, &plan.builder, step, options, &ui, None, &mut setup_report);
+        run_step(sh, &plan.builder, step, options, &ui, &mut setup_report);
         // A setup step that got as far as the builder's shell may have created what the
         // teardown removes, even when it failed (a held lock, say).
         if setup_report.outcome != Outcome::Unreachable {
@@ -107,15 +127,7 @@ pub fn execute(sh: &Shell, plan: &Plan, options: &Options) -> Report {
     let setup_failure = (setup_report.outcome != Outcome::Ok).then(|| setup_report.clone());
 
     let hosts: Vec<HostReport> = if let Some(failure) = &setup_failure {
-        let reason = format!("the builder {}: {} did not succeed", plan.builder, failure.step);
-        plan.hosts
-            .iter()
-            .map(|h| {
-                let mut report = HostReport::new(&h.host);
-                report.outcome = Outcome::Skipped(reason.clone());
-                report
-            })
-            .collect()
+        skipped(plan, &plan.builder, &failure.step)
     } else {
         fan_out(sh, plan, options, &ui)
     };
@@ -123,7 +135,7 @@ pub fn execute(sh: &Shell, plan: &Plan, options: &Options) -> Report {
     if builder_reached {
         for step in &plan.teardown {
             let mut report = HostReport::new(&plan.builder);
-            run_step(sh, &plan.builder, step, options, &ui, None, &mut report);
+            run_step(sh, &plan.builder, step, options, &ui, &mut report);
             if report.outcome != Outcome::Ok {
                 ui.line(&plan.builder, "warning", &format!("{} did not succeed", step.name));
             }
@@ -166,7 +178,6 @@ fn exit_code(setup_failure: Option<&HostReport>, hosts: &[HostReport]) -> i32 {
 fn fan_out(sh: &Shell, plan: &Plan, options: &Options, ui: &Ui) -> Vec<HostReport> {
     let next = Mutex::new(0usize);
     let reports: Mutex<Vec<Option<HostReport>>> = Mutex::new(vec![None; plan.hosts.len()]);
-    let connects = Semaphore::new(options.connect_parallel);
     let workers = options.parallel.min(plan.hosts.len()).max(1);
     std::thread::scope(|scope| {
         for _ in 0..workers {
@@ -184,7 +195,7 @@ fn fan_out(sh: &Shell, plan: &Plan, options: &Options, ui: &Ui) -> Vec<HostRepor
                     let Some(host) = plan.hosts.get(index) else { break };
                     let mut report = HostReport::new(&host.host);
                     for step in &host.steps {
-                        run_step(&sh, &host.host, step, options, ui, Some(&connects), &mut report);
+                        run_step(&sh, &host.host, step, options, ui, &mut report);
                         if report.outcome != Outcome::Ok {
                             break;
                         }
@@ -196,6 +207,176 @@ fn fan_out(sh: &Shell, plan: &Plan, options: &Options, ui: &Ui) -> Vec<HostRepor
         }
     });
     reports.into_inner().unwrap().into_iter().map(|r| r.expect("every host ran")).collect()
+}
+
+/// Runs a plan as one builder session (see `batch`): the session's tagged lines become the
+/// steps of the setup and of every host. Returns the setup's failure, if any, and every
+/// host's report.
+fn run_session(
+    sh: &Shell,
+    plan: &Plan,
+    session: &Session,
+    options: &Options,
+    ui: &Ui,
+) -> (Option<HostReport>, Vec<HostReport>) {
+    let script = batch::script(plan, options.parallel, options.connect_parallel);
+    let setup_step = plan.setup.first().expect("a plan has a setup step");
+    let release = plan.teardown.iter().find(|s| s.script.is_some());
+    let mut setup_report = HostReport::new(&plan.builder);
+    let setup = Tracker::start(&plan.builder, setup_step, ui);
+    let mut command = command(sh, &session.argv);
+    for (key, value) in &options.env {
+        command.env(key, value);
+    }
+    command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(err) => {
+            setup.line("stderr", &format!("start {}: {err}", session.argv[0]));
+            setup.finish(Status::Failed(None), &mut setup_report);
+            return (Some(setup_report), skipped(plan, &plan.builder, "connect"));
+        }
+    };
+    let mut stdin = child.stdin.take().expect("piped");
+    std::thread::spawn(move || {
+        // A builder that goes away early closes the pipe; its status says why.
+        let _ = stdin.write_all(script.as_bytes());
+    });
+    let stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+
+    let mut setup_status = None;
+    let mut trackers: Vec<Option<Tracker<'_>>> = (0..plan.hosts.len()).map(|_| None).collect();
+    let mut reports: Vec<Option<HostReport>> = vec![None; plan.hosts.len()];
+    let mut release_tracker = None;
+    // What the session itself wrote to stderr (ssh's own messages: a refused host key, a
+    // connection that failed), for the setup's recap when the builder was never reached.
+    let session_errors = Mutex::new(VecDeque::new());
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for_each_line(stderr, |line| {
+                ui.line(&plan.builder, "stderr", line);
+                let mut tail = session_errors.lock().unwrap();
+                if tail.len() == TAIL_LINES {
+                    tail.pop_front();
+                }
+                tail.push_back(line.to_owned());
+            })
+        });
+        for_each_line(stdout, |line| match batch::parse(line) {
+            batch::Line::Untagged(text) => ui.line(&plan.builder, "stdout", text),
+            batch::Line::Started(tag) => {
+                if let Some(index) = host_index(plan, tag) {
+                    let host = &plan.hosts[index];
+                    trackers[index] = Some(Tracker::start(&host.host, &host.steps[0], ui));
+                } else if tag == batch::TEARDOWN {
+                    release_tracker = release.map(|r| Tracker::start(&plan.builder, r, ui));
+                }
+            }
+            batch::Line::Output(tag, stream, text) => {
+                if tag == batch::SETUP {
+                    setup.line(stream, text);
+                } else if tag == batch::TEARDOWN {
+                    if release_tracker.is_none() {
+                        release_tracker = release.map(|r| Tracker::start(&plan.builder, r, ui));
+                    }
+                    if let Some(tracker) = &release_tracker {
+                        tracker.line(stream, text);
+                    }
+                } else if let Some(tracker) =
+                    host_index(plan, tag).and_then(|i| trackers[i].as_ref())
+                {
+                    tracker.line(stream, text);
+                }
+            }
+            batch::Line::Exited(tag, code) => {
+                let status = code.map_or(Status::Failed(None), Status::Exited);
+                if tag == batch::SETUP {
+                    setup_status = Some(status);
+                    setup.finish(status, &mut setup_report);
+                } else if tag == batch::TEARDOWN {
+                    let mut report = HostReport::new(&plan.builder);
+                    match &release_tracker {
+                        Some(tracker) => tracker.finish(status, &mut report),
+                        None => report.outcome = Outcome::Failed { code },
+                    }
+                    if report.outcome != Outcome::Ok {
+                        ui.line(&plan.builder, "warning", "release did not succeed");
+                    }
+                } else if let Some(index) = host_index(plan, tag) {
+                    if let Some(tracker) = trackers[index].take() {
+                        let mut report = HostReport::new(&plan.hosts[index].host);
+                        tracker.finish(status, &mut report);
+                        ui.host_done(&report);
+                        reports[index] = Some(report);
+                    }
+                }
+            }
+        });
+    });
+    let session_status = Status::of(child.wait());
+    let session_errors: Vec<String> = session_errors.into_inner().unwrap().into();
+
+    if setup_status.is_none() {
+        // The session ended before the setup did: the builder was not reached (ssh's 255),
+        // or the session failed before its first step.
+        if session_status == Status::Exited(0) {
+            setup.finish(Status::Failed(None), &mut setup_report);
+        } else {
+            setup.finish(session_status, &mut setup_report);
+        }
+        if setup_report.stderr_tail.is_empty() {
+            setup_report.stderr_tail = session_errors.clone();
+        }
+    }
+    if setup_report.outcome != Outcome::Ok {
+        let hosts = skipped(plan, &plan.builder, &setup_report.step);
+        return (Some(setup_report), hosts);
+    }
+    let lost = "the builder session ended before this host finished";
+    let hosts = reports
+        .into_iter()
+        .zip(trackers)
+        .zip(&plan.hosts)
+        .map(|((report, tracker), host)| {
+            if let Some(report) = report {
+                return report;
+            }
+            let mut report = HostReport::new(&host.host);
+            match tracker {
+                Some(tracker) => {
+                    tracker.line("stderr", lost);
+                    tracker.finish(Status::Failed(None), &mut report);
+                }
+                None => {
+                    report.outcome = Outcome::Failed { code: None };
+                    report.stderr_tail = vec![format!("{lost} (it never started)")];
+                    report.stderr_tail.extend(session_errors.iter().cloned());
+                }
+            }
+            ui.host_done(&report);
+            report
+        })
+        .collect();
+    (None, hosts)
+}
+
+/// The index of a host's tag in the session script.
+fn host_index(plan: &Plan, tag: &str) -> Option<usize> {
+    tag.parse().ok().filter(|i| *i < plan.hosts.len())
+}
+
+/// Every host of the plan, skipped because the builder's `step` did not succeed.
+fn skipped(plan: &Plan, builder: &str, step: &str) -> Vec<HostReport> {
+    let reason = format!("the builder {builder}: {step} did not succeed");
+    plan.hosts
+        .iter()
+        .map(|h| {
+            let mut report = HostReport::new(&h.host);
+            report.outcome = Outcome::Skipped(reason.clone());
+            report
+        })
+        .collect()
 }
 
 impl HostReport {
@@ -212,34 +393,15 @@ impl HostReport {
 }
 
 /// Runs one step, streaming its output, and records the result in `report`.
-///
-/// A step may go through several phases (connect, push, install) in one builder session; the
-/// builder script announces each on stderr with a `PHASE_MARKER` line, and the step is
-/// reported phase by phase. A connect phase holds a permit of `connects`, so connection starts
-/// stay bounded while the work after them runs at full concurrency.
 fn run_step(
     sh: &Shell,
     host: &str,
     step: &Step,
     options: &Options,
     ui: &Ui,
-    connects: Option<&Semaphore>,
     report: &mut HostReport,
 ) {
-    let started = Instant::now();
-    let first = step.phases.first().copied().unwrap_or(step.name);
-    let permit = match connects {
-        Some(connects) if first == "connect" => Some(connects.acquire()),
-        _ => None,
-    };
-    let tracker = Phases {
-        host,
-        step,
-        ui,
-        current: Mutex::new((first, Instant::now())),
-        permit: Mutex::new(permit),
-    };
-    ui.step_started(host, first, &step.runs_on);
+    let tracker = Tracker::start(host, step, ui);
     let mut command = command(sh, &step.argv);
     for (key, value) in &options.env {
         command.env(key, value);
@@ -251,11 +413,8 @@ fn run_step(
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(err) => {
-            report.step = first.to_owned();
-            report.outcome = Outcome::Failed { code: None };
-            report.stderr_tail = vec![format!("start {}: {err}", step.argv[0])];
-            report.duration += started.elapsed();
-            ui.step_finished(host, first, &step.runs_on, &report.outcome, started.elapsed());
+            tracker.line("stderr", &format!("start {}: {err}", step.argv[0]));
+            tracker.finish(Status::Failed(None), report);
             return;
         }
     };
@@ -268,45 +427,65 @@ fn run_step(
     }
     let stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
-    let (sent, tail) = std::thread::scope(|scope| {
-        let out = scope.spawn(|| stream(stdout, "stdout", &tracker));
-        let err = scope.spawn(|| stream(stderr, "stderr", &tracker));
-        let (sent_out, _) = out.join().expect("the stdout reader does not panic");
-        let (sent_err, tail) = err.join().expect("the stderr reader does not panic");
-        (sent_out + sent_err, tail)
+    std::thread::scope(|scope| {
+        scope.spawn(|| for_each_line(stdout, |line| tracker.line("stdout", line)));
+        for_each_line(stderr, |line| tracker.line("stderr", line));
     });
-    let status = child.wait();
-    drop(tracker.permit.lock().unwrap().take());
-    let (phase, phase_started) = *tracker.current.lock().unwrap();
-    report.step = phase.to_owned();
-    report.bytes_sent += sent;
-    report.duration += started.elapsed();
-    report.outcome = match status {
-        Ok(status) if status.success() => Outcome::Ok,
-        // ssh says 255 when it could not connect; in a connect phase that is the host.
-        Ok(status) if phase == "connect" && status.code() == Some(255) => Outcome::Unreachable,
-        Ok(status) => Outcome::Failed { code: status.code() },
-        Err(_) => Outcome::Failed { code: None },
-    };
-    if report.outcome != Outcome::Ok {
-        report.stderr_tail = tail.into_iter().collect();
+    tracker.finish(Status::of(child.wait()), report);
+}
+
+/// How a step's command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Exited(i32),
+    /// Killed by a signal, never started, or its status is unknown.
+    Failed(Option<i32>),
+}
+
+impl Status {
+    fn of(status: std::io::Result<std::process::ExitStatus>) -> Status {
+        match status {
+            Ok(status) => status.code().map_or(Status::Failed(None), Status::Exited),
+            Err(_) => Status::Failed(None),
+        }
     }
-    ui.step_finished(host, phase, &step.runs_on, &report.outcome, phase_started.elapsed());
 }
 
 /// The line a builder script writes to stderr when a step enters its next phase.
 pub const PHASE_MARKER: &str = "@@fling-phase ";
 
-/// The phase a running step is in.
-struct Phases<'a> {
+/// A running step: its phase, output and what it sent, reported to the UI as lines arrive.
+///
+/// A step may go through several phases (connect, push, install) in one builder session; the
+/// builder script announces each on stderr with a `PHASE_MARKER` line, and the step is
+/// reported phase by phase. rsync's summary lines (`sent N bytes received M bytes ...`,
+/// `total size is ...`) are counted, not shown.
+struct Tracker<'a> {
     host: &'a str,
     step: &'a Step,
     ui: &'a Ui,
+    started: Instant,
     current: Mutex<(&'static str, Instant)>,
-    permit: Mutex<Option<Permit<'a>>>,
+    sent: Mutex<u64>,
+    /// The last stderr lines of the current phase.
+    tail: Mutex<VecDeque<String>>,
 }
 
-impl Phases<'_> {
+impl<'a> Tracker<'a> {
+    fn start(host: &'a str, step: &'a Step, ui: &'a Ui) -> Tracker<'a> {
+        let first = step.phases.first().copied().unwrap_or(step.name);
+        ui.step_started(host, first, &step.runs_on);
+        Tracker {
+            host,
+            step,
+            ui,
+            started: Instant::now(),
+            current: Mutex::new((first, Instant::now())),
+            sent: Mutex::new(0),
+            tail: Mutex::new(VecDeque::new()),
+        }
+    }
+
     /// Moves to the phase a marker names; unknown names are ignored.
     fn advance(&self, name: &str) {
         let Some(next) = self.step.phases.iter().copied().find(|p| *p == name) else { return };
@@ -317,15 +496,57 @@ impl Phases<'_> {
         }
         let runs_on = &self.step.runs_on;
         self.ui.step_finished(self.host, previous, runs_on, &Outcome::Ok, since.elapsed());
-        if previous == "connect" {
-            drop(self.permit.lock().unwrap().take());
-        }
         *current = (next, Instant::now());
+        self.tail.lock().unwrap().clear();
         self.ui.step_started(self.host, next, runs_on);
     }
 
-    fn name(&self) -> &'static str {
-        self.current.lock().unwrap().0
+    /// One line the step wrote to `stream`.
+    fn line(&self, stream: &str, line: &str) {
+        let line = line.trim_end_matches('\r');
+        if let Some(next) = line.strip_prefix(PHASE_MARKER) {
+            self.advance(next.trim());
+            return;
+        }
+        let transfer = self.step.kind == StepKind::Transfer || self.step.phases.contains(&"push");
+        if transfer {
+            if let Some(bytes) = rsync_bytes_sent(line) {
+                *self.sent.lock().unwrap() += bytes;
+                return;
+            }
+            if line.is_empty() || line.starts_with("total size is ") {
+                return;
+            }
+        }
+        let phase = self.current.lock().unwrap().0;
+        self.ui.output(self.host, phase, stream, line);
+        if stream == "stderr" {
+            let mut tail = self.tail.lock().unwrap();
+            if tail.len() == TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(line.to_owned());
+        }
+    }
+
+    /// Records how the step ended in `report`.
+    fn finish(&self, status: Status, report: &mut HostReport) {
+        let (phase, phase_started) = *self.current.lock().unwrap();
+        report.step = phase.to_owned();
+        report.bytes_sent += *self.sent.lock().unwrap();
+        report.duration += self.started.elapsed();
+        report.outcome = match status {
+            Status::Exited(0) => Outcome::Ok,
+            // ssh says 255 when it could not connect; in a connect phase that is the host.
+            Status::Exited(255) if phase == "connect" => Outcome::Unreachable,
+            Status::Exited(code) => Outcome::Failed { code: Some(code) },
+            Status::Failed(code) => Outcome::Failed { code },
+        };
+        if report.outcome != Outcome::Ok {
+            report.stderr_tail = self.tail.lock().unwrap().iter().cloned().collect();
+        }
+        let took = phase_started.elapsed();
+        self.ui.step_finished(self.host, phase, &self.step.runs_on, &report.outcome, took);
     }
 }
 
@@ -336,37 +557,12 @@ fn command(sh: &Shell, argv: &[String]) -> Command {
     Command::from(cmd!(sh, "{program} {args...}"))
 }
 
-/// Forwards a child's output line by line to the UI. Phase markers move the step on; rsync's
-/// summary lines (`sent N bytes received M bytes ...`, `total size is ...`) are counted, not
-/// shown. Returns the bytes sent and the last lines of the current phase.
-fn stream(pipe: impl Read, name: &str, phases: &Phases<'_>) -> (u64, VecDeque<String>) {
-    let transfer = phases.step.kind == StepKind::Transfer || phases.step.phases.contains(&"push");
-    let mut sent = 0;
-    let mut tail = VecDeque::new();
+/// Calls `f` with every line of `pipe`, invalid UTF-8 replaced.
+fn for_each_line(pipe: impl Read, mut f: impl FnMut(&str)) {
     for line in BufReader::new(pipe).split(b'\n') {
         let Ok(line) = line else { break };
-        let line = String::from_utf8_lossy(&line).trim_end_matches('\r').to_owned();
-        if let Some(next) = line.strip_prefix(PHASE_MARKER) {
-            phases.advance(next.trim());
-            tail.clear();
-            continue;
-        }
-        if transfer {
-            if let Some(bytes) = rsync_bytes_sent(&line) {
-                sent += bytes;
-                continue;
-            }
-            if line.is_empty() || line.starts_with("total size is ") {
-                continue;
-            }
-        }
-        phases.ui.output(phases.host, phases.name(), name, &line);
-        if tail.len() == TAIL_LINES {
-            tail.pop_front();
-        }
-        tail.push_back(line);
+        f(&String::from_utf8_lossy(&line));
     }
-    (sent, tail)
 }
 
 /// Parses rsync's `sent 1,234 bytes  received 56 bytes  ...` line.
@@ -378,36 +574,6 @@ pub fn rsync_bytes_sent(line: &str) -> Option<u64> {
     }
     let digits: String = number.chars().filter(char::is_ascii_digit).collect();
     digits.parse().ok()
-}
-
-/// A counting semaphore bounding concurrent connection starts.
-struct Semaphore {
-    free: Mutex<usize>,
-    available: Condvar,
-}
-
-struct Permit<'a>(&'a Semaphore);
-
-impl Semaphore {
-    fn new(count: usize) -> Semaphore {
-        Semaphore { free: Mutex::new(count.max(1)), available: Condvar::new() }
-    }
-
-    fn acquire(&self) -> Permit<'_> {
-        let mut free = self.free.lock().unwrap();
-        while *free == 0 {
-            free = self.available.wait(free).unwrap();
-        }
-        *free -= 1;
-        Permit(self)
-    }
-}
-
-impl Drop for Permit<'_> {
-    fn drop(&mut self) {
-        *self.0.free.lock().unwrap() += 1;
-        self.0.available.notify_one();
-    }
 }
 
 /// Where progress goes: spinners on a terminal, host-prefixed lines otherwise, or JSON events.

@@ -9,6 +9,7 @@
 //! 2 some hosts failed; 3 the deploy lock is held by another run; 4 some hosts were
 //! unreachable; 6 some failed and some were unreachable.
 
+pub mod batch;
 pub mod bench;
 pub mod config;
 pub mod exec;
@@ -152,6 +153,11 @@ fn run_inner(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Result<
                 }
             }
         }
+        let parallel = args.parallel.unwrap_or(config.deployment.parallel).max(1);
+        let connect_parallel =
+            args.connect_parallel.unwrap_or(config.deployment.connect_parallel).max(1);
+        let session_script =
+            plan.session.as_ref().map(|_| batch::script(&plan, parallel, connect_parallel));
         if args.json {
             for (host, step) in plan
                 .setup
@@ -166,8 +172,15 @@ fn run_inner(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Result<
                 });
                 println!("{event}");
             }
+            if let (Some(session), Some(script)) = (&plan.session, &session_script) {
+                let event = serde_json::json!({
+                    "event": "plan", "host": plan.builder, "step": "session", "runs_on": "client",
+                    "argv": session.argv, "stdin": script,
+                });
+                println!("{event}");
+            }
         } else {
-            print!("{}", plan::render(&plan));
+            print!("{}", plan::render(&plan, session_script.as_deref()));
         }
         return Ok(exec::EXIT_OK);
     }

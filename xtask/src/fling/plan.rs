@@ -33,6 +33,8 @@ pub struct Step {
     /// The phases of a step that does several things in one session, in order; empty for a
     /// step that is one thing, `name`. The script announces each with `exec::PHASE_MARKER`.
     pub phases: Vec<&'static str>,
+    /// The builder-side script of a step that runs on the builder.
+    pub script: Option<String>,
 }
 
 /// What a step's exit status means.
@@ -66,6 +68,20 @@ pub struct Plan {
     pub hosts: Vec<HostPlan>,
     /// Run last, whatever happened, when the builder was reached: releases and closes.
     pub teardown: Vec<Step>,
+    /// The one builder session that runs a plan reaching servers: setup, every host and the
+    /// release. `None` for plans whose steps are sessions of their own.
+    pub session: Option<Session>,
+}
+
+/// A builder session that runs a whole plan, with the script of `batch::script` on its
+/// standard input.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// The client command: `ssh ... builder 'exec sh -s'`.
+    pub argv: Vec<String>,
+    /// The builder-side private directory of this run: the server connections' sockets, the
+    /// session's token pipes and exit statuses.
+    pub dir: String,
 }
 
 /// What every plan is computed from.
@@ -129,6 +145,7 @@ impl Context<'_> {
             kind,
             stdin: None,
             phases: Vec::new(),
+            script: Some(remote.to_owned()),
         }
     }
 
@@ -149,6 +166,9 @@ impl Context<'_> {
 
     /// `plan`, with `prepare` run on the builder right after connecting. Reaching the
     /// builder, preparing and taking the lock are one session: one round trip, not three.
+    /// A plan that reaches servers runs whole in one builder session (`Plan::session`), whose
+    /// prologue creates the private directory of the server connections and whose epilogue
+    /// closes them.
     fn plan_with(
         &self,
         command: String,
@@ -157,46 +177,22 @@ impl Context<'_> {
         agent: Agent,
         prepare: Option<String>,
     ) -> Plan {
-        let dir = quote(&self.builder_control_dir);
         let mut connect = vec!["set -e".to_owned()];
-        if servers {
-            connect.push(format!("mkdir -m 700 -- {dir}"));
-        }
         connect.extend(prepare);
         if locking == Locking::Lock {
             connect.push(self.lock_script(&command));
         }
         let connect = if connect.len() == 1 { "true".to_owned() } else { connect.join("; ") };
         let setup = vec![self.on_builder("connect", StepKind::Connect, agent, &connect)];
-        let mut teardown_script = String::new();
-        if servers {
-            // Close every shared connection to a server, then remove their directory.
-            let _ = write!(
-                teardown_script,
-                "for s in {dir}/*; do [ -S \"$s\" ] && ssh -o ControlPath=\"$s\" -O exit \
-                 flotilla-fling >/dev/null 2>&1; done; rm -rf -- {dir}"
-            );
-        }
+        let mut teardown = Vec::new();
         if locking == Locking::Lock {
             let lock = self.config.builder.lock_dir.shell_word();
-            if !teardown_script.is_empty() {
-                teardown_script.push_str("; ");
-            }
             // Release the lock only if this run holds it.
-            let _ = write!(
-                teardown_script,
+            let release = format!(
                 "if grep -qx {} {lock}/info 2>/dev/null; then rm -rf -- {lock}; fi",
                 quote(&format!("run={}", self.run_id))
             );
-        }
-        let mut teardown = Vec::new();
-        if !teardown_script.is_empty() {
-            teardown.push(self.on_builder(
-                "release",
-                StepKind::Work,
-                Agent::NoForward,
-                &teardown_script,
-            ));
+            teardown.push(self.on_builder("release", StepKind::Work, Agent::NoForward, &release));
         }
         teardown.push(Step {
             name: "disconnect",
@@ -205,8 +201,21 @@ impl Context<'_> {
             kind: StepKind::Work,
             stdin: None,
             phases: Vec::new(),
+            script: None,
         });
-        Plan { command, builder: self.builder_name(), setup, hosts: Vec::new(), teardown }
+        let session = servers.then(|| Session {
+            argv: self.builder.run(agent, "exec sh -s"),
+            dir: self.builder_control_dir.clone(),
+        });
+        let (setup, teardown) = if servers {
+            let builder_steps = |steps: Vec<Step>| {
+                steps.into_iter().map(|s| if s.script.is_some() { in_session(s) } else { s })
+            };
+            (builder_steps(setup).collect(), builder_steps(teardown).collect())
+        } else {
+            (setup, teardown)
+        };
+        Plan { command, builder: self.builder_name(), setup, hosts: Vec::new(), teardown, session }
     }
 
     /// Takes the deploy lock: a directory created atomically by `mkdir`, holding who, when
@@ -232,31 +241,39 @@ impl Context<'_> {
 
     /// The one step of a server: a builder script that opens the shared connection to the
     /// server (the `connect` phase, whose ssh status 255 means unreachable), then runs each
-    /// phase's builder-side command, stopping at the first that fails. One client -> builder
-    /// session per server instead of one per phase keeps the builder's load down.
+    /// phase's builder-side command, stopping at the first that fails. It runs inside the
+    /// plan's builder session (`batch::script`), which bounds connection starts with tokens
+    /// read from `batch::CONNECT_FD`; the background ssh master gets none of the session's
+    /// descriptors beyond its standard ones, which it points at /dev/null.
     fn server_step(&self, server: &Server, phases: Vec<(&'static str, String)>) -> Step {
         let hop = self.server_hop(server);
+        let fd = super::batch::CONNECT_FD;
         // Each server's shared connection closes with its step, in parallel with the others,
         // rather than one after the other at the end of the run.
-        let mut script =
-            format!("trap {} EXIT; {}", quote(&format!("{} 2>/dev/null", hop.close())), hop.open());
+        let mut script = format!(
+            "trap {} EXIT; read -r _ <&{fd}; {} {fd}>&-; rc=$?; echo >&{fd}; [ \"$rc\" -eq 0 ]",
+            quote(&format!("{} 2>/dev/null", hop.close())),
+            hop.open()
+        );
         let mut names = vec!["connect"];
-        for (name, command) in phases {
+        for (index, (name, command)) in phases.into_iter().enumerate() {
             let _ = write!(
                 script,
-                " || exit $?; echo {} >&2; {command}",
+                " || exit {}; echo {} >&2; {command}",
+                if index == 0 { "\"$rc\"" } else { "$?" },
                 quote(&format!("{}{name}", super::exec::PHASE_MARKER))
             );
             names.push(name);
         }
-        Step {
+        in_session(Step {
             name: "connect",
             runs_on: format!("builder -> {}", server.name),
-            argv: self.builder.run(Agent::Forward, &script),
+            argv: Vec::new(),
             kind: StepKind::Connect,
             stdin: None,
             phases: names,
-        }
+            script: Some(script),
+        })
     }
 
     /// The installer in the staging directory with `words`, each already one shell word.
@@ -264,6 +281,14 @@ impl Context<'_> {
         let bin = self.staging().join("bin").join(INSTALLER).shell_word();
         format!("{bin} {}", words.join(" "))
     }
+}
+
+/// A builder step as it runs inside a plan's builder session: the builder's `sh -c` of its
+/// script, which is what `--dry-run` shows.
+fn in_session(mut step: Step) -> Step {
+    let script = step.script.clone().expect("a builder step has a script");
+    step.argv = vec!["sh".into(), "-c".into(), script];
+    step
 }
 
 /// `sync`: the client's workspace to the builder, honouring `.gitignore`.
@@ -293,6 +318,7 @@ pub fn sync(cx: &Context<'_>) -> Plan {
             kind: StepKind::Transfer,
             stdin: None,
             phases: Vec::new(),
+            script: None,
         }],
     });
     plan
@@ -360,7 +386,12 @@ pub fn install_prereqs(cx: &Context<'_>, servers: &[&Server]) -> Plan {
     );
     plan.hosts.push(HostPlan {
         host: cx.builder_name(),
-        steps: vec![cx.on_builder("prereqs", StepKind::Work, Agent::NoForward, &builder_script)],
+        steps: vec![in_session(cx.on_builder(
+            "prereqs",
+            StepKind::Work,
+            Agent::NoForward,
+            &builder_script,
+        ))],
     });
     let manager = match cx.config.deployment.service_manager {
         super::config::ServiceManager::Systemd => "systemctl",
@@ -520,8 +551,9 @@ fn push(cx: &Context<'_>, server: &Server) -> String {
     format!("( {script} )")
 }
 
-/// Prints a plan as the commands it would run, host by host.
-pub fn render(plan: &Plan) -> String {
+/// Prints a plan as the commands it would run, host by host, and the builder session that
+/// runs them when there is one, with its script.
+pub fn render(plan: &Plan, session_script: Option<&str>) -> String {
     let mut out = String::new();
     let mut section = |host: &str, steps: &[Step]| {
         for step in steps {
@@ -539,5 +571,14 @@ pub fn render(plan: &Plan) -> String {
         section(&host.host, &host.steps);
     }
     section(&plan.builder, &plan.teardown);
+    if let (Some(session), Some(script)) = (&plan.session, session_script) {
+        let _ = writeln!(out, "[{}] session (runs on client):", plan.builder);
+        let _ = writeln!(out, "    {}", quote_words(&session.argv));
+        let _ =
+            writeln!(out, "    with this script on standard input, which runs the steps above:");
+        for line in script.lines() {
+            let _ = writeln!(out, "    | {line}");
+        }
+    }
     out
 }
