@@ -183,6 +183,8 @@ impl Fixture {
             "#!/bin/sh\nset -e\nstaging=$(dirname \"$(dirname \"$0\")\")\n\
              [ -e {d}/installer-sleep ] && sleep 4\n\
              echo \"$SSH_CONNECTION | $*\" >> {d}/installer.log\n\
+             [ -e \"$staging/packages/node-agent.tar.gz\" ] || \
+             {{ echo 'verify node-agent.tar.gz: missing' >&2; exit 1; }}\n\
              [ -e {d}/installer-fail ] && {{ echo 'health check failed' >&2; exit 3; }}\n\
              find \"$staging/overlay\" -type f | sort >> {d}/installer.log\nexit 0\n",
             d = self.dir.0.display()
@@ -411,12 +413,33 @@ fn deploy_pushes_each_server_only_its_own_overlay_and_a_rerun_sends_no_payload()
         );
     }
 
-    // Everything is in place: a rerun sends no payload, only rsync's file lists.
+    // Everything is in place: the first deploy to n1 after n3's pushes (they share the
+    // staging directory here) sends only rsync's file lists; the rerun after it sends nothing
+    // and still runs the installer.
+    let installs =
+        || std::fs::read_to_string(f.path("installer.log")).unwrap().matches(" | ").count();
+    let sent_by = |out: &Output| {
+        let summary = json_lines(out).pop().unwrap();
+        summary["hosts"][0]["bytes_sent"].as_u64().unwrap()
+    };
     let out = f.fling(&config, &["--json", "--servers", "n1", "install"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let summary = json_lines(&out).pop().unwrap();
-    let sent = summary["hosts"][0]["bytes_sent"].as_u64().unwrap();
-    assert!(sent < 20_000, "a no-op redeploy sent {sent} bytes");
+    assert!(sent_by(&out) < 20_000, "a redeploy of the same files sent {} bytes", sent_by(&out));
+    let before = installs();
+    let out = f.fling(&config, &["--json", "--servers", "n1", "install"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(sent_by(&out), 0, "a no-op redeploy transferred files: {}", text(&out));
+    assert!(!text(&out).contains("\"step\":\"push\""), "a no-op redeploy pushed: {}", text(&out));
+    assert_eq!(installs(), before + 1, "the installer runs on a no-op redeploy too");
+
+    // A staged package lost after the last push: the installer refuses the staging directory,
+    // and the same deploy pushes again and installs.
+    std::fs::remove_file(f.path("staging/packages/node-agent.tar.gz")).unwrap();
+    let out = f.fling(&config, &["--json", "--servers", "n1", "install"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("verify node-agent.tar.gz: missing"), "{}", text(&out));
+    assert!(f.path("staging/packages/node-agent.tar.gz").exists(), "the package was not pushed");
+    assert_eq!(installs(), before + 3, "a failed and a successful install");
 
     // A failing installer is reported with its stderr and exit status.
     std::fs::write(f.path("installer-fail"), "").unwrap();
@@ -488,6 +511,60 @@ fn a_concurrent_deploy_is_refused_with_the_holders_information() {
         text(&out)
     );
     assert!(!f.path("lock").exists());
+}
+
+#[test]
+fn an_interrupted_deploy_releases_the_lock_on_the_builder() {
+    if !can_run("an_interrupted_deploy_releases_the_lock_on_the_builder") {
+        return;
+    }
+    let f = Fixture::new("interrupt");
+    let config = f.config("deploy.toml", "", &f.default_servers());
+    f.generate_overlay(&config);
+    std::fs::write(f.path("installer-sleep"), "").unwrap();
+    // Its own process group, so that the interrupt reaches fling and its ssh processes, as
+    // Ctrl-C in a terminal does.
+    use std::os::unix::process::CommandExt as _;
+    let child = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["fling", "--config"])
+        .arg(&config)
+        .args(["--servers", "n1", "deploy", "install"])
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    struct Reap(Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Reap(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // Once the push is done the installer starts, and sleeps 4 s: interrupt the deploy then.
+    while !(f.path("lock/info").exists() && f.path("staging/bin/flotilla-installer").exists()) {
+        assert!(Instant::now() < deadline, "the deploy never took the lock and pushed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(f.path("lock/info").exists(), "the deploy ended before it was interrupted");
+    let group = format!("-{}", child.0.id());
+    run_ok(Command::new("kill").args(["-INT", "--", &group]));
+    let status = child.0.wait().unwrap();
+    assert!(!status.success(), "the interrupted deploy exited 0");
+    // The builder's script notices that its client is gone when the server's step ends, then
+    // releases the lock and closes the server connection.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while f.path("lock").exists() {
+        assert!(Instant::now() < deadline, "the lock outlived the interrupted deploy");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = f.fling(&config, &["--servers", "n1", "deploy", "install"]);
+    assert_eq!(out.status.code(), Some(0), "a deploy after the interrupted one: {}", text(&out));
 }
 
 #[test]
@@ -625,7 +702,7 @@ fn dry_run_prints_every_command_and_runs_none() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     for (name, _) in SERVERS {
-        let step = format!("[{name}] connect, push, install (runs on builder -> {name})");
+        let step = format!("[{name}] connect, check, push, install (runs on builder -> {name})");
         assert!(stdout.contains(&step), "{stdout}");
     }
     assert!(stdout.contains("ssh-agent -D -a"), "{stdout}");

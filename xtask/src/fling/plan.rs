@@ -246,25 +246,30 @@ impl Context<'_> {
     /// read from `batch::CONNECT_FD`; the background ssh master gets none of the session's
     /// descriptors beyond its standard ones, which it points at /dev/null.
     fn server_step(&self, server: &Server, phases: Vec<(&'static str, String)>) -> Step {
+        let mut body = Vec::new();
+        let mut names = Vec::new();
+        for (name, command) in phases {
+            body.push(format!("{}; {command}", phase(name)));
+            names.push(name);
+        }
+        self.server_step_with(server, names, &body.join(" || exit $?; "))
+    }
+
+    /// `server_step` with the script that follows the connection as one piece, `body`, which
+    /// announces `phases` itself.
+    fn server_step_with(&self, server: &Server, phases: Vec<&'static str>, body: &str) -> Step {
         let hop = self.server_hop(server);
         let fd = super::batch::CONNECT_FD;
         // Each server's shared connection closes with its step, in parallel with the others,
         // rather than one after the other at the end of the run.
-        let mut script = format!(
-            "trap {} EXIT; read -r _ <&{fd}; {} {fd}>&-; rc=$?; echo >&{fd}; [ \"$rc\" -eq 0 ]",
+        let script = format!(
+            "trap {} EXIT; read -r _ <&{fd}; {} {fd}>&-; rc=$?; echo >&{fd}; \
+             [ \"$rc\" -eq 0 ] || exit \"$rc\"; {body}",
             quote(&format!("{} 2>/dev/null", hop.close())),
             hop.open()
         );
         let mut names = vec!["connect"];
-        for (index, (name, command)) in phases.into_iter().enumerate() {
-            let _ = write!(
-                script,
-                " || exit {}; echo {} >&2; {command}",
-                if index == 0 { "\"$rc\"" } else { "$?" },
-                quote(&format!("{}{name}", super::exec::PHASE_MARKER))
-            );
-            names.push(name);
-        }
+        names.extend(phases);
         in_session(Step {
             name: "connect",
             runs_on: format!("builder -> {}", server.name),
@@ -282,6 +287,19 @@ impl Context<'_> {
         format!("{bin} {}", words.join(" "))
     }
 }
+
+/// The command that announces a phase of a server step (see `exec::PHASE_MARKER`).
+fn phase(name: &str) -> String {
+    format!("echo {} >&2", quote(&format!("{}{name}", super::exec::PHASE_MARKER)))
+}
+
+/// The name of the file in a server's staging directory that holds the key of what was last
+/// pushed there and installed from it.
+const VIEW_KEY: &str = ".fling-view";
+
+/// The exit status of a server's check when its staging directory does not hold what this
+/// deploy would push. The installer never exits with it.
+const NEEDS_PUSH: i32 = 222;
 
 /// A builder step as it runs inside a plan's builder session: the builder's `sh -c` of its
 /// script, which is what `--dry-run` shows.
@@ -425,7 +443,7 @@ pub fn deploy(cx: &Context<'_>, action: DeployAction, servers: &[&Server]) -> Pl
         let hop = cx.server_hop(server);
         let phases = match action {
             DeployAction::Install => {
-                let remote = cx.installer(&[
+                let install = cx.installer(&[
                     quote("--service-manager"),
                     quote(manager),
                     quote("install"),
@@ -433,7 +451,12 @@ pub fn deploy(cx: &Context<'_>, action: DeployAction, servers: &[&Server]) -> Pl
                     quote("--overlay"),
                     overlay.shell_word(),
                 ]);
-                vec![("push", push(cx, server)), ("install", hop.run(&remote))]
+                let (names, body) = install_body(cx, server, &install);
+                plan.hosts.push(HostPlan {
+                    host: server.name.to_string(),
+                    steps: vec![cx.server_step_with(server, names, &body)],
+                });
+                continue;
             }
             DeployAction::Uninstall => {
                 // A server that never received the installer has nothing installed.
@@ -501,6 +524,55 @@ pub fn lock(cx: &Context<'_>, release: bool) -> Plan {
     plan
 }
 
+/// The phases and builder script of `deploy install` to one server, after the connection.
+///
+/// A redeploy of what a server already has should cost one session there, not a transfer
+/// session and an install session. The builder computes a key of what it would push: the
+/// digest list (which names every package by its digest), the installer binary's digest, the
+/// server's overlay files and the install command. The server keeps the key of its last
+/// install in its staging directory. `check` runs the installer right away when the keys match
+/// (the installer's own no-op path then decides whether anything changes); otherwise it exits
+/// with `NEEDS_PUSH` and the builder pushes (removing the key before changing anything), then
+/// installs and records the key once the installer succeeded. An install from a matching key
+/// that fails removes the key; when it failed before changing anything (the installer's exit
+/// status 1, say a staged package went missing, or no installer to run), the same deploy
+/// pushes and installs again.
+fn install_body(cx: &Context<'_>, server: &Server, install: &str) -> (Vec<&'static str>, String) {
+    let hop = cx.server_hop(server);
+    let staging = cx.staging();
+    let key_file = staging.join(VIEW_KEY).shell_word();
+    let key_tmp = staging.join(&format!("{VIEW_KEY}.tmp")).shell_word();
+    let overlay_dir = quote(&format!("out/overlay/{}", server.name));
+    let key = format!(
+        "k=none; if cd -- {src} && [ -f out/digests.b3 ] && [ -x target/release/{INSTALLER} ] \
+         && [ -d {overlay_dir} ]; then k=$({{ cat out/digests.b3 && sha256sum < \
+         target/release/{INSTALLER} && printf '%s\\n' {command} && ( cd -- {overlay_dir} && \
+         find . -type f -exec sha256sum {{}} + | LC_ALL=C sort -k 2 ); }} | sha256sum | \
+         cut -c 1-64); fi; case \"$k\" in '' | *[!0-9a-f]*) k=none ;; esac",
+        src = cx.source(),
+        command = quote(install),
+    );
+    let check = hop.run_with_key(&format!(
+        "if [ \"$(cat {key_file} 2>/dev/null)\" = \"$k\" ]; then {}; {install} || \
+         {{ rc=$?; rm -f -- {key_file}; case $rc in 1 | 126 | 127) exit {NEEDS_PUSH} ;; esac; \
+         exit $rc; }}; exit 0; fi; exit {NEEDS_PUSH}",
+        phase("install"),
+    ));
+    let install_and_record = hop.run_with_key(&format!(
+        "{install} && {{ printf '%s\\n' \"$k\" > {key_tmp} && mv -f -- {key_tmp} {key_file} || true; }}"
+    ));
+    let body = format!(
+        "( {key}; if [ \"$k\" != none ]; then {check_phase}; {check}; rc=$?; \
+         [ \"$rc\" -eq {NEEDS_PUSH} ] || exit \"$rc\"; fi; {push_phase}; {push} || exit $?; \
+         {install_phase}; {install_and_record} )",
+        check_phase = phase("check"),
+        push_phase = phase("push"),
+        push = push(cx, server),
+        install_phase = phase("install"),
+    );
+    (vec!["check", "push", "install"], body)
+}
+
 /// The builder-side command that pushes the packages, the digest list, the installer and this
 /// server's overlay (nothing of any other server's) to the server's staging directory. rsync
 /// sends only what changed, so a redeploy of the same packages sends no payload.
@@ -514,7 +586,12 @@ fn push(cx: &Context<'_>, server: &Server) -> String {
     // costs far less than a needless transfer.
     let view = format!("out/.fling-push/{}", server.name);
     // The server creates the staging directory, private, in the same session as the transfer.
-    let rsync_path = format!("umask 077 && mkdir -p -- {} && rsync", cx.staging().shell_word());
+    // It removes the key of the last install before anything in the directory changes.
+    let rsync_path = format!(
+        "umask 077 && mkdir -p -- {} && rm -f -- {} && rsync",
+        cx.staging().shell_word(),
+        cx.staging().join(VIEW_KEY).shell_word()
+    );
     let rsync = quote_words(&[
         "rsync",
         "-a",

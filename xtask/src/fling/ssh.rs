@@ -210,6 +210,13 @@ impl ServerHop {
         words.push(remote.to_owned());
         quote_words(&words)
     }
+
+    /// `run`, with the server's shell variable `k` set first to the value of the builder's
+    /// `$k`, which the builder script has checked to be lowercase hex: the one value computed
+    /// at run time that a remote command carries.
+    pub fn run_with_key(&self, remote: &str) -> String {
+        format!("{} \"k=$k; \"{}", quote_words(&self.ssh), super::quote::quote(remote))
+    }
 }
 
 /// The `-o` options of the config for a server: `[ssh] options` then the server's own.
