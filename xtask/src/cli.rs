@@ -261,11 +261,12 @@ pub enum TestbedCommand {
 
 /// `fling`'s options. Exit codes: 0 every host succeeded; 1 fling could not run; 2 some hosts
 /// failed; 3 the deploy lock is held; 4 some hosts were unreachable; 6 both failed and
-/// unreachable hosts.
+/// unreachable hosts; 130 interrupted.
 #[derive(Debug, Args)]
 #[command(after_help = "Exit codes: 0 every host succeeded; 1 fling could not run (config, \
     arguments); 2 some hosts failed; 3 the deploy lock is held by another run; 4 some hosts \
-    were unreachable; 6 some failed and some were unreachable.")]
+    were unreachable; 6 some failed and some were unreachable; 130 interrupted (Ctrl-C: the \
+    running steps stop, the deploy lock is released; a second Ctrl-C exits at once).")]
 pub struct FlingArgs {
     /// The deployment config (the format of `deployment-example.toml`); `-` reads stdin.
     #[arg(short, long, global = true, default_value = "deployment.toml")]

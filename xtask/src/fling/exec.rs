@@ -24,7 +24,7 @@ use serde_json::json;
 use xshell::{cmd, Shell};
 
 use super::{
-    batch,
+    batch, interrupt,
     plan::{Plan, Session, Step, StepKind, LOCK_HELD_STATUS},
 };
 
@@ -93,6 +93,7 @@ pub struct Report {
 /// Runs the plan and reports. Teardown runs whenever the builder was reached.
 pub fn execute(sh: &Shell, plan: &Plan, options: &Options) -> Report {
     let started = Instant::now();
+    interrupt::install();
     let ui = if options.quiet { Ui::Quiet } else { Ui::new(options.json, plan) };
     if let Some(session) = &plan.session {
         let (setup_failure, hosts) = run_session(sh, plan, session, options, &ui);
@@ -102,7 +103,11 @@ pub fn execute(sh: &Shell, plan: &Plan, options: &Options) -> Report {
             let _ = command(sh, &step.argv).output();
         }
         ui.finish();
-        let exit_code = exit_code(setup_failure.as_ref(), &hosts);
+        let exit_code = if interrupt::interrupted() {
+            interrupt::EXIT_INTERRUPTED
+        } else {
+            exit_code(setup_failure.as_ref(), &hosts)
+        };
         return Report {
             command: plan.command.clone(),
             hosts,
@@ -114,7 +119,7 @@ pub fn execute(sh: &Shell, plan: &Plan, options: &Options) -> Report {
     let mut setup_report = HostReport::new(&plan.builder);
     let mut builder_reached = false;
     for step in &plan.setup {
-        run_step(sh, &plan.builder, step, options, &ui, &mut setup_report);
+        run_step(sh, &plan.builder, step, options, &ui, Stop::OnInterrupt, &mut setup_report);
         // A setup step that got as far as the builder's shell may have created what the
         // teardown removes, even when it failed (a held lock, say).
         if setup_report.outcome != Outcome::Unreachable {
@@ -128,6 +133,8 @@ pub fn execute(sh: &Shell, plan: &Plan, options: &Options) -> Report {
 
     let hosts: Vec<HostReport> = if let Some(failure) = &setup_failure {
         skipped(plan, &plan.builder, &failure.step)
+    } else if interrupt::interrupted() {
+        interrupted(plan)
     } else {
         fan_out(sh, plan, options, &ui)
     };
@@ -135,7 +142,8 @@ pub fn execute(sh: &Shell, plan: &Plan, options: &Options) -> Report {
     if builder_reached {
         for step in &plan.teardown {
             let mut report = HostReport::new(&plan.builder);
-            run_step(sh, &plan.builder, step, options, &ui, &mut report);
+            // The teardown runs to its end even after an interrupt: it releases the lock.
+            run_step(sh, &plan.builder, step, options, &ui, Stop::Never, &mut report);
             if report.outcome != Outcome::Ok {
                 ui.line(&plan.builder, "warning", &format!("{} did not succeed", step.name));
             }
@@ -146,7 +154,11 @@ pub fn execute(sh: &Shell, plan: &Plan, options: &Options) -> Report {
     }
     ui.finish();
 
-    let exit_code = exit_code(setup_failure.as_ref(), &hosts);
+    let exit_code = if interrupt::interrupted() {
+        interrupt::EXIT_INTERRUPTED
+    } else {
+        exit_code(setup_failure.as_ref(), &hosts)
+    };
     Report {
         command: plan.command.clone(),
         hosts,
@@ -194,8 +206,21 @@ fn fan_out(sh: &Shell, plan: &Plan, options: &Options, ui: &Ui) -> Vec<HostRepor
                     };
                     let Some(host) = plan.hosts.get(index) else { break };
                     let mut report = HostReport::new(&host.host);
+                    if interrupt::interrupted() {
+                        report.outcome = Outcome::Skipped(INTERRUPTED.into());
+                        reports.lock().unwrap()[index] = Some(report);
+                        continue;
+                    }
                     for step in &host.steps {
-                        run_step(&sh, &host.host, step, options, ui, &mut report);
+                        run_step(
+                            &sh,
+                            &host.host,
+                            step,
+                            options,
+                            ui,
+                            Stop::OnInterrupt,
+                            &mut report,
+                        );
                         if report.outcome != Outcome::Ok {
                             break;
                         }
@@ -252,67 +277,69 @@ fn run_session(
     // What the session itself wrote to stderr (ssh's own messages: a refused host key, a
     // connection that failed), for the setup's recap when the builder was never reached.
     let session_errors = Mutex::new(VecDeque::new());
-    std::thread::scope(|scope| {
-        scope.spawn(|| {
-            for_each_line(stderr, |line| {
-                ui.line(&plan.builder, "stderr", line);
-                let mut tail = session_errors.lock().unwrap();
-                if tail.len() == TAIL_LINES {
-                    tail.pop_front();
-                }
-                tail.push_back(line.to_owned());
-            })
-        });
-        for_each_line(stdout, |line| match batch::parse(line) {
-            batch::Line::Untagged(text) => ui.line(&plan.builder, "stdout", text),
-            batch::Line::Started(tag) => {
-                if let Some(index) = host_index(plan, tag) {
-                    let host = &plan.hosts[index];
-                    trackers[index] = Some(Tracker::start(&host.host, &host.steps[0], ui));
-                } else if tag == batch::TEARDOWN {
-                    release_tracker = release.map(|r| Tracker::start(&plan.builder, r, ui));
-                }
-            }
-            batch::Line::Output(tag, stream, text) => {
-                if tag == batch::SETUP {
-                    setup.line(stream, text);
-                } else if tag == batch::TEARDOWN {
-                    if release_tracker.is_none() {
+    interrupt::wait_or_stop(&child, || {
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for_each_line(stderr, |line| {
+                    ui.line(&plan.builder, "stderr", line);
+                    let mut tail = session_errors.lock().unwrap();
+                    if tail.len() == TAIL_LINES {
+                        tail.pop_front();
+                    }
+                    tail.push_back(line.to_owned());
+                })
+            });
+            for_each_line(stdout, |line| match batch::parse(line) {
+                batch::Line::Untagged(text) => ui.line(&plan.builder, "stdout", text),
+                batch::Line::Started(tag) => {
+                    if let Some(index) = host_index(plan, tag) {
+                        let host = &plan.hosts[index];
+                        trackers[index] = Some(Tracker::start(&host.host, &host.steps[0], ui));
+                    } else if tag == batch::TEARDOWN {
                         release_tracker = release.map(|r| Tracker::start(&plan.builder, r, ui));
                     }
-                    if let Some(tracker) = &release_tracker {
+                }
+                batch::Line::Output(tag, stream, text) => {
+                    if tag == batch::SETUP {
+                        setup.line(stream, text);
+                    } else if tag == batch::TEARDOWN {
+                        if release_tracker.is_none() {
+                            release_tracker = release.map(|r| Tracker::start(&plan.builder, r, ui));
+                        }
+                        if let Some(tracker) = &release_tracker {
+                            tracker.line(stream, text);
+                        }
+                    } else if let Some(tracker) =
+                        host_index(plan, tag).and_then(|i| trackers[i].as_ref())
+                    {
                         tracker.line(stream, text);
                     }
-                } else if let Some(tracker) =
-                    host_index(plan, tag).and_then(|i| trackers[i].as_ref())
-                {
-                    tracker.line(stream, text);
                 }
-            }
-            batch::Line::Exited(tag, code) => {
-                let status = code.map_or(Status::Failed(None), Status::Exited);
-                if tag == batch::SETUP {
-                    setup_status = Some(status);
-                    setup.finish(status, &mut setup_report);
-                } else if tag == batch::TEARDOWN {
-                    let mut report = HostReport::new(&plan.builder);
-                    match &release_tracker {
-                        Some(tracker) => tracker.finish(status, &mut report),
-                        None => report.outcome = Outcome::Failed { code },
-                    }
-                    if report.outcome != Outcome::Ok {
-                        ui.line(&plan.builder, "warning", "release did not succeed");
-                    }
-                } else if let Some(index) = host_index(plan, tag) {
-                    if let Some(tracker) = trackers[index].take() {
-                        let mut report = HostReport::new(&plan.hosts[index].host);
-                        tracker.finish(status, &mut report);
-                        ui.host_done(&report);
-                        reports[index] = Some(report);
+                batch::Line::Exited(tag, code) => {
+                    let status = code.map_or(Status::Failed(None), Status::Exited);
+                    if tag == batch::SETUP {
+                        setup_status = Some(status);
+                        setup.finish(status, &mut setup_report);
+                    } else if tag == batch::TEARDOWN {
+                        let mut report = HostReport::new(&plan.builder);
+                        match &release_tracker {
+                            Some(tracker) => tracker.finish(status, &mut report),
+                            None => report.outcome = Outcome::Failed { code },
+                        }
+                        if report.outcome != Outcome::Ok {
+                            ui.line(&plan.builder, "warning", "release did not succeed");
+                        }
+                    } else if let Some(index) = host_index(plan, tag) {
+                        if let Some(tracker) = trackers[index].take() {
+                            let mut report = HostReport::new(&plan.hosts[index].host);
+                            tracker.finish(status, &mut report);
+                            ui.host_done(&report);
+                            reports[index] = Some(report);
+                        }
                     }
                 }
-            }
-        });
+            });
+        })
     });
     let session_status = Status::of(child.wait());
     let session_errors: Vec<String> = session_errors.into_inner().unwrap().into();
@@ -333,7 +360,12 @@ fn run_session(
         let hosts = skipped(plan, &plan.builder, &setup_report.step);
         return (Some(setup_report), hosts);
     }
-    let lost = "the builder session ended before this host finished";
+
+    let lost = if interrupt::interrupted() {
+        INTERRUPTED
+    } else {
+        "the builder session ended before this host finished"
+    };
     let hosts = reports
         .into_iter()
         .zip(trackers)
@@ -348,6 +380,9 @@ fn run_session(
                     tracker.line("stderr", lost);
                     tracker.finish(Status::Failed(None), &mut report);
                 }
+                None if interrupt::interrupted() => {
+                    report.outcome = Outcome::Skipped(INTERRUPTED.into());
+                }
                 None => {
                     report.outcome = Outcome::Failed { code: None };
                     report.stderr_tail = vec![format!("{lost} (it never started)")];
@@ -359,6 +394,21 @@ fn run_session(
         })
         .collect();
     (None, hosts)
+}
+
+/// Why a host did not run or did not finish when the user interrupted the run.
+const INTERRUPTED: &str = "interrupted";
+
+/// Every host of the plan, skipped because the run was interrupted before they started.
+fn interrupted(plan: &Plan) -> Vec<HostReport> {
+    plan.hosts
+        .iter()
+        .map(|h| {
+            let mut report = HostReport::new(&h.host);
+            report.outcome = Outcome::Skipped(INTERRUPTED.into());
+            report
+        })
+        .collect()
 }
 
 /// The index of a host's tag in the session script.
@@ -399,6 +449,7 @@ fn run_step(
     step: &Step,
     options: &Options,
     ui: &Ui,
+    stop: Stop,
     report: &mut HostReport,
 ) {
     let tracker = Tracker::start(host, step, ui);
@@ -427,11 +478,24 @@ fn run_step(
     }
     let stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
-    std::thread::scope(|scope| {
-        scope.spawn(|| for_each_line(stdout, |line| tracker.line("stdout", line)));
-        for_each_line(stderr, |line| tracker.line("stderr", line));
-    });
+    let read = || {
+        std::thread::scope(|scope| {
+            scope.spawn(|| for_each_line(stdout, |line| tracker.line("stdout", line)));
+            for_each_line(stderr, |line| tracker.line("stderr", line));
+        })
+    };
+    match stop {
+        Stop::OnInterrupt => interrupt::wait_or_stop(&child, read),
+        Stop::Never => read(),
+    }
     tracker.finish(Status::of(child.wait()), report);
+}
+
+/// Whether an interrupt stops a running step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    OnInterrupt,
+    Never,
 }
 
 /// How a step's command ended.
@@ -829,6 +893,7 @@ fn human_bytes(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fling::plan::HostPlan;
 
     #[test]
     fn rsync_summary_lines_are_parsed() {
@@ -859,6 +924,49 @@ mod tests {
         assert_eq!(exit_code(Some(&gone), &[]), EXIT_UNREACHABLE);
         let locked = report("b", Outcome::Failed { code: Some(LOCK_HELD_STATUS) });
         assert_eq!(exit_code(Some(&locked), &[]), EXIT_LOCKED);
+    }
+
+    #[test]
+    fn an_interrupt_stops_the_running_step_skips_the_rest_and_still_tears_down() {
+        let dir = std::env::temp_dir().join(format!("fling-interrupt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = dir.display();
+        let step = |name: &'static str, script: String| Step {
+            name,
+            runs_on: "client".into(),
+            argv: vec!["sh".into(), "-c".into(), script],
+            kind: StepKind::Work,
+            stdin: None,
+            phases: Vec::new(),
+            script: None,
+        };
+        let plan = Plan {
+            command: "test".into(),
+            builder: "builder".into(),
+            setup: vec![step("connect", format!("mkdir {d}/lock"))],
+            hosts: vec![
+                HostPlan { host: "a".into(), steps: vec![step("work", "exec sleep 20".into())] },
+                HostPlan { host: "b".into(), steps: vec![step("work", format!("touch {d}/b"))] },
+            ],
+            teardown: vec![step("release", format!("rmdir {d}/lock"))],
+            session: None,
+        };
+        let options =
+            Options { parallel: 1, connect_parallel: 1, json: false, quiet: true, env: Vec::new() };
+        let interrupter = std::thread::spawn(|| {
+            std::thread::sleep(Duration::from_millis(500));
+            interrupt::interrupt();
+        });
+        let started = Instant::now();
+        let report = execute(&Shell::new().unwrap(), &plan, &options);
+        interrupter.join().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(10), "the running step was not stopped");
+        assert_eq!(report.exit_code, interrupt::EXIT_INTERRUPTED);
+        assert!(matches!(report.hosts[0].outcome, Outcome::Failed { .. }), "{:?}", report.hosts);
+        assert_eq!(report.hosts[1].outcome, Outcome::Skipped(INTERRUPTED.into()));
+        assert!(!dir.join("b").exists(), "a host started after the interrupt");
+        assert!(!dir.join("lock").exists(), "the teardown did not run");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -7,12 +7,13 @@
 //!
 //! Exit codes: 0 every host succeeded; 1 fling could not run (config, arguments, local error);
 //! 2 some hosts failed; 3 the deploy lock is held by another run; 4 some hosts were
-//! unreachable; 6 some failed and some were unreachable.
+//! unreachable; 6 some failed and some were unreachable; 130 interrupted.
 
 pub mod batch;
 pub mod bench;
 pub mod config;
 pub mod exec;
+pub mod interrupt;
 pub mod overlay;
 pub mod plan;
 pub mod quote;
