@@ -11,7 +11,6 @@ mod error;
 mod fetch;
 pub mod fsutil;
 pub mod manifest;
-pub mod overlay;
 pub mod plan;
 
 pub use error::Error;

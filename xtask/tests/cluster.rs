@@ -328,7 +328,7 @@ struct ForeignIdentity {
 
 impl ForeignIdentity {
     fn new() -> ForeignIdentity {
-        use flotilla_package::overlay as gen;
+        use flotilla_overlay as gen;
         let dir = std::env::temp_dir().join(format!("flotilla-foreign-ca-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let state = camino::Utf8PathBuf::try_from(dir.join("state")).unwrap();

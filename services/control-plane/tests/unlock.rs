@@ -9,7 +9,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use camino::{Utf8Path, Utf8PathBuf};
-use flotilla_package::overlay::{self, Cluster, Identities, Node};
+use flotilla_overlay::{self as overlay, Cluster, Identities, Node};
 use service_common::config::TlsPaths;
 use service_common::http::Stopper;
 use service_common::testing::{ServiceProcess, TempDir};

@@ -34,7 +34,7 @@ use crate::{
     Context,
 };
 use config::Config;
-use flotilla_package::overlay::Identities;
+use overlay::Identities;
 use plan::{BuildKind, DeployAction};
 
 pub fn run(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Result<()> {
@@ -62,15 +62,10 @@ fn run_inner(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Result<
 
     if let FlingCommand::Overlay { generate_here: true, rotate } = &args.command {
         // This half runs on the builder, started by the client's `overlay` below from the
-        // root of the builder's workspace.
+        // root of the builder's workspace. The generators run as the `flotilla-overlay`
+        // binary, which prints the one-line summary.
         let identities = if *rotate { Identities::Rotate } else { Identities::Keep };
-        let summary = overlay::generate(&config, &ctx.invoked_from, identities)?;
-        println!(
-            "wrote the overlay of {} servers under {}/out/overlay: {}",
-            config.deployment.servers.len(),
-            ctx.invoked_from,
-            overlay::describe(&summary)
-        );
+        overlay::generate(sh, &config, &ctx.invoked_from, identities)?;
         return Ok(exec::EXIT_OK);
     }
 

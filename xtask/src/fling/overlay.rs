@@ -2,19 +2,20 @@
 //! `out/overlay/<server>/` and shipped to that server only.
 //!
 //! Two kinds of generators run. The simple ones here are functions from the config and one
-//! server to that server's files (the node identity). The cluster generators of
-//! `flotilla_package::overlay` make the rack secret's shares, the cluster CA with each server's
+//! server to that server's files (the node identity). The cluster generators of the
+//! `flotilla-overlay` crate make the rack secret's shares, the cluster CA with each server's
 //! key and certificate, and per-server configs rendered from the templates under
-//! `overlay-templates/<service>/`. Their identities are kept in `out/overlay-state/`, which
+//! `overlay-templates/<service>/`. They run as that crate's binary, given this module's
+//! [`Request`] in JSON, so that xtask's dependency graph (which `cargo run` checks before every
+//! `cargo xtask` command) leaves out their certificate and template crates. Their identities are kept in `out/overlay-state/`, which
 //! never leaves the builder, so regenerating keeps them unless `--rotate` is given. The
 //! installer places an overlay's `opt/flotilla/<service>/...` into the release before any
 //! service starts.
 
-use std::{io::Write, os::unix::fs::OpenOptionsExt};
-
-use anyhow::{bail, Context as _};
-use camino::Utf8Path;
-use flotilla_package::overlay::{self as cluster, Identities};
+use anyhow::Context as _;
+use camino::{Utf8Path, Utf8PathBuf};
+use serde::Serialize;
+use xshell::{cmd, Shell};
 
 use super::config::{Config, Server};
 
@@ -22,13 +23,60 @@ use super::config::{Config, Server};
 pub const TEMPLATES_DIR: &str = "overlay-templates";
 /// The builder-only directory of the kept identities, relative to the workspace root.
 pub const STATE_DIR: &str = "out/overlay-state";
+/// The directory of the overlays, one per server, relative to the workspace root.
+pub const OUT_DIR: &str = "out/overlay";
 /// The services that get the node's key, certificate and the cluster CA.
 pub const TLS_SERVICES: &[&str] = &["node-agent", "control-plane", "etcd"];
 /// The service that gets the node's share of the rack secret.
 pub const SHARE_SERVICE: &str = "node-agent";
 
-/// One file of a server's overlay: the library's type, whose debug output hides the contents.
-pub use flotilla_package::overlay::OverlayFile;
+/// Whether the cluster generators keep the identities in the state directory or replace them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Identities {
+    Keep,
+    Rotate,
+}
+
+/// One file of a server's overlay.
+#[derive(Clone, PartialEq, Eq, Serialize)]
+pub struct OverlayFile {
+    /// Relative to the server's overlay directory, e.g. `opt/flotilla/node-agent/pkg/node.toml`.
+    pub path: Utf8PathBuf,
+    pub contents: Vec<u8>,
+}
+
+// Overlay files may carry secrets (a server's vars): their contents are never printed, not
+// even in debug output.
+impl std::fmt::Debug for OverlayFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OverlayFile {{ path: {:?}, {} bytes }}", self.path, self.contents.len())
+    }
+}
+
+/// The input of the `flotilla-overlay` binary, in the JSON form it reads on stdin (its
+/// `flotilla_overlay::Request`, which refuses unknown fields; a test here checks both agree).
+#[derive(Debug, Serialize)]
+pub struct Request {
+    pub servers: Vec<ServerRequest>,
+    pub threshold: u8,
+    pub vars: std::collections::BTreeMap<String, String>,
+    pub state_dir: Utf8PathBuf,
+    pub identities: Identities,
+    pub tls_services: Vec<String>,
+    pub share_service: String,
+    pub templates_dir: Utf8PathBuf,
+    pub out_dir: Utf8PathBuf,
+}
+
+/// One server of a [`Request`], with the files of the simple generators.
+#[derive(Debug, Serialize)]
+pub struct ServerRequest {
+    pub name: String,
+    pub addresses: Vec<String>,
+    pub vars: std::collections::BTreeMap<String, String>,
+    pub files: Vec<OverlayFile>,
+}
 
 /// A generator of per-server files.
 type Generator = fn(&Config, &Server) -> Vec<OverlayFile>;
@@ -41,108 +89,64 @@ pub fn files_for(config: &Config, server: &Server) -> Vec<OverlayFile> {
     GENERATORS.iter().flat_map(|generate| generate(config, server)).collect()
 }
 
-/// The cluster generators' input: the deployment servers in order, their address and
-/// variables, and the rack threshold.
-pub fn cluster_config(
-    config: &Config,
-    root: &Utf8Path,
-    identities: Identities,
-) -> anyhow::Result<cluster::Config> {
-    let nodes = config
+/// The generators' input: the deployment servers in order with their address, variables and
+/// simple generators' files, the rack threshold, and where everything lives under `root`.
+pub fn request(config: &Config, root: &Utf8Path, identities: Identities) -> Request {
+    let servers = config
         .deployment
         .servers
         .iter()
         .map(|name| {
             let server = config.server(name);
-            cluster::Node {
+            ServerRequest {
                 name: server.name.as_str().to_owned(),
                 addresses: vec![server.addr.for_ssh()],
                 vars: server.vars.clone(),
+                files: files_for(config, server),
             }
         })
         .collect();
-    let templates_dir = root.join(TEMPLATES_DIR);
-    let templates = cluster::template::load_dir(&templates_dir)
-        .with_context(|| format!("load the overlay templates under {templates_dir}"))?;
-    Ok(cluster::Config {
-        cluster: cluster::Cluster {
-            nodes,
-            threshold: config.deployment.rack_threshold,
-            vars: Default::default(),
-        },
+    Request {
+        servers,
+        threshold: config.deployment.rack_threshold,
+        vars: Default::default(),
         state_dir: root.join(STATE_DIR),
         identities,
         tls_services: TLS_SERVICES.iter().map(|s| s.to_string()).collect(),
         share_service: SHARE_SERVICE.to_owned(),
-        templates,
-    })
+        templates_dir: root.join(TEMPLATES_DIR),
+        out_dir: root.join(OUT_DIR),
+    }
 }
 
-/// One line saying what the cluster generators kept and made; never a secret.
-pub fn describe(summary: &cluster::Summary) -> String {
-    let count = |fate| summary.nodes.values().filter(|f| **f == fate).count();
-    format!(
-        "CA {:?}, server identities {} kept {} created {} reissued, rack secret {} of {} {:?}",
-        summary.ca,
-        count(cluster::Fate::Kept),
-        count(cluster::Fate::Created),
-        count(cluster::Fate::Reissued),
-        summary.threshold,
-        summary.total_shares,
-        summary.shares
-    )
-    .to_lowercase()
-}
-
-/// Writes every deployment server's overlay under `<root>/out/overlay/`, replacing the
-/// previous overlays as a whole: the new tree is written beside the old one and renamed into
-/// place, so a failed run never leaves a mix. Directories are 0700 and files 0600, since
-/// overlays carry secrets.
+/// Writes every deployment server's overlay under `<root>/out/overlay/` by running the
+/// workspace's `flotilla-overlay` binary, which replaces the previous overlays as a whole and
+/// prints one line of what it kept and made. The binary is found through the workspace xtask
+/// was built from, not the current directory, since `root` need not be a workspace.
 pub fn generate(
+    sh: &Shell,
     config: &Config,
     root: &Utf8Path,
     identities: Identities,
-) -> anyhow::Result<cluster::Summary> {
-    let out = root.join("out");
-    let generated = cluster::generate(&cluster_config(config, root, identities)?)
-        .context("generate the cluster's shares, certificates and configs")?;
-    let target = out.join("overlay");
-    let staging = out.join(format!(".overlay.tmp-{}", std::process::id()));
-    let old = out.join(format!(".overlay.old-{}", std::process::id()));
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging).with_context(|| format!("remove {staging}"))?;
+) -> anyhow::Result<()> {
+    let input = serde_json::to_vec(&request(config, root, identities))
+        .context("serialize the overlay request")?;
+    let workspace = crate::project_root();
+    let manifest = workspace.join("Cargo.toml");
+    let cargo = crate::workflow::cargo();
+    // From the workspace root, so cargo reads the workspace's own `.cargo/config.toml`.
+    let _dir = sh.push_dir(&workspace);
+    let mut run =
+        cmd!(sh, "{cargo} run -q -p flotilla-overlay --manifest-path {manifest} -- generate");
+    // The variables cargo set for xtask would make the nested cargo rebuild needlessly.
+    for (key, _) in std::env::vars_os() {
+        if key.to_str().is_some_and(flotilla_package::cargo_stamp::is_set_by_cargo) {
+            run = run.env_remove(key);
+        }
     }
-    let result = (|| {
-        for name in &config.deployment.servers {
-            let server = config.server(name);
-            let dir = staging.join(name.as_str());
-            create_private_dir(&dir)?;
-            let mut files = files_for(config, server);
-            let own = generated.servers.get(name.as_str()).into_iter().flatten();
-            files.extend(
-                own.map(|f| OverlayFile { path: f.path.clone(), contents: f.contents.clone() }),
-            );
-            for file in files {
-                let path = dir.join(&file.path);
-                if let Some(parent) = path.parent() {
-                    create_private_dir(parent)?;
-                }
-                write_private(&path, &file.contents)?;
-            }
-        }
-        if target.exists() {
-            std::fs::rename(&target, &old).with_context(|| format!("move aside {target}"))?;
-        }
-        std::fs::rename(&staging, &target).with_context(|| format!("rename into {target}"))?;
-        if old.exists() {
-            std::fs::remove_dir_all(&old).with_context(|| format!("remove {old}"))?;
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&staging);
-    }
-    result.map(|()| generated.summary)
+    run.stdin(input).quiet().run().with_context(|| {
+        format!("generate the overlays under {root}/{OUT_DIR} with flotilla-overlay")
+    })
 }
 
 /// The node's identity for people and scripts on the server: its name, address, role and
@@ -169,38 +173,12 @@ fn node_identity(config: &Config, server: &Server) -> Vec<OverlayFile> {
     }]
 }
 
-fn create_private_dir(dir: &Utf8Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    match std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
-        Ok(()) => Ok(()),
-        Err(err) => bail!("create the overlay directory {dir}: {err}"),
-    }
-}
-
-/// Writes a file 0600 under a temporary name, then renames it into place.
-fn write_private(path: &Utf8Path, contents: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(contents).and_then(|()| f.sync_all()));
-    if let Err(err) = written {
-        let _ = std::fs::remove_file(&tmp);
-        bail!("write the overlay file {path}: {err}");
-    }
-    if let Err(err) = std::fs::rename(&tmp, path) {
-        bail!("rename {tmp} to {path}: {err}");
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use camino::Utf8PathBuf;
+    use flotilla_overlay::{Fate, Summary};
 
     use super::*;
 
@@ -224,6 +202,35 @@ username = "root"
 addr = "fd00::2"
 "#;
 
+    /// Runs the generators as the binary would, on the JSON this module writes: the test checks
+    /// that the request fits the binary's schema, and what the binary writes from it.
+    fn generate_in_process(config: &Config, root: &Utf8Path, identities: Identities) -> Summary {
+        let json = serde_json::to_string(&request(config, root, identities)).unwrap();
+        let request = flotilla_overlay::Request::from_json("test", &json).unwrap();
+        flotilla_overlay::run(&request).unwrap()
+    }
+
+    #[test]
+    fn the_request_lists_servers_in_order_with_their_own_files() {
+        let config = Config::parse(Utf8Path::new("t.toml"), CONFIG).unwrap();
+        let request = request(&config, Utf8Path::new("/w"), Identities::Rotate);
+        let names: Vec<&str> = request.servers.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["n1", "n2"], "deployment servers only, in order");
+        assert_eq!(request.servers[1].addresses, ["fd00::2"]);
+        assert_eq!(request.servers[0].vars["secret"], "only-n1");
+        assert_eq!(
+            request.servers[0].files,
+            files_for(&config, config.server(&config.deployment.servers[0]))
+        );
+        assert_eq!(request.threshold, 2);
+        assert_eq!(request.state_dir, "/w/out/overlay-state");
+        assert_eq!(request.templates_dir, "/w/overlay-templates");
+        assert_eq!(request.out_dir, "/w/out/overlay");
+        let json: serde_json::Value = serde_json::to_value(&request).unwrap();
+        assert_eq!(json["identities"], "rotate");
+        assert_eq!(json["share_service"], SHARE_SERVICE);
+    }
+
     #[test]
     fn each_server_gets_only_its_own_files_privately() {
         let config = Config::parse(Utf8Path::new("t.toml"), CONFIG).unwrap();
@@ -236,12 +243,12 @@ addr = "fd00::2"
             }
         }
         let _cleanup = Cleanup(dir);
-        let first = generate(&config, &out, Identities::Keep).unwrap();
+        let first = generate_in_process(&config, &out, Identities::Keep);
         // Twice: a rerun replaces the tree and keeps the identities.
-        let second = generate(&config, &out, Identities::Keep).unwrap();
-        assert_eq!(first.ca, cluster::Fate::Created);
-        assert_eq!(second.ca, cluster::Fate::Kept);
-        assert_eq!(second.shares, cluster::Fate::Kept);
+        let second = generate_in_process(&config, &out, Identities::Keep);
+        assert_eq!(first.ca, Fate::Created);
+        assert_eq!(second.ca, Fate::Kept);
+        assert_eq!(second.shares, Fate::Kept);
         assert_eq!(second.threshold, 2, "a majority of two servers");
         let out_dir = out.join("out");
         let n1 = out_dir.join("overlay/n1/opt/flotilla/node-agent/pkg/identity.toml");
@@ -270,8 +277,8 @@ addr = "fd00::2"
             std::fs::read_dir(&out_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
         entries.sort();
         assert_eq!(entries, ["overlay", "overlay-state"], "temporary trees are gone");
-        let rotated = generate(&config, &out, Identities::Rotate).unwrap();
-        assert_eq!(rotated.ca, cluster::Fate::Created);
+        let rotated = generate_in_process(&config, &out, Identities::Rotate);
+        assert_eq!(rotated.ca, Fate::Created);
         assert_ne!(std::fs::read(n1_pkg.join("tls/node.key")).unwrap(), key1);
     }
 }

@@ -1,5 +1,11 @@
 //! Overlay generators: the files that differ from server to server, computed on the builder.
 //!
+//! This crate is separate from `flotilla-package` so that `cargo xtask` does not link the
+//! certificate, random-number and template crates: every `cargo xtask` command, a no-op
+//! `package` included, first has `cargo run` check the freshness of xtask's whole dependency
+//! graph, and these crates were about a quarter of it. xtask starts the `flotilla-overlay`
+//! binary with a [`Request`] in JSON on its standard input instead (see [`request`]).
+//!
 //! Three generators make a real cluster out of identical packages:
 //! - [`secret`]: a fresh rack secret split into k-of-n threshold shares with a verifier, one share
 //!   per server;
@@ -15,6 +21,7 @@
 //! place it into the release before the services start. Nothing here logs secret bytes: the
 //! [`Summary`] only says what was created or kept.
 
+pub mod request;
 pub mod secret;
 pub mod template;
 pub mod tls;
@@ -25,10 +32,10 @@ use std::io;
 use std::os::unix::fs::DirBuilderExt;
 
 use camino::{Utf8Path, Utf8PathBuf};
-use serde::Serialize;
+use flotilla_package::fsutil::{write_atomic_with_mode, AtomicWriteError};
+use serde::{Deserialize, Serialize};
 
-use crate::fsutil::{write_atomic_with_mode, AtomicWriteError};
-
+pub use request::{describe, run, Request, ServerRequest};
 pub use secret::ShareFile;
 pub use template::Template;
 
@@ -38,7 +45,8 @@ pub const SECRET_FILE_MODE: u32 = 0o600;
 pub const SECRET_DIR_MODE: u32 = 0o700;
 
 /// Whether existing identities are kept or replaced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Identities {
     /// Reuse the CA, keys, certificates and shares already in the state directory when they
     /// still fit the cluster (same servers, addresses and threshold).
@@ -87,7 +95,8 @@ pub struct Config {
 }
 
 /// One file of a server's overlay.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct OverlayFile {
     /// Relative to the server's overlay directory, e.g. `opt/flotilla/node-agent/pkg/node.toml`.
     pub path: Utf8PathBuf,
@@ -151,6 +160,10 @@ pub enum OverlayError {
     Certificate { subject: String, message: String },
     #[error("render the template {template} for {node}: {message}")]
     Template { template: Utf8PathBuf, node: String, message: String },
+    /// The request on standard input is not valid JSON or does not fit [`Request`]; the
+    /// message names the field, line and column.
+    #[error("read the overlay request from {source_name}: {message}")]
+    Request { source_name: String, message: String },
 }
 
 /// Computes every server's overlay, creating or keeping identities in the state directory.
