@@ -299,8 +299,8 @@ pub enum FlingCommand {
     /// Copy the client's workspace to the builder with rsync, honouring `.gitignore` and never
     /// sending `target/`, `out/` or `.git/` [runs on: client -> builder].
     Sync,
-    /// Check and prepare what the builder and the servers need; idempotent [runs on: builder,
-    /// servers].
+    /// Check and prepare what the builder and the servers need; a Linux server without rsync
+    /// gets the builder's, with its libraries; idempotent [runs on: builder, servers].
     InstallPrereqs,
     /// `cargo xtask check` or `cargo xtask package` on the builder [runs on: builder].
     Build {

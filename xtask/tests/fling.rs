@@ -862,7 +862,16 @@ fn full_flow_and_faults_on_a_three_node_testbed() {
     let tb = testbed_support::Testbed::up(Path::new(env!("CARGO_BIN_EXE_xtask")), "fling", 3);
     let bed = Bed { config: tb.deployment.clone(), tb: &tb };
 
-    bed.fling_ok(&["install-prereqs"]);
+    // The third node has no rsync (and no route to a mirror): install-prereqs carries the
+    // builder's there, every deploy below uses it, and uninstall removes it.
+    let third = &bed.tb.nodes[2];
+    bed.ssh_ok(third, "mv /usr/bin/rsync /usr/bin/rsync.hidden");
+    let out = bed.fling_ok(&["install-prereqs"]);
+    let carried = format!("[{third}] this server has no rsync: carrying the builder's");
+    assert!(text(&out).contains(&carried), "{}", text(&out));
+    assert!(text(&out).contains(&format!("[{third}] rsync  version")), "{}", text(&out));
+    let out = bed.fling_ok(&["install-prereqs"]);
+    assert!(!text(&out).contains("carrying"), "install-prereqs is not idempotent: {}", text(&out));
     bed.fling_ok(&["sync"]);
     bed.fling_ok(&["build", "package"]);
     bed.fling_ok(&["overlay"]);

@@ -322,9 +322,12 @@ fn run_session(
                         setup.finish(status, &mut setup_report);
                     } else if tag == batch::TEARDOWN {
                         let mut report = HostReport::new(&plan.builder);
-                        match &release_tracker {
-                            Some(tracker) => tracker.finish(status, &mut report),
-                            None => report.outcome = Outcome::Failed { code },
+                        // A release that wrote nothing has no tracker yet.
+                        if release_tracker.is_none() {
+                            release_tracker = release.map(|r| Tracker::start(&plan.builder, r, ui));
+                        }
+                        if let Some(tracker) = &release_tracker {
+                            tracker.finish(status, &mut report);
                         }
                         if report.outcome != Outcome::Ok {
                             ui.line(&plan.builder, "warning", "release did not succeed");

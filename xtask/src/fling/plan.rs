@@ -297,6 +297,9 @@ fn phase(name: &str) -> String {
 /// pushed there and installed from it.
 const VIEW_KEY: &str = ".fling-view";
 
+/// The directory in a server's staging directory of what `install-prereqs` carried there.
+const TOOLS: &str = ".tools";
+
 /// The exit status of a server's check when its staging directory does not hold what this
 /// deploy would push. The installer never exits with it.
 const NEEDS_PUSH: i32 = 222;
@@ -415,21 +418,68 @@ pub fn install_prereqs(cx: &Context<'_>, servers: &[&Server]) -> Plan {
         super::config::ServiceManager::Systemd => "systemctl",
         super::config::ServiceManager::Smf => "svcadm",
     };
-    // Servers may have no route to the internet, so nothing is fetched there: what they need
-    // beyond rsync and their service manager (the installer) is carried by every deploy.
-    let server_script = format!(
-        "missing=; for t in rsync {manager}; do command -v \"$t\" >/dev/null || \
-         missing=\"$missing $t\"; done; if [ -n \"$missing\" ]; then echo \"this server lacks:\
-         $missing\" >&2; exit 1; fi"
-    );
+    // Servers may have no route to the internet, so nothing is fetched there: the installer
+    // travels with every deploy, and rsync, when a server lacks it, with this command.
     for server in servers {
         plan.hosts.push(HostPlan {
             host: server.name.to_string(),
-            steps: vec![cx
-                .server_step(server, vec![("prereqs", cx.server_hop(server).run(&server_script))])],
+            steps: vec![cx.server_step_with(
+                server,
+                vec!["prereqs"],
+                &server_prereqs(cx, server, manager),
+            )],
         });
     }
     plan
+}
+
+/// The builder script of `install-prereqs` for one server, after the connection: the service
+/// manager must be there; rsync, when missing, is carried from the builder.
+///
+/// A server without rsync (and perhaps without a route to any package mirror) gets the
+/// builder's own rsync as a self-contained bundle in `<staging>/.tools/`: the binary, every
+/// library `ldd` lists, and the builder's dynamic loader, started through a wrapper script
+/// that runs the binary with that loader and those libraries only. It needs the same kernel
+/// and machine on both ends (Linux, same `uname -m`), which is checked first. The push uses
+/// the server's own rsync when it has one, the bundle otherwise; `uninstall` removes it with
+/// the staging directory.
+fn server_prereqs(cx: &Context<'_>, server: &Server, manager: &str) -> String {
+    let hop = cx.server_hop(server);
+    let tools = cx.staging().join(TOOLS);
+    let carried = tools.join("rsync");
+    let probe = hop.run(&format!(
+        "command -v {manager} >/dev/null 2>&1 || {{ echo 'this server lacks {manager}' >&2; \
+         exit 1; }}; if command -v rsync >/dev/null 2>&1 || [ -x {t} ]; then echo ok; else \
+         uname -sm; fi",
+        t = carried.shell_word(),
+    ));
+    let unpack = hop.run(&format!(
+        "umask 077 && mkdir -p -- {dir} && tar -xf - -C {dir}",
+        dir = tools.shell_word()
+    ));
+    let version = hop.run(&format!("{} --version", carried.shell_word()));
+    // The wrapper finds the loader and libraries next to itself; `$0` is its own path.
+    let wrapper = "#!/bin/sh\nd=$(dirname \"$0\")\nexec \"$d/lib/%s\" --library-path \"$d/lib\" \
+                   \"$d/rsync.bin\" \"$@\"\n";
+    format!(
+        "{phase}; r=$({probe}) || exit $?; [ \"$r\" = ok ] && exit 0; here=$(uname -sm); \
+         echo \"this server has no rsync: carrying the builder's ($here)\" >&2; \
+         if [ \"$r\" != \"$here\" ]; then echo \"the builder ($here) cannot carry rsync to this \
+         server ($r): install rsync there\" >&2; exit 1; fi; \
+         case \"$here\" in Linux\\ *) ;; *) echo 'carrying rsync needs Linux on both ends: \
+         install rsync on this server' >&2; exit 1 ;; esac; \
+         ( b=$(command -v rsync) || {{ echo 'the builder has no rsync to carry' >&2; exit 1; }}; \
+         t=$(mktemp -d) || exit 1; trap 'rm -rf -- \"$t\"' EXIT; set -e; mkdir -- \"$t/lib\"; \
+         cp -L -- \"$b\" \"$t/rsync.bin\"; loader=; \
+         for l in $(ldd \"$b\" | awk '{{ for (i = 1; i <= NF; i++) if ($i ~ /^\\//) print $i }}'); \
+         do cp -L -- \"$l\" \"$t/lib/\"; case \"$l\" in */ld-linux*) loader=${{l##*/}} ;; esac; done; \
+         [ -n \"$loader\" ] || {{ echo \"no dynamic loader among the libraries of $b\" >&2; exit 1; }}; \
+         printf '{wrapper}' \"$loader\" > \"$t/rsync\"; chmod 755 \"$t/rsync\" \"$t/rsync.bin\"; \
+         tar -C \"$t\" -cf - . | {unpack} ) || exit $?; \
+         v=$({version}) || {{ echo 'the carried rsync does not run on this server' >&2; exit 1; }}; \
+         echo \"$v\" | head -n 1",
+        phase = phase("prereqs"),
+    )
 }
 
 /// `deploy install|uninstall|status|rollback`.
@@ -586,9 +636,13 @@ fn push(cx: &Context<'_>, server: &Server) -> String {
     // costs far less than a needless transfer.
     let view = format!("out/.fling-push/{}", server.name);
     // The server creates the staging directory, private, in the same session as the transfer.
-    // It removes the key of the last install before anything in the directory changes.
+    // It removes the key of the last install before anything in the directory changes, and
+    // runs the server's rsync, or the one `install-prereqs` carried there.
+    let carried = cx.staging().join(TOOLS).join("rsync").shell_word();
     let rsync_path = format!(
-        "umask 077 && mkdir -p -- {} && rm -f -- {} && rsync",
+        "umask 077 && mkdir -p -- {} && rm -f -- {} && if command -v rsync >/dev/null 2>&1; \
+         then R=rsync; elif [ -x {carried} ]; then R={carried}; else echo 'this server has no \
+         rsync: run `cargo xtask fling install-prereqs`' >&2; exit 127; fi && exec \"$R\"",
         cx.staging().shell_word(),
         cx.staging().join(VIEW_KEY).shell_word()
     );
@@ -598,6 +652,9 @@ fn push(cx: &Context<'_>, server: &Server) -> String {
         "--delete",
         "--checksum",
         "--info=stats1",
+        // The rsync `install-prereqs` carried lives in the staging directory: not part of the
+        // push, and not deleted by it.
+        &format!("--exclude=/{TOOLS}/"),
         "-e",
         &hop.rsync_shell,
         &format!("--rsync-path={rsync_path}"),
