@@ -74,7 +74,8 @@ fn deployment_example_refers_to_defined_servers() {
         String::from_utf8_lossy(&output.stderr)
     );
     for server in ["node1", "node2", "node3"] {
-        let step = format!("[{server}] connect, check, push, install (runs on builder -> {server})");
+        let step =
+            format!("[{server}] connect, check, push, install (runs on builder -> {server})");
         assert!(stdout.contains(&step), "{stdout}");
     }
 }
