@@ -331,3 +331,121 @@ fn bad_clusters_are_refused_with_the_reason() {
     }
     assert!(!state.exists(), "a refused cluster created state");
 }
+
+/// A request as xtask writes it, for three servers, with one file of the caller's per server
+/// and the template of [`config`] in a templates directory.
+fn request(dir: &Utf8Path, identities: Identities) -> Request {
+    let template = config(&dir.join("unused"), identities).templates.remove(0);
+    let templates_dir = dir.join("templates");
+    std::fs::create_dir_all(templates_dir.join("node-agent")).unwrap();
+    std::fs::write(templates_dir.join("node-agent/node.toml"), &template.text).unwrap();
+    let servers = config(&dir.join("unused"), identities)
+        .cluster
+        .nodes
+        .into_iter()
+        .map(|node| ServerRequest {
+            files: vec![OverlayFile {
+                path: "opt/flotilla/node-agent/pkg/identity.toml".into(),
+                contents: format!("name = \"{}\"\n", node.name).into_bytes(),
+            }],
+            name: node.name,
+            addresses: node.addresses,
+            vars: node.vars,
+        })
+        .collect();
+    Request {
+        servers,
+        threshold: 2,
+        vars: BTreeMap::from([("cluster".to_owned(), "test".to_owned())]),
+        state_dir: dir.join("out/overlay-state"),
+        identities,
+        tls_services: vec!["node-agent".into()],
+        share_service: "node-agent".into(),
+        templates_dir,
+        out_dir: dir.join("out/overlay"),
+    }
+}
+
+#[test]
+fn a_request_writes_every_server_tree_and_replaces_the_previous_one_whole() {
+    let (_guard, dir) = tempdir();
+    let out = dir.join("out/overlay");
+    // A file of an earlier generation that this one does not write must not survive.
+    std::fs::create_dir_all(out.join("node9")).unwrap();
+    std::fs::write(out.join("node9/stale"), "old").unwrap();
+    let json = serde_json::to_string(&request(&dir, Identities::Keep)).unwrap();
+    let first = run(&Request::from_json("test", &json).unwrap()).unwrap();
+    assert_eq!(first.ca, Fate::Created);
+    let mut servers: Vec<String> =
+        out.read_dir_utf8().unwrap().map(|e| e.unwrap().file_name().to_owned()).collect();
+    servers.sort();
+    assert_eq!(servers, ["node1", "node2", "node3"]);
+    let pkg = out.join("node2/opt/flotilla/node-agent/pkg");
+    let identity = std::fs::read_to_string(pkg.join("identity.toml")).unwrap();
+    assert_eq!(identity, "name = \"node2\"\n");
+    let node = std::fs::read_to_string(pkg.join("node.toml")).unwrap();
+    assert!(node.contains("index = 2") && node.contains("cluster = \"test\""), "{node}");
+    for file in ["identity.toml", "node.toml", "tls/node.key", "secret/share.json"] {
+        assert_eq!(mode(&pkg.join(file)), 0o600, "{file}");
+    }
+    assert_eq!(mode(&out), 0o700);
+    let key = std::fs::read(pkg.join("tls/node.key")).unwrap();
+    let second = run(&request(&dir, Identities::Keep)).unwrap();
+    assert_eq!((second.ca, second.shares), (Fate::Kept, Fate::Kept));
+    assert_eq!(std::fs::read(pkg.join("tls/node.key")).unwrap(), key);
+    let rotated = run(&request(&dir, Identities::Rotate)).unwrap();
+    assert_eq!(rotated.ca, Fate::Created);
+    assert_ne!(std::fs::read(pkg.join("tls/node.key")).unwrap(), key);
+    let line = describe(&rotated);
+    assert_eq!(
+        line,
+        "ca created, server identities 0 kept 3 created 0 reissued, rack secret 2 of 3 created"
+    );
+    // Only the tree and the state directory are left: no staging or set-aside copy.
+    let mut entries: Vec<String> = dir
+        .join("out")
+        .read_dir_utf8()
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_owned())
+        .collect();
+    entries.sort();
+    assert_eq!(entries, ["overlay", "overlay-state"]);
+}
+
+#[test]
+fn a_failed_request_leaves_the_previous_tree_untouched() {
+    let (_guard, dir) = tempdir();
+    run(&request(&dir, Identities::Keep)).unwrap();
+    let share = dir.join("out/overlay/node1/opt/flotilla/node-agent/pkg/secret/share.json");
+    let before = std::fs::read(&share).unwrap();
+    let mut clash = request(&dir, Identities::Rotate);
+    clash.servers[1].files[0].path = "opt/flotilla/node-agent/pkg/node.toml".into();
+    let err = run(&clash).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "overlay: two generators write opt/flotilla/node-agent/pkg/node.toml for node2"
+    );
+    let mut escape = request(&dir, Identities::Keep);
+    escape.servers[0].files[0].path = "opt/../../../etc/passwd".into();
+    let err = run(&escape).unwrap_err().to_string();
+    assert!(err.contains("servers.node1.files: the path `opt/../../../etc/passwd`"), "{err}");
+    escape.servers[0].files[0].path = "/etc/passwd".into();
+    assert!(run(&escape).unwrap_err().to_string().contains("must be relative"));
+    assert_eq!(std::fs::read(&share).unwrap(), before, "a failed run changed the overlay");
+}
+
+#[test]
+fn a_malformed_request_names_the_field_and_the_position() {
+    let (_guard, dir) = tempdir();
+    let mut json = serde_json::to_value(request(&dir, Identities::Keep)).unwrap();
+    json["thresold"] = 2.into();
+    let err = Request::from_json("stdin", &json.to_string()).unwrap_err().to_string();
+    assert!(
+        err.starts_with("read the overlay request from stdin: unknown field `thresold`"),
+        "{err}"
+    );
+    json.as_object_mut().unwrap().remove("thresold");
+    json["identities"] = "forget".into();
+    let err = Request::from_json("stdin", &json.to_string()).unwrap_err().to_string();
+    assert!(err.contains("unknown variant `forget`") && err.contains("column"), "{err}");
+}
