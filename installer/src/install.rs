@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use camino::{Utf8Path, Utf8PathBuf};
 use serde::Serialize;
 
+use crate::accounts::{self, Accounts, HostAccounts, Owner, ServiceUser};
 use crate::digests::{verify_dir, VerifiedPackage};
 use crate::error::{io, Error, Result};
 use crate::health::{self, HEALTH_FILE};
@@ -18,8 +19,8 @@ use crate::manager::{
     ServiceRef, Settled,
 };
 use crate::release::{
-    dependency_order, fsync_dir, now, release_id, tree_digest, write_atomic, Activation, Layout,
-    PackageInfo, Pending, ReleaseInfo, ServiceInfo, State, DEFAULT_PREFIX,
+    dependency_order, fsync_dir, now, release_id, tree_digest, write_atomic, write_atomic_owned,
+    Activation, Layout, PackageInfo, Pending, ReleaseInfo, ServiceInfo, State, DEFAULT_PREFIX,
 };
 use crate::runner::{Runner, Step};
 use crate::unpack::{ensure_dirs, unpack, ArchiveKind};
@@ -134,6 +135,7 @@ pub struct Installer {
     layout: Layout,
     manager: Box<dyn ServiceManager>,
     runner: Arc<dyn Runner>,
+    accounts: Arc<dyn Accounts>,
     log: Box<dyn Fn(&str) + Send + Sync>,
 }
 
@@ -142,7 +144,20 @@ impl Installer {
     pub fn new(config: Config, runner: Arc<dyn Runner>) -> Installer {
         let layout = Layout { prefix: config.prefix.clone() };
         let manager = manager::driver(config.manager, &config.unit_dir);
-        Installer { config, layout, manager, runner, log: Box::new(|_| {}) }
+        Installer {
+            config,
+            layout,
+            manager,
+            runner,
+            accounts: Arc::new(HostAccounts),
+            log: Box::new(|_| {}),
+        }
+    }
+
+    /// Looks the services' users up in `accounts` instead of the host's user database.
+    pub fn with_accounts(mut self, accounts: Arc<dyn Accounts>) -> Installer {
+        self.accounts = accounts;
+        self
     }
 
     /// Sends a line per step to `log` (the binary prints them; the library never does).
@@ -394,8 +409,34 @@ impl Installer {
                 }
             }
         }
+        // Every service's user must exist before anything is placed or activated: the
+        // overlay's secrets are handed to it, and the service manager would refuse to start
+        // the service without it.
+        let mut users: BTreeMap<String, ServiceUser> = BTreeMap::new();
+        let mut file_owners: BTreeMap<String, Owner> = BTreeMap::new();
+        for name in owners.keys() {
+            let Some((declared, declared_in)) = self.declared_user(&temp, name)? else {
+                continue;
+            };
+            let owner = accounts::resolve(self.accounts.as_ref(), &declared, &declared_in)
+                .map_err(|message| {
+                    let owned = overlay
+                        .and_then(|dir| first_file(&dir.join("opt/flotilla").join(name)))
+                        .map(|file| format!(", so it cannot own the overlay file {file}"))
+                        .unwrap_or_default();
+                    Error::Service {
+                        service: name.clone(),
+                        message: format!(
+                            "{message}{owned}; {}",
+                            accounts::create_hint(&declared.user)
+                        ),
+                    }
+                })?;
+            users.insert(name.clone(), declared);
+            file_owners.insert(name.clone(), owner);
+        }
         if let Some(overlay) = overlay {
-            place_overlay(overlay, &temp)?;
+            place_overlay(overlay, &temp, &file_owners)?;
         }
         let mut services = Vec::new();
         let mut smf_names: BTreeMap<String, String> = BTreeMap::new();
@@ -450,6 +491,7 @@ impl Installer {
                 after: Vec::new(),
                 health,
                 fmri,
+                user: users.get(name).cloned(),
             });
         }
         // Dependencies name units or FMRIs; only those that are services of this release
@@ -482,6 +524,35 @@ impl Installer {
         fsync_dir(&releases);
         guard.disarm();
         Ok(info)
+    }
+
+    /// The user service `name` declares in its definition for this host's manager, and the
+    /// file that declares it (relative to the release); `None` when it declares none (root).
+    fn declared_user(
+        &self,
+        release: &Utf8Path,
+        name: &str,
+    ) -> Result<Option<(ServiceUser, String)>> {
+        let definition = self.manager.definition_file(name);
+        let rel = format!("{name}/pkg/{definition}");
+        let path = release.join(&rel);
+        if !path.is_file() {
+            // The missing definition is reported with the package that lacks it.
+            return Ok(None);
+        }
+        let text = fs::read_to_string(&path).map_err(io("read", &path))?;
+        let declared = match self.config.manager {
+            ManagerKind::Systemd => accounts::unit_user(&text),
+            ManagerKind::Smf => {
+                parse_manifest(&text)
+                    .map_err(|m| Error::Service {
+                        service: name.to_owned(),
+                        message: format!("pkg/{definition}: {m}"),
+                    })?
+                    .credential
+            }
+        };
+        Ok(declared.map(|d| (d, format!("opt/flotilla/{rel}"))))
     }
 
     /// Service definitions name paths under the default prefix; under another prefix (tests,
@@ -984,27 +1055,62 @@ fn check_overlay(dir: &Utf8Path) -> Result<()> {
 }
 
 /// Copies the overlay into the release being unpacked, replacing package files it names.
-fn place_overlay(overlay: &Utf8Path, release: &Utf8Path) -> Result<()> {
+///
+/// Overlay files are per-server secrets and configuration, so each is written 0600 (through a
+/// temporary name, then renamed) and owned by the user of the service whose directory it is in,
+/// `owners[service]`; a directory the overlay adds is 0700 and owned the same way. Directories
+/// the packages already have stay as they are. A service without an entry runs as root and
+/// its files belong to the installer's user (root on servers).
+fn place_overlay(
+    overlay: &Utf8Path,
+    release: &Utf8Path,
+    owners: &BTreeMap<String, Owner>,
+) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     walk(overlay, Utf8Path::new(""), &mut |rel, meta| {
         let Ok(inner) = rel.strip_prefix("opt/flotilla") else { return Ok(()) };
-        if inner.as_str().is_empty() {
-            return Ok(());
-        }
+        let Some(service) = inner.components().next() else { return Ok(()) };
+        let owner = owners.get(service.as_str()).copied();
         let bad = |message: String| Error::Overlay { path: overlay.join(rel), message };
-        if meta.is_dir() {
-            return ensure_dirs(release, inner).map_err(bad);
-        }
         if let Some(parent) = inner.parent() {
             ensure_dirs(release, parent).map_err(bad)?;
         }
         let target = release.join(inner);
-        if fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink()) {
+        let existing = fs::symlink_metadata(&target).ok();
+        if existing.as_ref().is_some_and(|m| m.file_type().is_symlink()) {
             return Err(bad(format!("would replace the symbolic link {target} of a package")));
         }
+        if meta.is_dir() {
+            match existing {
+                Some(m) if m.is_dir() => return Ok(()),
+                Some(_) => return Err(bad(format!("{target} exists and is not a directory"))),
+                None => {}
+            }
+            fs::DirBuilder::new().mode(0o700).create(&target).map_err(io("create", &target))?;
+            // The mode is set again because the umask may have narrowed it; 0700 is exact.
+            fs::set_permissions(&target, fs::Permissions::from_mode(0o700))
+                .map_err(io("set the mode of", &target))?;
+            if let Some(owner) = owner {
+                std::os::unix::fs::lchown(&target, Some(owner.uid), Some(owner.gid))
+                    .map_err(io("change the owner of", &target))?;
+            }
+            return Ok(());
+        }
         let contents = fs::read(overlay.join(rel)).map_err(io("read", overlay.join(rel)))?;
-        use std::os::unix::fs::PermissionsExt;
-        write_atomic(&target, &contents, meta.permissions().mode() & 0o777)
+        write_atomic_owned(&target, &contents, 0o600, owner)
     })
+}
+
+/// The first regular file under `dir` in sorted order, for messages; `None` when there is none.
+fn first_file(dir: &Utf8Path) -> Option<Utf8PathBuf> {
+    let mut found = None;
+    let _ = walk(dir, Utf8Path::new(""), &mut |rel, meta| {
+        if found.is_none() && meta.is_file() {
+            found = Some(dir.join(rel));
+        }
+        Ok(())
+    });
+    found
 }
 
 /// Calls `f` for every entry under `root` (relative path, metadata), parents before children,

@@ -6,6 +6,7 @@
 //! This library runs on servers, so it stays small: no CLI parsing, no terminal UI, and every
 //! process goes through a [`runner::Runner`] so the command sequences are testable as data.
 
+pub mod accounts;
 pub mod digests;
 pub mod error;
 pub mod health;

@@ -89,6 +89,11 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    // Package files are unpacked with their archive modes, which services running as their
+    // own users rely on (0755 binaries, 0644 configs); an inherited umask such as 077 would
+    // narrow them to root only. Overlay secrets get their exact 0600 regardless.
+    // SAFETY: umask only sets this process's file creation mask.
+    unsafe { libc::umask(0o022) };
     let manager = match cli.service_manager {
         Some(kind) => kind,
         None => detect("/".into())?,

@@ -146,6 +146,44 @@ pub(crate) fn write_atomic(path: &Utf8Path, contents: &[u8], mode: u32) -> Resul
     Ok(())
 }
 
+/// `write_atomic` for a file that must belong to `owner` (when given) and have exactly `mode`
+/// whatever the umask: the temporary file is created 0600, handed to the owner and given its
+/// mode before any byte is written, and only then renamed into place, so the file never exists
+/// under its name with the wrong owner or mode.
+pub(crate) fn write_atomic_owned(
+    path: &Utf8Path,
+    contents: &[u8],
+    mode: u32,
+    owner: Option<crate::accounts::Owner>,
+) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path.parent().unwrap_or(Utf8Path::new("."));
+    let temp =
+        dir.join(format!(".{}.tmp-{}", path.file_name().unwrap_or("file"), std::process::id()));
+    let _ = fs::remove_file(&temp);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temp)
+        .map_err(io("create", &temp))?;
+    let result = (|| {
+        if let Some(owner) = owner {
+            std::os::unix::fs::fchown(&file, Some(owner.uid), Some(owner.gid))
+                .map_err(io("change the owner of", &temp))?;
+        }
+        file.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(io("set the mode of", &temp))?;
+        file.write_all(contents).map_err(io("write", &temp))?;
+        file.sync_all().map_err(io("sync", &temp))?;
+        fs::rename(&temp, path).map_err(io("rename into place", path))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    result
+}
+
 /// A package of a release.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PackageInfo {
@@ -169,6 +207,10 @@ pub struct ServiceInfo {
     pub health: Option<HealthCheck>,
     /// The SMF instance FMRI, when the service has a manifest.
     pub fmri: Option<String>,
+    /// The user the service runs as, from its definition for this host's manager; `None` is
+    /// root. Recorded by releases unpacked since services declare users.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<crate::accounts::ServiceUser>,
 }
 
 /// The record of one release, `releases/<id>/release.json`.
@@ -369,6 +411,7 @@ mod tests {
             after: after.iter().map(|s| (*s).to_owned()).collect(),
             health: None,
             fmri: None,
+            user: None,
         }
     }
 

@@ -713,3 +713,145 @@ fn a_failed_restart_of_several_units_names_the_one_systemd_reports() {
     // Nothing is left active after the failed first install.
     assert!(fs::symlink_metadata(root.join("prefix/current")).is_err());
 }
+
+/// The uid and primary gid of `user` and the gid of `group`, read from /etc/passwd and
+/// /etc/group directly rather than through the installer's own lookup.
+fn ids_from_files(user: &str, group: &str) -> (u32, u32, u32) {
+    let field = |file: &str, name: &str, index: usize| -> u32 {
+        let text = fs::read_to_string(file).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.split(':').next() == Some(name))
+            .unwrap_or_else(|| panic!("{file} has no entry {name}"));
+        line.split(':').nth(index).unwrap().parse().unwrap()
+    };
+    (field("/etc/passwd", user, 2), field("/etc/passwd", user, 3), field("/etc/group", group, 2))
+}
+
+/// Handing files to another user needs root; the installer runs as root on servers.
+fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert_ne!(
+        std::env::var("CI").as_deref(),
+        Ok("true"),
+        "{test} needs root to give files to another user, and CI=true requires it to run"
+    );
+    eprintln!("skipping {test}: it needs root to give files to another user (CI is not \"true\")");
+    false
+}
+
+#[test]
+fn overlay_files_belong_to_the_services_user_with_mode_0600() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !root_or_skip("overlay_files_belong_to_the_services_user_with_mode_0600") {
+        return;
+    }
+    // `nobody` and `nogroup` exist on every Debian host; the test creates no accounts.
+    let (uid, primary_gid, nogroup) = ids_from_files("nobody", "nogroup");
+    let tmp = TempDir::new("owners");
+    let root = tmp.path();
+    let runner = running();
+    let inst = installer(root, ManagerKind::Systemd, &runner);
+    let a = Service { service_extra: "User=nobody\n", ..Service::new("a") };
+    let b = Service { service_extra: "User=nobody\nGroup=nogroup\n", ..Service::new("b") };
+    let c = Service::new("c");
+    let packages = packages_dir(
+        root,
+        "v1",
+        &[("a.tar.gz", a.zone()), ("b.tar.gz", b.zone()), ("c.tar.gz", c.zone())],
+    );
+    let overlay = root.join("overlay");
+    for service in ["a", "b", "c"] {
+        let pkg = overlay.join(format!("opt/flotilla/{service}/pkg"));
+        fs::create_dir_all(pkg.join("tls")).unwrap();
+        // The overlay's own modes do not matter: secrets land 0600 whatever they were.
+        fs::write(pkg.join("config.toml"), "v = 2\n").unwrap();
+        fs::set_permissions(pkg.join("config.toml"), fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(pkg.join("tls/node.key"), "key").unwrap();
+    }
+    inst.install(&packages, Some(&overlay)).unwrap();
+
+    let current = root.join("prefix/current");
+    let expect = [("a", uid, primary_gid), ("b", uid, nogroup), ("c", 0, 0)];
+    for (service, uid, gid) in expect {
+        let pkg = current.join(service).join("pkg");
+        for file in ["config.toml", "tls/node.key"] {
+            let meta = fs::metadata(pkg.join(file)).unwrap();
+            assert_eq!(meta.mode() & 0o7777, 0o600, "{service}/pkg/{file}");
+            assert_eq!((meta.uid(), meta.gid()), (uid, gid), "{service}/pkg/{file}");
+        }
+        let tls = fs::metadata(pkg.join("tls")).unwrap();
+        assert_eq!(tls.mode() & 0o7777, 0o700, "{service}/pkg/tls");
+        assert_eq!((tls.uid(), tls.gid()), (uid, gid), "{service}/pkg/tls");
+        // The package's own directories and files stay root's and readable.
+        let meta = fs::metadata(&pkg).unwrap();
+        assert_eq!((meta.mode() & 0o777, meta.uid()), (0o755, 0), "{service}/pkg");
+        let unit = fs::metadata(pkg.join(format!("{service}.service"))).unwrap();
+        assert_eq!((unit.mode() & 0o777, unit.uid()), (0o644, 0), "{service}.service");
+        // Nothing is left under a temporary name.
+        let names = listing(&pkg).into_iter().chain(listing(&pkg.join("tls")));
+        assert!(names.clone().all(|n| !n.contains(".tmp")), "{:?}", names.collect::<Vec<_>>());
+    }
+    let record = fs::read_to_string(current.join("release.json")).unwrap();
+    let record: serde_json::Value = serde_json::from_str(&record).unwrap();
+    let users: Vec<&serde_json::Value> =
+        record["services"].as_array().unwrap().iter().map(|s| &s["user"]).collect();
+    assert_eq!(users[0]["user"], "nobody");
+    assert_eq!(users[1]["group"], "nogroup");
+    assert!(users[2].is_null(), "c declares no user: {record}");
+}
+
+#[test]
+fn a_missing_user_is_refused_before_anything_is_activated() {
+    let tmp = TempDir::new("nouser");
+    let root = tmp.path();
+    let runner = running();
+    let inst = installer(root, ManagerKind::Systemd, &runner);
+    let good = inst.install(&two_services(root, "good", "v = 1\n", None), None).unwrap();
+    runner.take();
+    let missing = format!("flotilla-missing-{}", std::process::id());
+    let extra = format!("User={missing}\n");
+    let b = Service { service_extra: &extra, unit_extra: "After=a.service", ..Service::new("b") };
+    let packages =
+        packages_dir(root, "v2", &[("a.tar.gz", Service::new("a").zone()), ("b.tar.gz", b.zone())]);
+    let overlay = root.join("overlay");
+    fs::create_dir_all(overlay.join("opt/flotilla/b/pkg/tls")).unwrap();
+    fs::write(overlay.join("opt/flotilla/b/pkg/tls/node.key"), "key").unwrap();
+
+    let err = inst.install(&packages, Some(&overlay)).unwrap_err();
+    assert!(matches!(err, Error::Service { .. }), "{err:?}");
+    let err = err.to_string();
+    let expected = format!(
+        "service b: user {missing} (declared in opt/flotilla/b/pkg/b.service) does not exist on \
+         this host, so it cannot own the overlay file {overlay}/opt/flotilla/b/pkg/tls/node.key; \
+         create it with `cargo xtask fling install-prereqs`"
+    );
+    assert!(err.starts_with(&expected), "{err}\nshould start with\n{expected}");
+    assert!(runner.take().is_empty(), "no service manager command ran");
+    assert_previous_active(root, &good.release);
+
+    // The binary exits 1, the status of "nothing changed", with the same message.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla-installer"))
+        .args(["--prefix", root.join("prefix").as_str(), "--unit-dir", root.join("units").as_str()])
+        .args(["--service-manager", "systemd", "install", packages.as_str()])
+        .args(["--overlay", overlay.as_str()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&expected), "{stderr}");
+    assert_previous_active(root, &good.release);
+
+    // Without an overlay the user is still required: the service could not start without it.
+    let err = inst.install(&packages, None).unwrap_err().to_string();
+    assert!(err.contains(&format!("service b: user {missing} (declared in")), "{err}");
+    // A missing group is refused the same way.
+    let b = Service { service_extra: "User=root\nGroup=flotilla-no-group\n", ..Service::new("b") };
+    let packages = packages_dir(root, "v3", &[("b.tar.gz", b.zone())]);
+    let err = inst.install(&packages, None).unwrap_err().to_string();
+    assert!(err.contains("service b: group flotilla-no-group (declared in"), "{err}");
+    assert_previous_active(root, &good.release);
+}

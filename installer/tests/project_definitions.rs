@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use camino::Utf8Path;
+use installer::accounts::{Account, Accounts, ServiceUser};
+use installer::release::ReleaseInfo;
 use installer::runner::{Output, RecordingRunner};
 use installer::{Config, Installer, ManagerKind};
 use support::{packages_dir, zone_bytes, Entry, TempDir};
@@ -42,7 +44,27 @@ fn installer(root: &Utf8Path, manager: ManagerKind, runner: &Arc<RecordingRunner
         keep: 3,
         lock_wait: Duration::ZERO,
     };
-    Installer::new(config, runner.clone())
+    Installer::new(config, runner.clone()).with_accounts(Arc::new(ServiceUsers))
+}
+
+/// The accounts `cargo xtask fling install-prereqs` creates on servers, `flotilla-<service>`
+/// with a group of the same name, standing in for the host's (which need not have them).
+struct ServiceUsers;
+
+impl Accounts for ServiceUsers {
+    fn user(&self, name: &str) -> Result<Option<Account>, String> {
+        Ok(name.starts_with("flotilla-").then_some(Account { uid: 990, gid: 990 }))
+    }
+    fn group(&self, name: &str) -> Result<Option<u32>, String> {
+        Ok(name.starts_with("flotilla-").then_some(990))
+    }
+}
+
+/// The user each service declares in the release record, by service.
+fn recorded_users(release: &Utf8Path) -> Vec<(String, Option<ServiceUser>)> {
+    let text = fs::read_to_string(release.join("release.json")).unwrap();
+    let info: ReleaseInfo = serde_json::from_str(&text).unwrap();
+    info.services.into_iter().map(|s| (s.name, s.user)).collect()
 }
 
 /// A loopback HTTP server standing in for a service's `/health` endpoint, counting the GETs it
@@ -178,6 +200,15 @@ fn the_projects_service_definitions_install_under_systemd_and_smf() {
         // The start method runs the packaged binary through `current`, under this prefix.
         let bin = format!("{}/current/{service}/bin/{service}", smf_root.join("prefix"));
         assert!(manifest.contains(&bin), "{service}: manifest does not start {bin}");
+        // ... as the service's own user, which the installer reads from the credential.
+        let own = ServiceUser {
+            user: format!("flotilla-{service}"),
+            group: Some(format!("flotilla-{service}")),
+        };
+        assert_eq!(parsed.credential.as_ref(), Some(&own), "{service}: manifest.xml");
+    }
+    for (service, user) in recorded_users(&release) {
+        assert_eq!(user.map(|u| u.user), Some(format!("flotilla-{service}")), "{service} (smf)");
     }
 
     // The installer waited for every service's health check before calling the release active.
@@ -190,7 +221,13 @@ fn the_projects_service_definitions_install_under_systemd_and_smf() {
     let sd_root = root.join("systemd");
     fs::create_dir_all(&sd_root).unwrap();
     let inst = installer(&sd_root, ManagerKind::Systemd, &runner);
-    inst.install(&packages, None).unwrap();
+    let outcome = inst.install(&packages, None).unwrap();
+    let release = sd_root.join("prefix/releases").join(&outcome.release);
+    for (service, user) in recorded_users(&release) {
+        let own = format!("flotilla-{service}");
+        let expected = ServiceUser { user: own.clone(), group: Some(own) };
+        assert_eq!(user, Some(expected), "{service}.service: User= and Group=");
+    }
     for ((service, server), before) in services.iter().zip(&health_servers).zip(&probed) {
         assert!(
             server.hits.load(Ordering::SeqCst) > *before,

@@ -2,6 +2,7 @@
 //! `svcadm restart`, `svcs` for state and diagnosis.
 
 use super::{same_contents, Action, ManagerKind, Plan, ServiceManager, ServiceRef};
+use crate::accounts::ServiceUser;
 use crate::runner::{Cmd, Output, Step};
 
 const SVCADM: &str = "/usr/sbin/svcadm";
@@ -24,6 +25,9 @@ pub struct SmfManifest {
     pub fmri: String,
     /// The service FMRIs (without instance) of the manifest's dependencies.
     pub dependencies: Vec<String>,
+    /// The user the start method runs as: its `<method_credential>`, or the service's when the
+    /// method has none. `None` means root.
+    pub credential: Option<ServiceUser>,
 }
 
 /// Parses an SMF manifest and checks the elements SMF requires of it: a `service_bundle` of
@@ -78,8 +82,35 @@ pub fn parse_manifest(text: &str) -> Result<SmfManifest, String> {
         .filter_map(|n| n.attribute("value"))
         .map(|v| strip_instance(v).to_owned())
         .collect();
+    let start = service
+        .descendants()
+        .find(|n| n.has_tag_name("exec_method") && n.attribute("name") == Some("start"));
+    // SMF applies the method's own context first, then the service's.
+    let credential = start
+        .into_iter()
+        .chain([*service])
+        .find_map(|n| {
+            n.children()
+                .filter(|c| c.has_tag_name("method_context"))
+                .flat_map(|c| c.children())
+                .find(|c| c.has_tag_name("method_credential"))
+        })
+        .map(|c| {
+            let user = c.attribute("user").filter(|u| !u.is_empty()).ok_or_else(|| {
+                format!("service {name}: <method_credential> has no user attribute")
+            })?;
+            // `:default` (SMF's default) is the user's primary group.
+            let group = c.attribute("group").filter(|g| !g.is_empty() && *g != ":default");
+            Ok::<_, String>(ServiceUser { user: user.to_owned(), group: group.map(str::to_owned) })
+        })
+        .transpose()?;
     let service_fmri = format!("svc:/{}", name.trim_start_matches('/'));
-    Ok(SmfManifest { fmri: format!("{service_fmri}:{instance}"), service_fmri, dependencies })
+    Ok(SmfManifest {
+        fmri: format!("{service_fmri}:{instance}"),
+        service_fmri,
+        dependencies,
+        credential,
+    })
 }
 
 /// `svc:/a/b:default` -> `svc:/a/b`.
@@ -213,6 +244,37 @@ mod tests {
         assert_eq!(m.fmri, "svc:/oxide/control-plane:default");
         assert_eq!(m.service_fmri, "svc:/oxide/control-plane");
         assert_eq!(m.dependencies, ["svc:/oxide/node-agent", "svc:/milestone/network"]);
+        assert_eq!(m.credential, None);
+    }
+
+    #[test]
+    fn reads_the_start_methods_credential_before_the_services() {
+        let manifest = |service_ctx: &str, start_ctx: &str| {
+            format!(
+                "<service_bundle type=\"manifest\"><service name=\"a\">\
+                 <create_default_instance enabled=\"false\"/>{service_ctx}\
+                 <exec_method type=\"method\" name=\"start\" exec=\"/x\">{start_ctx}</exec_method>\
+                 <exec_method type=\"method\" name=\"stop\" exec=\":kill\">\
+                 <method_context><method_credential user=\"stopper\"/></method_context>\
+                 </exec_method></service></service_bundle>"
+            )
+        };
+        let ctx =
+            |attrs: &str| format!("<method_context><method_credential {attrs}/></method_context>");
+        let read = |text: String| parse_manifest(&text).unwrap().credential;
+        let user = |u: &str, g: Option<&str>| {
+            Some(ServiceUser { user: u.into(), group: g.map(Into::into) })
+        };
+        assert_eq!(read(manifest("", &ctx("user='svc' group='grp'"))), user("svc", Some("grp")));
+        assert_eq!(
+            read(manifest(&ctx("user='outer'"), &ctx("user='inner' group=':default'"))),
+            user("inner", None)
+        );
+        assert_eq!(read(manifest(&ctx("user='outer' group='g'"), "")), user("outer", Some("g")));
+        // The stop method's credential is not the service's user.
+        assert_eq!(read(manifest("", "")), None);
+        let err = parse_manifest(&manifest("", &ctx("group='g'"))).unwrap_err();
+        assert!(err.contains("<method_credential> has no user"), "{err}");
     }
 
     #[test]

@@ -137,6 +137,8 @@ pub struct Service<'a> {
     pub health: Option<&'a str>,
     /// Extra lines for the unit's `[Unit]` section, for example `After=a.service`.
     pub unit_extra: &'a str,
+    /// Extra lines for the unit's `[Service]` section, for example `User=nobody`.
+    pub service_extra: &'a str,
     pub with_unit: bool,
     pub with_manifest: bool,
 }
@@ -149,6 +151,7 @@ impl<'a> Service<'a> {
             config: "v = 1\n",
             health: None,
             unit_extra: "",
+            service_extra: "",
             with_unit: true,
             with_manifest: true,
         }
@@ -170,8 +173,8 @@ impl<'a> Service<'a> {
         if self.with_unit {
             let unit = format!(
                 "[Unit]\nDescription={n}\n{}\n[Service]\nExecStart=/opt/flotilla/current/{n}/bin/{n} \
-                 --config /opt/flotilla/current/{n}/pkg/config.toml\n\n[Install]\nWantedBy=multi-user.target\n",
-                self.unit_extra
+                 --config /opt/flotilla/current/{n}/pkg/config.toml\n{}\n[Install]\nWantedBy=multi-user.target\n",
+                self.unit_extra, self.service_extra
             );
             entries.push(Entry::file(&format!("{base}/pkg/{n}.service"), &unit));
         }
