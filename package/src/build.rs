@@ -406,7 +406,12 @@ fn write_digests(out_dir: &Utf8Path, reports: &[OutputReport]) -> Result<(), Err
         digests.insert(file, blake3);
     }
     let text: String = digests.iter().map(|(file, d)| format!("{d}  {file}\n")).collect();
-    crate::fsutil::write_atomic(&out_dir.join(DIGESTS_FILE), text.as_bytes())?;
+    let path = out_dir.join(DIGESTS_FILE);
+    // A no-op run leaves the list as it is: no write, no fsync, the same mtime.
+    if std::fs::read(&path).is_ok_and(|old| old == text.as_bytes()) {
+        return Ok(());
+    }
+    crate::fsutil::write_atomic(&path, text.as_bytes())?;
     Ok(())
 }
 

@@ -260,14 +260,17 @@ fn cache_hits_and_every_kind_of_miss() {
     let t = TempDir::new("cache");
     fixture(&t.0, false, 0o644);
     let web = t.0.join("out/web.tar.gz");
+    let digests = t.0.join("out/digests.b3");
     ok(&t.0, &["package"]);
     let before = stamp(&web);
+    let digests_before = stamp(&digests);
 
-    // A hit leaves the output untouched.
+    // A hit leaves the output untouched, and the digest list too.
     let s = ok(&t.0, &["package"]);
     assert_eq!(status_of(&s, "web.tar.gz"), "cached");
     assert_eq!(status_of(&s, "tools.tar"), "cached");
     assert_eq!(stamp(&web), before);
+    assert_eq!(stamp(&digests), digests_before, "a no-op rewrote digests.b3");
 
     // Content change.
     write(&t.0.join("smf/web/sub/data.txt"), "9876543210", 0o644);
@@ -276,6 +279,7 @@ fn cache_hits_and_every_kind_of_miss() {
     assert_eq!(status_of(&s, "tools.tar"), "cached");
     // The composite follows its component.
     assert_eq!(status_of(&s, "bundle.tar.gz"), "built");
+    assert_ne!(stamp(&digests), digests_before, "digests.b3 kept an old digest");
 
     // Input order change.
     let m = fs::read_to_string(t.0.join("m.toml")).unwrap();
