@@ -54,7 +54,7 @@ pub fn run(sh: &Shell, args: DemoArgs) -> anyhow::Result<()> {
             .run()
             .with_context(|| format!("fling {}", args.join(" ")))
     };
-    fling("check what the builder and the servers need", &["install-prereqs"])?;
+    fling("check the builder and the servers, create the service users", &["install-prereqs"])?;
     fling("copy the workspace to the builder", &["sync"])?;
     fling("build the packages on the builder", &["build", "package"])?;
     fling("generate each server's overlay (shares, TLS, configs)", &["overlay"])?;

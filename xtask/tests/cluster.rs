@@ -1,7 +1,8 @@
 //! The overlay generators end to end on a three-node testbed: after `fling overlay` and
 //! `fling install`, every control plane unlocks the rack over mutual TLS; each node holds its
 //! own share and key and no other node's (its whole file system layer is scanned for every
-//! secret's bytes); secret files are 0600 and owned by root; a redeploy keeps the identities,
+//! secret's bytes); `install-prereqs` creates each service's user once; the services run as
+//! those users, and secret files are 0600 and owned by them; a redeploy keeps the identities,
 //! `--rotate` replaces them and the cluster unlocks again; with one node's agent stopped the
 //! remaining two shares still unlock.
 //!
@@ -190,7 +191,15 @@ fn a_three_node_cluster_unlocks_keeps_secrets_apart_rotates_and_survives_a_lost_
     }
     let cluster = Cluster { tb: Testbed::up(Path::new(env!("CARGO_BIN_EXE_xtask")), "cluster", 3) };
     let nodes = cluster.tb.nodes.clone();
-    cluster.fling_ok(&["install-prereqs"]);
+    // The service users are created before anything is deployed, once: a second run finds
+    // them and creates nothing.
+    let prereqs = cluster.fling_ok(&["install-prereqs"]);
+    for service in SERVICES_WITH_KEYS {
+        let created = format!("created user flotilla-{service}");
+        assert_eq!(prereqs.matches(&created).count(), nodes.len(), "{created}: {prereqs}");
+    }
+    let again = cluster.fling_ok(&["install-prereqs"]);
+    assert!(!again.contains("created user"), "install-prereqs is not idempotent: {again}");
     cluster.fling_ok(&["sync"]);
     cluster.fling_ok(&["build", "package"]);
     let overlay = cluster.fling_ok(&["overlay"]);
@@ -254,19 +263,28 @@ fn a_three_node_cluster_unlocks_keeps_secrets_apart_rotates_and_survives_a_lost_
         }
     }
 
-    // Secret files are 0600 and root's (the services run as root).
+    // Every service runs as its own user, and its secret files are 0600 and that user's.
     for node in &nodes {
         for service in SERVICES_WITH_KEYS {
+            let user = format!("flotilla-{service}");
             let pkg = format!("/opt/flotilla/current/{service}/pkg");
             let stat =
                 cluster.tb.ssh_ok(node, &format!("stat -L -c '%a %U %G' {pkg}/tls/node.key"));
-            assert_eq!(stat, "600 root root", "{node} {service} node.key");
+            assert_eq!(stat, format!("600 {user} {user}"), "{node} {service} node.key");
+            // A process's /proc directory belongs to its effective user.
+            let pid = cluster.main_pid(node, service);
+            assert_ne!(pid, "0", "{node}: {service} is not running");
+            let runs_as = cluster.tb.ssh_ok(node, &format!("stat -c %U /proc/{pid}"));
+            assert_eq!(runs_as, user, "{node}: the user {service} (pid {pid}) runs as");
         }
         let stat = cluster.tb.ssh_ok(
             node,
             "stat -L -c '%a %U %G' /opt/flotilla/current/node-agent/pkg/secret/share.json",
         );
-        assert_eq!(stat, "600 root root", "{node} share.json");
+        assert_eq!(stat, "600 flotilla-node-agent flotilla-node-agent", "{node} share.json");
+        // etcd's data directory, which systemd makes for the unit's user.
+        let stat = cluster.tb.ssh_ok(node, "stat -c '%a %U %G' /var/lib/flotilla/etcd");
+        assert_eq!(stat, "700 flotilla-etcd flotilla-etcd", "{node} etcd data directory");
     }
 
     // Regenerating and redeploying keeps every identity: same bytes, no service restarted.

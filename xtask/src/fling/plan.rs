@@ -395,8 +395,10 @@ pub fn overlay(cx: &Context<'_>, rotate: bool) -> Plan {
 }
 
 /// `install-prereqs`: checks and prepares what the builder and the servers need. Every step
-/// is idempotent.
-pub fn install_prereqs(cx: &Context<'_>, servers: &[&Server]) -> Plan {
+/// is idempotent. The service users come from the client's own workspace (`User=` of
+/// `smf/*/*.service`), read now, so a bad name is refused before anything runs.
+pub fn install_prereqs(cx: &Context<'_>, servers: &[&Server]) -> anyhow::Result<Plan> {
+    let users = service_users(&cx.local_source)?;
     let mut plan = cx.plan("install-prereqs".into(), Locking::Lock, true, Agent::Forward);
     let builder_script = format!(
         "PATH=\"$HOME/.cargo/bin:$PATH\"; missing=; for t in cargo rsync ssh; do command -v \
@@ -414,10 +416,9 @@ pub fn install_prereqs(cx: &Context<'_>, servers: &[&Server]) -> Plan {
             &builder_script,
         ))],
     });
-    let manager = match cx.config.deployment.service_manager {
-        super::config::ServiceManager::Systemd => "systemctl",
-        super::config::ServiceManager::Smf => "svcadm",
-    };
+    let smf = cx.config.deployment.service_manager == super::config::ServiceManager::Smf;
+    let manager = if smf { "svcadm" } else { "systemctl" };
+    let create_users = create_users_script(&users, smf);
     // Servers may have no route to the internet, so nothing is fetched there: the installer
     // travels with every deploy, and rsync, when a server lacks it, with this command.
     for server in servers {
@@ -426,11 +427,98 @@ pub fn install_prereqs(cx: &Context<'_>, servers: &[&Server]) -> Plan {
             steps: vec![cx.server_step_with(
                 server,
                 vec!["prereqs"],
-                &server_prereqs(cx, server, manager),
+                &server_prereqs(cx, server, manager, &create_users),
             )],
         });
     }
-    plan
+    Ok(plan)
+}
+
+/// The users the services of the workspace at `root` run as: the `User=` lines of
+/// `smf/*/*.service`, sorted and without duplicates. Each must be a portable system user name
+/// (`^[a-z_][a-z0-9_-]{0,31}$`, which `useradd` on Linux and illumos both accept); any other is
+/// refused naming the file and line, since it travels into a root shell on every server.
+pub fn service_users(root: &camino::Utf8Path) -> anyhow::Result<Vec<String>> {
+    use anyhow::Context as _;
+    let smf = root.join("smf");
+    let mut units = Vec::new();
+    for entry in
+        smf.read_dir_utf8().with_context(|| format!("read the service users: list {smf}"))?
+    {
+        let dir =
+            entry.with_context(|| format!("read the service users: list {smf}"))?.path().to_owned();
+        if !dir.is_dir() {
+            continue;
+        }
+        for file in
+            dir.read_dir_utf8().with_context(|| format!("read the service users: list {dir}"))?
+        {
+            let path = file
+                .with_context(|| format!("read the service users: list {dir}"))?
+                .path()
+                .to_owned();
+            if path.extension() == Some("service") {
+                units.push(path);
+            }
+        }
+    }
+    units.sort();
+    let mut users = Vec::new();
+    for unit in units {
+        let text = std::fs::read_to_string(&unit)
+            .with_context(|| format!("read the service users: read {unit}"))?;
+        for (index, line) in text.lines().enumerate() {
+            let Some(name) = line.trim().strip_prefix("User=") else { continue };
+            let name = name.trim();
+            if !valid_user_name(name) {
+                anyhow::bail!(
+                    "read the service users: {unit}: line {}: `User={name}` is not a system user \
+                     name (^[a-z_][a-z0-9_-]{{0,31}}$)",
+                    index + 1
+                );
+            }
+            users.push(name.to_owned());
+        }
+    }
+    users.sort();
+    users.dedup();
+    Ok(users)
+}
+
+/// Whether `name` matches `^[a-z_][a-z0-9_-]{0,31}$`.
+fn valid_user_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    first_ok
+        && name.len() <= 32
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+/// The server-side script that creates each service user (with a group of the same name) when
+/// it does not exist yet, and says which it created. Linux: `useradd --system --user-group`
+/// with no home and no login shell. illumos (SMF): its `useradd` has no `--system` or
+/// `--user-group`, so the group comes first from `groupadd`, then `useradd -g`; its `id` knows
+/// no `-u`, and its shell that refuses logins is `/usr/bin/false`.
+fn create_users_script(users: &[String], smf: bool) -> String {
+    let mut lines = vec!["set -e".to_owned()];
+    for user in users {
+        let u = quote(user);
+        let created = quote(&format!("created user {user}"));
+        if smf {
+            lines.push(format!(
+                "getent group {u} >/dev/null 2>&1 || groupadd {u}; \
+                 if ! id {u} >/dev/null 2>&1; then useradd -g {u} -d /nonexistent -s \
+                 /usr/bin/false {u}; echo {created} >&2; fi"
+            ));
+        } else {
+            lines.push(format!(
+                "if ! id -u {u} >/dev/null 2>&1; then useradd --system --user-group \
+                 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin {u}; \
+                 echo {created} >&2; fi"
+            ));
+        }
+    }
+    lines.join("\n")
 }
 
 /// The builder script of `install-prereqs` for one server, after the connection: the service
@@ -443,8 +531,9 @@ pub fn install_prereqs(cx: &Context<'_>, servers: &[&Server]) -> Plan {
 /// and machine on both ends (Linux, same `uname -m`), which is checked first. The push uses
 /// the server's own rsync when it has one, the bundle otherwise; `uninstall` removes it with
 /// the staging directory.
-fn server_prereqs(cx: &Context<'_>, server: &Server, manager: &str) -> String {
+fn server_prereqs(cx: &Context<'_>, server: &Server, manager: &str, create_users: &str) -> String {
     let hop = cx.server_hop(server);
+    let users = hop.run(create_users);
     let tools = cx.staging().join(TOOLS);
     let carried = tools.join("rsync");
     let probe = hop.run(&format!(
@@ -462,7 +551,8 @@ fn server_prereqs(cx: &Context<'_>, server: &Server, manager: &str) -> String {
     let wrapper = "#!/bin/sh\nd=$(dirname \"$0\")\nexec \"$d/lib/%s\" --library-path \"$d/lib\" \
                    \"$d/rsync.bin\" \"$@\"\n";
     format!(
-        "{phase}; r=$({probe}) || exit $?; [ \"$r\" = ok ] && exit 0; here=$(uname -sm); \
+        "{phase}; r=$({probe}) || exit $?; {users} || exit $?; [ \"$r\" = ok ] && exit 0; \
+         here=$(uname -sm); \
          echo \"this server has no rsync: carrying the builder's ($here)\" >&2; \
          if [ \"$r\" != \"$here\" ]; then echo \"the builder ($here) cannot carry rsync to this \
          server ($r): install rsync there\" >&2; exit 1; fi; \
@@ -715,4 +805,108 @@ pub fn render(plan: &Plan, session_script: Option<&str>) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A workspace with one `smf/<name>/<name>.service` per (name, unit text).
+    struct Workspace(Utf8PathBuf);
+
+    impl Workspace {
+        fn new(tag: &str, units: &[(&str, &str)]) -> Workspace {
+            let dir =
+                std::env::temp_dir().join(format!("flotilla-users-{tag}-{}", std::process::id()));
+            let root = Utf8PathBuf::try_from(dir).unwrap();
+            let _ = std::fs::remove_dir_all(&root);
+            for (name, text) in units {
+                std::fs::create_dir_all(root.join("smf").join(name)).unwrap();
+                std::fs::write(root.join(format!("smf/{name}/{name}.service")), text).unwrap();
+                std::fs::write(root.join(format!("smf/{name}/manifest.xml")), "User=not-read")
+                    .unwrap();
+            }
+            Workspace(root)
+        }
+    }
+
+    impl Drop for Workspace {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn service_users_come_from_the_units_user_lines() {
+        let ws = Workspace::new(
+            "ok",
+            &[
+                ("b", "[Service]\nUser=flotilla-b\nGroup=flotilla-b\n"),
+                ("a", "[Service]\n  User=flotilla-a\n"),
+                ("c", "[Service]\nExecStart=/bin/true\n"),
+                ("d", "[Service]\nUser=flotilla-a\n"),
+            ],
+        );
+        assert_eq!(service_users(&ws.0).unwrap(), ["flotilla-a", "flotilla-b"]);
+    }
+
+    #[test]
+    fn the_workspaces_own_services_run_as_their_users() {
+        let users = service_users(&crate::project_root()).unwrap();
+        assert_eq!(users, ["flotilla-control-plane", "flotilla-etcd", "flotilla-node-agent"]);
+    }
+
+    #[test]
+    fn a_bad_user_name_is_refused_with_its_file_and_line() {
+        for bad in ["Root", "a b", "x;reboot", "1abc", "$(id)", &"a".repeat(33), ""] {
+            let ws =
+                Workspace::new("bad", &[("s", &format!("[Service]\nType=exec\nUser={bad}\n"))]);
+            let err = service_users(&ws.0).unwrap_err().to_string();
+            let expected =
+                format!("read the service users: {}/smf/s/s.service: line 3: `User={bad}`", ws.0);
+            assert!(err.starts_with(&expected), "{err}");
+        }
+        for good in ["_a", "a", "flotilla-node-agent", "a_b-9", &"a".repeat(32)] {
+            assert!(valid_user_name(good), "{good}");
+        }
+    }
+
+    #[test]
+    fn users_are_created_once_with_each_systems_commands() {
+        let users = ["flotilla-a".to_owned(), "flotilla-b".to_owned()];
+        let linux = create_users_script(&users, false);
+        assert_eq!(
+            linux.lines().collect::<Vec<_>>(),
+            [
+                "set -e",
+                "if ! id -u flotilla-a >/dev/null 2>&1; then useradd --system --user-group \
+                 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin flotilla-a; \
+                 echo 'created user flotilla-a' >&2; fi",
+                "if ! id -u flotilla-b >/dev/null 2>&1; then useradd --system --user-group \
+                 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin flotilla-b; \
+                 echo 'created user flotilla-b' >&2; fi",
+            ]
+        );
+        let illumos = create_users_script(&users[..1], true);
+        assert_eq!(
+            illumos.lines().collect::<Vec<_>>(),
+            [
+                "set -e",
+                "getent group flotilla-a >/dev/null 2>&1 || groupadd flotilla-a; if ! id \
+                 flotilla-a >/dev/null 2>&1; then useradd -g flotilla-a -d /nonexistent -s \
+                 /usr/bin/false flotilla-a; echo 'created user flotilla-a' >&2; fi",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_linux_script_creates_nothing_that_exists_and_is_valid_shell() {
+        // `root` exists everywhere, so the script only checks; `sh -n` parses the whole text.
+        let script = create_users_script(&["root".to_owned()], false);
+        let out = std::process::Command::new("sh").args(["-c", &script]).output().unwrap();
+        assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
+        let script = create_users_script(&["root".to_owned()], true);
+        let out = std::process::Command::new("sh").args(["-n", "-c", &script]).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
 }
