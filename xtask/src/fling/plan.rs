@@ -442,9 +442,13 @@ pub fn service_users(root: &camino::Utf8Path) -> anyhow::Result<Vec<String>> {
     use anyhow::Context as _;
     let smf = root.join("smf");
     let mut units = Vec::new();
-    for entry in
-        smf.read_dir_utf8().with_context(|| format!("read the service users: list {smf}"))?
-    {
+    // A workspace without service definitions has no services, so no users to create; the
+    // installer still refuses any user a package declares that a server lacks.
+    let entries = match smf.read_dir_utf8() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        entries => entries.with_context(|| format!("read the service users: list {smf}"))?,
+    };
+    for entry in entries {
         let dir =
             entry.with_context(|| format!("read the service users: list {smf}"))?.path().to_owned();
         if !dir.is_dir() {
@@ -848,6 +852,7 @@ mod tests {
             ],
         );
         assert_eq!(service_users(&ws.0).unwrap(), ["flotilla-a", "flotilla-b"]);
+        assert!(service_users(&ws.0.join("no-such-workspace")).unwrap().is_empty());
     }
 
     #[test]
