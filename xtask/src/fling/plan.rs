@@ -369,7 +369,14 @@ pub fn build(cx: &Context<'_>, kind: BuildKind, args: &[String]) -> Plan {
         script.push_str(&quote_words(args));
     }
     if kind == BuildKind::Package {
-        let _ = write!(script, " && cargo build --release --package {INSTALLER} --bin {INSTALLER}");
+        // The installer ships to every server; the overlay generators run on the builder in
+        // `fling overlay` (`cargo run`, the dev profile), so building them here keeps that
+        // step from compiling.
+        let _ = write!(
+            script,
+            " && cargo build --release --package {INSTALLER} --bin {INSTALLER} && cargo build \
+             --package flotilla-overlay --bin flotilla-overlay"
+        );
     }
     plan.hosts.push(HostPlan {
         host: cx.builder_name(),
