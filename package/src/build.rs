@@ -160,6 +160,7 @@ pub fn execute(
     report.outputs.sort_by(|a, b| a.package.cmp(&b.package));
     report.failed = failed.into_inner().unwrap().into_iter().collect();
     write_digests(config.out_dir, &report.outputs)?;
+    cache.save_memo().map_err(|e| Error::Request(e.to_string()))?;
     Ok(report)
 }
 
@@ -172,10 +173,10 @@ pub fn cache_status(plan: &Plan, out_dir: &Utf8Path) -> BTreeMap<PackageName, St
             let verdict = match &output.work {
                 Work::Manual => "(manual)".to_owned(),
                 Work::Fetch(_) => "(prebuilt: fetched unless present with its sha256)".to_owned(),
-                Work::Assemble(inputs) => match cache_key(output, inputs, None) {
+                Work::Assemble(inputs) => match cache_key(&cache, output, inputs, None) {
                     Err(e) => format!("(cache miss: {e})"),
                     Ok(key) => match cache.lookup(&output.path, &key) {
-                        Ok(CacheStatus::Hit) => "(cache hit)".to_owned(),
+                        Ok(CacheStatus::Hit { .. }) => "(cache hit)".to_owned(),
                         Ok(CacheStatus::Miss { reason }) => format!("(cache miss: {reason})"),
                         Err(e) => format!("(cache miss: {e})"),
                     },
@@ -251,12 +252,10 @@ fn build_output(
                     blobs.insert(i, path);
                 }
             }
-            let key = cache_key(output, inputs, Some(&blobs)).map_err(&fail)?;
+            let key = cache_key(cache, output, inputs, Some(&blobs)).map_err(&fail)?;
             if config.cache == CacheMode::Enabled {
                 match cache.lookup(&output.path, &key) {
-                    Ok(CacheStatus::Hit) => {
-                        let (size, blake3) =
-                            digest_file(&output.path).map_err(|e| fail(e.to_string()))?;
+                    Ok(CacheStatus::Hit { size, blake3 }) => {
                         progress.cache_hit(name);
                         let summary = ArchiveSummary { path: output.path.clone(), size, blake3 };
                         return Ok(report(summary, Outcome::Cached));
@@ -322,13 +321,14 @@ fn assemble(
 /// The cache key of an output: its entry and, in archive order, every input with its digest.
 /// Labels carry the destination and mode, so moving or chmod-ing a file is a change too.
 fn cache_key(
+    cache: &Cache,
     output: &OutputPlan,
     inputs: &[Input],
     blobs: Option<&BTreeMap<usize, Utf8PathBuf>>,
 ) -> Result<CacheKey, String> {
     let mut keyed = Vec::new();
     let from_file = |label: String, source: &Utf8Path| {
-        CacheKey::input_from_file(label, source).map_err(|e| e.to_string())
+        cache.input_from_file(label, source).map_err(|e| e.to_string())
     };
     let mode = |x: bool| if x { "0755" } else { "0644" };
     for (i, input) in inputs.iter().enumerate() {

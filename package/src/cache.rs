@@ -12,9 +12,11 @@
 //! an older record's inode and mtime; then its blake3 is compared, which costs one read of the
 //! file and catches anything else. A truncated or edited output therefore never counts as a hit.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
+use std::sync::Mutex;
 
 use camino::{Utf8Path, Utf8PathBuf};
 use serde::{Deserialize, Serialize};
@@ -48,11 +50,11 @@ pub struct CacheKey {
 /// The outcome of a lookup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CacheStatus {
-    Hit,
+    /// The output is the one recorded: its size and blake3, from the record (a hit has just
+    /// checked that the file is that output, so nobody needs to read it again).
+    Hit { size: u64, blake3: String },
     /// The output must be rebuilt; `reason` says why, for people.
-    Miss {
-        reason: String,
-    },
+    Miss { reason: String },
 }
 
 /// What went wrong in the cache; every variant names the file.
@@ -72,9 +74,61 @@ pub enum CacheError {
 }
 
 /// The cache of one output directory.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Cache {
     dir: Utf8PathBuf,
+    /// The digests of input files, remembered across runs (see `input_from_file`).
+    memo: Mutex<Memo>,
+}
+
+/// The name of the file under `.cache/` that remembers input digests.
+const MEMO_FILE: &str = "input-digests.json";
+
+/// How long after its last change a file must have stayed unchanged before its digest is
+/// remembered: a write in the same clock tick as the hashing could otherwise go unseen.
+const SETTLED_NS: i128 = 2_000_000_000;
+
+/// Input digests keyed by path: the ones read from the last run, and the ones this run used.
+#[derive(Debug, Default)]
+struct Memo {
+    previous: BTreeMap<Utf8PathBuf, MemoEntry>,
+    used: BTreeMap<Utf8PathBuf, MemoEntry>,
+}
+
+/// A file's identity when it was hashed, and its digest. Any write changes the ctime, which
+/// nobody can set back, so an unchanged identity means unchanged content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MemoEntry {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    blake3: String,
+}
+
+impl MemoEntry {
+    fn identity(meta: &fs::Metadata, blake3: String) -> MemoEntry {
+        MemoEntry {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.len(),
+            mtime_ns: mtime_ns(meta),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+            blake3,
+        }
+    }
+
+    fn same_file(&self, other: &MemoEntry) -> bool {
+        (self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns)
+            == (other.dev, other.ino, other.size, other.mtime_ns, other.ctime_ns)
+    }
+
+    /// Whether the file had stopped changing well before `now_ns`.
+    fn settled(&self, now_ns: i128) -> bool {
+        now_ns - self.mtime_ns.max(self.ctime_ns) >= SETTLED_NS
+    }
 }
 
 /// The record stored for one output.
@@ -112,7 +166,77 @@ impl CacheKey {
 impl Cache {
     /// The cache for outputs written to `out_dir`; records live in `out_dir/.cache/`.
     pub fn new(out_dir: &Utf8Path) -> Cache {
-        Cache { dir: out_dir.join(".cache") }
+        let dir = out_dir.join(".cache");
+        // A missing or damaged memo only means hashing again.
+        let previous = fs::read_to_string(dir.join(MEMO_FILE))
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default();
+        Cache { dir, memo: Mutex::new(Memo { previous, used: BTreeMap::new() }) }
+    }
+
+    /// Describes a file input by its content's digest. A file whose identity (device, inode,
+    /// size, mtime and ctime) is the one it had when an earlier run hashed it, long after its
+    /// last change, is not read again: a no-op run then reads no input.
+    pub fn input_from_file(
+        &self,
+        label: impl Into<String>,
+        source: &Utf8Path,
+    ) -> Result<CacheInput, CacheError> {
+        let stat = |path: &Utf8Path| {
+            fs::metadata(path).map_err(|source| CacheError::Io {
+                action: "read metadata of",
+                path: path.to_owned(),
+                source,
+            })
+        };
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        let before = MemoEntry::identity(&stat(source)?, String::new());
+        let remembered = self.memo.lock().unwrap().previous.get(source).cloned();
+        let entry = match remembered {
+            Some(entry) if entry.same_file(&before) && entry.settled(now_ns) => entry,
+            _ => {
+                let (_, blake3) = digest_file(source)?;
+                // Remember it only if the file did not change while it was read.
+                let after = MemoEntry::identity(&stat(source)?, blake3);
+                if !after.same_file(&before) || !after.settled(now_ns) {
+                    return Ok(CacheInput {
+                        label: label.into(),
+                        source: source.to_owned(),
+                        len: after.size,
+                        blake3: after.blake3,
+                    });
+                }
+                after
+            }
+        };
+        let input = CacheInput {
+            label: label.into(),
+            source: source.to_owned(),
+            len: entry.size,
+            blake3: entry.blake3.clone(),
+        };
+        self.memo.lock().unwrap().used.insert(source.to_owned(), entry);
+        Ok(input)
+    }
+
+    /// Writes the digests this run used for the next run, when they differ from what the
+    /// last run left.
+    pub fn save_memo(&self) -> Result<(), CacheError> {
+        let memo = self.memo.lock().unwrap();
+        if memo.used == memo.previous {
+            return Ok(());
+        }
+        let text = serde_json::to_string(&memo.used).expect("the memo serializes");
+        fs::create_dir_all(&self.dir).map_err(|source| CacheError::Io {
+            action: "create",
+            path: self.dir.clone(),
+            source,
+        })?;
+        write_atomic(&self.dir.join(MEMO_FILE), text.as_bytes())?;
+        Ok(())
     }
 
     /// The directory holding the records.
@@ -170,14 +294,16 @@ impl Cache {
                 record.output.size
             ));
         }
-        if stamp_matches(&meta, &record.output) {
-            return Ok(CacheStatus::Hit);
+        let matches = stamp_matches(&meta, &record.output);
+        let hit = CacheStatus::Hit { size: record.output.size, blake3: record.output.blake3 };
+        if matches {
+            return Ok(hit);
         }
-        let (_, blake3) = digest_file(output)?;
-        if blake3 != record.output.blake3 {
+        let (size, blake3) = digest_file(output)?;
+        if (CacheStatus::Hit { size, blake3 }) != hit {
             return miss("output changed since it was recorded (content)".to_owned());
         }
-        Ok(CacheStatus::Hit)
+        Ok(hit)
     }
 
     /// Records that `output`, described by `summary`, was built from `key`. Call it only after
@@ -341,9 +467,50 @@ mod tests {
         output
     }
 
+    #[test]
+    fn input_digests_are_remembered_only_for_settled_unchanged_files() {
+        let guard = tempfile::tempdir().unwrap();
+        let dir = Utf8PathBuf::try_from(guard.path().to_owned()).unwrap();
+        let input = dir.join("input");
+        let fresh = dir.join("fresh");
+        fs::write(&input, "one").unwrap();
+        // Files younger than SETTLED_NS are hashed every time.
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        fs::write(&fresh, "new").unwrap();
+        let real = |path: &Utf8Path| digest_file(path).unwrap().1;
+
+        let first = Cache::new(&dir);
+        assert_eq!(first.input_from_file("a", &input).unwrap().blake3, real(&input));
+        assert_eq!(first.input_from_file("b", &fresh).unwrap().blake3, real(&fresh));
+        first.save_memo().unwrap();
+        let memo_path = dir.join(".cache").join(MEMO_FILE);
+        let memo = fs::read_to_string(&memo_path).unwrap();
+        assert!(memo.contains(input.as_str()) && !memo.contains(fresh.as_str()), "{memo}");
+
+        // The next run trusts the remembered digest without reading the file: a doctored memo
+        // shows through.
+        let doctored = memo.replace(&real(&input), &"0".repeat(64));
+        fs::write(&memo_path, doctored).unwrap();
+        let second = Cache::new(&dir);
+        assert_eq!(second.input_from_file("a", &input).unwrap().blake3, "0".repeat(64));
+
+        // Any write changes the ctime, even when size and mtime are put back.
+        let mtime = fs::metadata(&input).unwrap().modified().unwrap();
+        fs::write(&input, "two").unwrap();
+        File::options().write(true).open(&input).unwrap().set_modified(mtime).unwrap();
+        let third = Cache::new(&dir);
+        assert_eq!(third.input_from_file("a", &input).unwrap().blake3, real(&input));
+    }
+
+    /// A hit reporting the output's real size and digest.
+    fn hit(output: &Utf8Path) -> CacheStatus {
+        let (size, blake3) = digest_file(output).unwrap();
+        CacheStatus::Hit { size, blake3 }
+    }
+
     fn reason(status: CacheStatus) -> String {
         match status {
-            CacheStatus::Hit => "hit".to_owned(),
+            CacheStatus::Hit { .. } => "hit".to_owned(),
             CacheStatus::Miss { reason } => reason,
         }
     }
@@ -353,9 +520,9 @@ mod tests {
         let f = fixture();
         let k = key(&f, &["a", "b"]);
         let output = built_and_recorded(&f, &k);
-        assert_eq!(f.cache.lookup(&output, &k).unwrap(), CacheStatus::Hit);
+        assert_eq!(f.cache.lookup(&output, &k).unwrap(), hit(&output));
         // A new key computed from the same files is equal.
-        assert_eq!(f.cache.lookup(&output, &key(&f, &["a", "b"])).unwrap(), CacheStatus::Hit);
+        assert_eq!(f.cache.lookup(&output, &key(&f, &["a", "b"])).unwrap(), hit(&output));
     }
 
     #[test]
@@ -419,7 +586,7 @@ mod tests {
         let copy = f.dir.join("copy");
         fs::write(&copy, &good).unwrap();
         fs::rename(&copy, &output).unwrap();
-        assert_eq!(f.cache.lookup(&output, &k).unwrap(), CacheStatus::Hit);
+        assert_eq!(f.cache.lookup(&output, &k).unwrap(), hit(&output));
 
         fs::remove_file(&output).unwrap();
         assert_eq!(reason(f.cache.lookup(&output, &k).unwrap()), "output missing");
