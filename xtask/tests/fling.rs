@@ -238,10 +238,40 @@ impl Fixture {
             .expect("run cargo xtask fling")
     }
 
+    /// Starts `cargo xtask fling --config <config> <args>` in the background, without output;
+    /// in a process group of its own when `own_group`. Killed and reaped when dropped.
+    fn spawn_fling(&self, config: &Path, args: &[&str], own_group: bool) -> Reap {
+        use std::os::unix::process::CommandExt as _;
+        let mut command = Command::new(env!("CARGO_BIN_EXE_xtask"));
+        command
+            .arg("fling")
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .env_remove("SSH_AUTH_SOCK")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if own_group {
+            command.process_group(0);
+        }
+        Reap(command.spawn().expect("start cargo xtask fling"))
+    }
+
     /// Writes the overlays into the builder's workspace, as `fling overlay` has the builder do.
     fn generate_overlay(&self, config: &Path) {
         let out = self.fling(config, &["overlay", "--generate-here"]);
         assert!(out.status.success(), "overlay: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+/// A process a test started: killed and reaped when dropped, even when the test fails.
+struct Reap(Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -462,24 +492,7 @@ fn a_concurrent_deploy_is_refused_with_the_holders_information() {
     let config = f.config("deploy.toml", "", &f.default_servers());
     f.generate_overlay(&config);
     std::fs::write(f.path("installer-sleep"), "").unwrap();
-    let first = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(["fling", "--config"])
-        .arg(&config)
-        .args(["--servers", "n1", "deploy", "install"])
-        .env_remove("SSH_AUTH_SOCK")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    struct Reap(Child);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut first = Reap(first);
+    let mut first = f.spawn_fling(&config, &["--servers", "n1", "deploy", "install"], false);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !f.path("lock/info").exists() {
         assert!(Instant::now() < deadline, "the first deploy never took the lock");
@@ -524,26 +537,7 @@ fn an_interrupted_deploy_releases_the_lock_on_the_builder() {
     std::fs::write(f.path("installer-sleep"), "").unwrap();
     // Its own process group, so that the interrupt reaches fling and its ssh processes, as
     // Ctrl-C in a terminal does.
-    use std::os::unix::process::CommandExt as _;
-    let child = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(["fling", "--config"])
-        .arg(&config)
-        .args(["--servers", "n1", "deploy", "install"])
-        .env_remove("SSH_AUTH_SOCK")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .unwrap();
-    struct Reap(Child);
-    impl Drop for Reap {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Reap(child);
+    let mut child = f.spawn_fling(&config, &["--servers", "n1", "deploy", "install"], true);
     let deadline = Instant::now() + Duration::from_secs(20);
     // Once the push is done the installer starts, and sleeps 4 s: interrupt the deploy then.
     while !(f.path("lock/info").exists() && f.path("staging/bin/flotilla-installer").exists()) {
