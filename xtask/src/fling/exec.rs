@@ -933,6 +933,14 @@ mod tests {
     fn an_interrupt_stops_the_running_step_skips_the_rest_and_still_tears_down() {
         let dir = std::env::temp_dir().join(format!("fling-interrupt-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        // Removed however the test ends.
+        struct Remove<'a>(&'a std::path::Path);
+        impl Drop for Remove<'_> {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(self.0);
+            }
+        }
+        let _remove = Remove(&dir);
         let d = dir.display();
         let step = |name: &'static str, script: String| Step {
             name,
@@ -969,7 +977,6 @@ mod tests {
         assert_eq!(report.hosts[1].outcome, Outcome::Skipped(INTERRUPTED.into()));
         assert!(!dir.join("b").exists(), "a host started after the interrupt");
         assert!(!dir.join("lock").exists(), "the teardown did not run");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
