@@ -222,13 +222,30 @@ mod tests {
         (lines, exits)
     }
 
-    fn temp_dir(tag: &str) -> String {
-        format!("{}/flotilla-batch-{tag}-{}", std::env::temp_dir().display(), std::process::id())
+    /// A private directory for one test, removed however the test ends.
+    struct Scratch(String);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// The scratch directory of a test and the path of its session directory inside it.
+    fn temp_dir(tag: &str) -> (Scratch, String) {
+        let root = format!(
+            "{}/flotilla-batch-{tag}-{}",
+            std::env::temp_dir().display(),
+            std::process::id()
+        );
+        std::fs::create_dir_all(&root).unwrap();
+        let session = format!("{root}/session");
+        (Scratch(root), session)
     }
 
     #[test]
     fn every_host_runs_with_its_lines_tagged_and_its_own_exit_status() {
-        let dir = temp_dir("tags");
+        let (_scratch, dir) = temp_dir("tags");
         let p = plan(
             &dir,
             "echo locked",
@@ -249,12 +266,11 @@ mod tests {
         assert!(!std::path::Path::new(&dir).exists(), "the session directory is removed");
         let released = format!("{dir}.released");
         assert!(std::path::Path::new(&released).exists(), "the release ran");
-        std::fs::remove_file(released).unwrap();
     }
 
     #[test]
     fn a_failed_setup_runs_no_host_but_still_releases() {
-        let dir = temp_dir("setup");
+        let (_scratch, dir) = temp_dir("setup");
         let marker = format!("{dir}.host-ran");
         let host = format!("touch {}", quote(&marker));
         let p = plan(&dir, "echo 'the lock is held' >&2; exit 75", &[&host]);
@@ -265,13 +281,12 @@ mod tests {
         assert!(!std::path::Path::new(&marker).exists());
         let released = format!("{dir}.released");
         assert!(std::path::Path::new(&released).exists(), "the release ran on exit");
-        std::fs::remove_file(released).unwrap();
         assert!(!std::path::Path::new(&dir).exists());
     }
 
     #[test]
     fn hosts_run_at_most_parallel_at_a_time_and_connections_start_one_by_one() {
-        let dir = temp_dir("bound");
+        let (_scratch, dir) = temp_dir("bound");
         // Each host counts itself in and out of a shared directory and records how many were
         // inside at once; inside, a connection start holds a token of the connect pipe.
         let count = format!("{dir}.count");
@@ -295,9 +310,6 @@ mod tests {
         let max = max.lines().map(|l| l.trim().parse::<u32>().unwrap()).max().unwrap();
         assert!(max <= 3, "{max} hosts ran at once with a bound of 3");
         assert!(max >= 2, "hosts ran one at a time: {max}");
-        std::fs::remove_dir_all(&count).unwrap();
-        std::fs::remove_file(format!("{count}.max")).unwrap();
-        std::fs::remove_file(format!("{dir}.released")).unwrap();
     }
 
     #[test]
