@@ -134,7 +134,7 @@ pub fn execute(sh: &Shell, plan: &Plan, options: &Options) -> Report {
     let hosts: Vec<HostReport> = if let Some(failure) = &setup_failure {
         skipped(plan, &plan.builder, &failure.step)
     } else if interrupt::interrupted() {
-        interrupted(plan)
+        skip_all(plan, INTERRUPTED)
     } else {
         fan_out(sh, plan, options, &ui)
     };
@@ -402,18 +402,6 @@ fn run_session(
 /// Why a host did not run or did not finish when the user interrupted the run.
 const INTERRUPTED: &str = "interrupted";
 
-/// Every host of the plan, skipped because the run was interrupted before they started.
-fn interrupted(plan: &Plan) -> Vec<HostReport> {
-    plan.hosts
-        .iter()
-        .map(|h| {
-            let mut report = HostReport::new(&h.host);
-            report.outcome = Outcome::Skipped(INTERRUPTED.into());
-            report
-        })
-        .collect()
-}
-
 /// The index of a host's tag in the session script.
 fn host_index(plan: &Plan, tag: &str) -> Option<usize> {
     tag.parse().ok().filter(|i| *i < plan.hosts.len())
@@ -421,12 +409,16 @@ fn host_index(plan: &Plan, tag: &str) -> Option<usize> {
 
 /// Every host of the plan, skipped because the builder's `step` did not succeed.
 fn skipped(plan: &Plan, builder: &str, step: &str) -> Vec<HostReport> {
-    let reason = format!("the builder {builder}: {step} did not succeed");
+    skip_all(plan, &format!("the builder {builder}: {step} did not succeed"))
+}
+
+/// Every host of the plan, skipped for `reason`.
+fn skip_all(plan: &Plan, reason: &str) -> Vec<HostReport> {
     plan.hosts
         .iter()
         .map(|h| {
             let mut report = HostReport::new(&h.host);
-            report.outcome = Outcome::Skipped(reason.clone());
+            report.outcome = Outcome::Skipped(reason.to_owned());
             report
         })
         .collect()
