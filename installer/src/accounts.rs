@@ -9,22 +9,8 @@
 
 use std::ffi::{CStr, CString};
 
-use serde::{Deserialize, Serialize};
-
-/// The user (and group) a service declares.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServiceUser {
-    pub user: String,
-    /// The group; `None` means the user's primary group, as both systemd and SMF do.
-    pub group: Option<String>,
-}
-
-/// A user and group resolved to numeric ids on this host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Owner {
-    pub uid: u32,
-    pub gid: u32,
-}
+pub use flotilla_contracts::atomic::Owner;
+pub use flotilla_contracts::services::{unit_user, ServiceUser};
 
 /// A user account as the host's user database knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,33 +105,6 @@ fn with_buffer<T>(
     }
 }
 
-/// The `User=` and `Group=` of a systemd unit's `[Service]` section; `None` when it has no
-/// `User=` (the service runs as root). Later assignments win, as in systemd; an empty one
-/// resets the setting.
-pub fn unit_user(text: &str) -> Option<ServiceUser> {
-    let (mut user, mut group) = (None, None);
-    let mut in_service = false;
-    for line in text.lines() {
-        let line = line.trim();
-        if line.starts_with('[') {
-            in_service = line == "[Service]";
-            continue;
-        }
-        if !in_service || line.starts_with(['#', ';']) {
-            continue;
-        }
-        let Some((key, value)) = line.split_once('=') else { continue };
-        let value = value.trim();
-        let value = (!value.is_empty()).then(|| value.to_owned());
-        match key.trim() {
-            "User" => user = value,
-            "Group" => group = value,
-            _ => {}
-        }
-    }
-    user.map(|user| ServiceUser { user, group })
-}
-
 /// Resolves a service's declared user on this host. The error says which user or group is
 /// missing and where it was declared; [`create_hint`] says how to create it.
 pub fn resolve(
@@ -186,23 +145,6 @@ pub fn create_hint(user: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reads_user_and_group_from_the_service_section_only() {
-        let unit = "[Unit]\nUser=wrong\n[Service]\nType=exec\n# User=commented\nUser = first\n\
-                    User=svc-a\nGroup=grp-a\n[Install]\nGroup=wrong\n";
-        assert_eq!(
-            unit_user(unit),
-            Some(ServiceUser { user: "svc-a".into(), group: Some("grp-a".into()) })
-        );
-        assert_eq!(
-            unit_user("[Service]\nUser=svc\n"),
-            Some(ServiceUser { user: "svc".into(), group: None })
-        );
-        // An empty assignment resets the user: root, as without one.
-        assert_eq!(unit_user("[Service]\nUser=svc\nUser=\nGroup=g\n"), None);
-        assert_eq!(unit_user("[Service]\nExecStart=/bin/true\n"), None);
-    }
 
     #[test]
     fn host_lookups_find_root_and_refuse_unknown_names() {

@@ -2,59 +2,25 @@
 //! of every package against it.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 
 use camino::{Utf8Path, Utf8PathBuf};
 
 use crate::error::{io, Error, Result};
 
-/// The name of the digest list inside a packages directory.
-pub const DIGEST_LIST: &str = "digests.b3";
+pub use flotilla_contracts::digests::{Digest, DIGEST_LIST};
 
-/// A blake3 digest as 64 lowercase hex characters.
-pub type Digest = String;
-
-/// Parses a digest list: one `<64-hex blake3>  <file name>` line per package.
+/// Parses a digest list (see [`flotilla_contracts::digests::parse`]).
 pub fn parse(path: &Utf8Path, text: &str) -> Result<BTreeMap<String, Digest>> {
-    let mut digests = BTreeMap::new();
-    for (index, line) in text.lines().enumerate() {
-        let line_no = index + 1;
-        let bad =
-            |message: String| Error::DigestList { path: path.to_owned(), line: line_no, message };
-        if line.trim().is_empty() {
-            continue;
-        }
-        let Some((digest, name)) = line.split_once("  ") else {
-            return Err(bad("expected `<blake3 hex>  <file name>`".into()));
-        };
-        if digest.len() != 64 || !digest.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-            return Err(bad(format!("`{digest}` is not a blake3 digest (64 lowercase hex)")));
-        }
-        // A name with a separator could make the installer read a file outside the packages
-        // directory, so only plain file names are accepted.
-        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-            return Err(bad(format!("`{name}` is not a plain file name")));
-        }
-        if digests.insert(name.to_owned(), digest.to_owned()).is_some() {
-            return Err(bad(format!("`{name}` is listed twice")));
-        }
-    }
-    Ok(digests)
+    flotilla_contracts::digests::parse(path, text).map_err(|e| Error::DigestList {
+        path: e.path,
+        line: e.line,
+        message: e.message,
+    })
 }
 
-/// Computes the blake3 digest of a file, reading it in large blocks.
+/// The blake3 digest of a file.
 pub fn file_digest(path: &Utf8Path) -> Result<Digest> {
-    let mut file = std::fs::File::open(path).map_err(io("open", path))?;
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(io("read", path))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher.finalize().to_hex().to_string())
+    flotilla_contracts::digests::file_digest(path).map_err(io("read", path))
 }
 
 /// One package of a packages directory, verified against the digest list.
@@ -118,32 +84,4 @@ pub fn verify_dir(dir: &Utf8Path) -> Result<Vec<VerifiedPackage>> {
         });
     }
     Ok(verified)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const D: &str = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262";
-
-    #[test]
-    fn parses_b3sum_lines() {
-        let text = format!("{D}  a.tar.gz\n{D}  b.tar\n");
-        let map = parse(Utf8Path::new("d.b3"), &text).unwrap();
-        assert_eq!(map.keys().collect::<Vec<_>>(), ["a.tar.gz", "b.tar"]);
-    }
-
-    #[test]
-    fn rejects_bad_lines_with_line_numbers() {
-        let cases = [
-            (format!("{D}  a\nxyz"), "line 2: expected"),
-            (format!("{}  a", &D[..10]), "line 1: `af1349b9f5` is not a blake3"),
-            (format!("{D}  ../a"), "is not a plain file name"),
-            (format!("{D}  a\n{D}  a"), "line 2: `a` is listed twice"),
-        ];
-        for (text, expected) in cases {
-            let err = parse(Utf8Path::new("d.b3"), &text).unwrap_err().to_string();
-            assert!(err.contains(expected), "{err:?} should contain {expected:?}");
-        }
-    }
 }

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use camino::{Utf8Path, Utf8PathBuf};
+use flotilla_contracts::atomic::{create_dir, create_dir_all};
+use flotilla_contracts::Prefix;
 use serde::Serialize;
 
 use crate::accounts::{self, Accounts, HostAccounts, Owner, ServiceUser};
@@ -20,7 +22,7 @@ use crate::manager::{
 };
 use crate::release::{
     dependency_order, fsync_dir, now, release_id, tree_digest, write_atomic, write_atomic_owned,
-    Activation, Layout, PackageInfo, Pending, ReleaseInfo, ServiceInfo, State, DEFAULT_PREFIX,
+    Activation, Layout, PackageInfo, Pending, ReleaseInfo, Releases, ServiceInfo, State,
 };
 use crate::runner::{Runner, Step};
 use crate::unpack::{ensure_dirs, unpack, ArchiveKind};
@@ -28,8 +30,13 @@ use crate::unpack::{ensure_dirs, unpack, ArchiveKind};
 /// How a host is installed on. Every field matters, so there is no `Default`.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The installation prefix, `/opt/flotilla` on servers.
+    /// The installation prefix, `/opt/flotilla` on servers unless configured.
     pub prefix: Utf8PathBuf,
+    /// The prefix the packages were built for: zone images hold their files under
+    /// `root<packages_prefix>/`, overlays under `<packages_prefix>/` without the leading `/`,
+    /// and service definitions name paths under it. Usually `prefix`; when they differ (tests,
+    /// side-by-side installs), the definitions are rewritten to `prefix`.
+    pub packages_prefix: Prefix,
     /// Where systemd unit files go, `/etc/systemd/system` on servers.
     pub unit_dir: Utf8PathBuf,
     /// The host's service manager (detected or given).
@@ -172,7 +179,7 @@ impl Installer {
     }
 
     fn lock(&self, what: &str) -> Result<InstallLock> {
-        fs::create_dir_all(&self.layout.prefix).map_err(io("create", &self.layout.prefix))?;
+        create_dir_all(&self.layout.prefix, 0o755).map_err(io("create", &self.layout.prefix))?;
         InstallLock::acquire(&self.layout.lock_file(), what, self.config.lock_wait)
     }
 
@@ -185,7 +192,7 @@ impl Installer {
         (self.log)(&format!("verified {} packages against {}", verified.len(), crate::DIGEST_LIST));
         let overlay_digest = match overlay {
             Some(dir) => {
-                check_overlay(dir)?;
+                check_overlay(dir, self.config.packages_prefix.relative())?;
                 Some(tree_digest(dir)?)
             }
             None => None,
@@ -387,21 +394,22 @@ impl Installer {
         overlay_digest: Option<String>,
     ) -> Result<ReleaseInfo> {
         let releases = self.layout.releases();
-        fs::create_dir_all(&releases).map_err(io("create", &releases))?;
+        create_dir_all(&releases, 0o755).map_err(io("create", &releases))?;
         let temp = releases.join(format!(".tmp-{id}-{}", std::process::id()));
         remove_path(&temp)?;
-        fs::create_dir(&temp).map_err(io("create", &temp))?;
+        create_dir(&temp, 0o755).map_err(io("create", &temp))?;
         let guard = RemoveOnDrop(Some(temp.clone()));
         let mut owners: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (package, info) in verified.iter().zip(&packages) {
             let (kind, _) =
                 ArchiveKind::from_file_name(&package.file).expect("verify_dir lists archives only");
-            let unpacked = unpack(&package.path, kind, &info.name, &temp)?;
+            let zone_root = self.config.packages_prefix.zone_root();
+            let unpacked = unpack(&package.path, kind, &info.name, &temp, &zone_root)?;
             if kind == ArchiveKind::Zone {
                 if unpacked.top_dirs.is_empty() {
                     return Err(Error::Package {
                         package: info.name.clone(),
-                        message: format!("holds no service under {}/", crate::unpack::ZONE_ROOT),
+                        message: format!("holds no service under {zone_root}/"),
                     });
                 }
                 for dir in unpacked.top_dirs {
@@ -421,7 +429,9 @@ impl Installer {
             let owner = accounts::resolve(self.accounts.as_ref(), &declared, &declared_in)
                 .map_err(|message| {
                     let owned = overlay
-                        .and_then(|dir| first_file(&dir.join("opt/flotilla").join(name)))
+                        .and_then(|dir| {
+                            first_file(&dir.join(self.config.packages_prefix.relative()).join(name))
+                        })
                         .map(|file| format!(", so it cannot own the overlay file {file}"))
                         .unwrap_or_default();
                     Error::Service {
@@ -436,7 +446,7 @@ impl Installer {
             file_owners.insert(name.clone(), owner);
         }
         if let Some(overlay) = overlay {
-            place_overlay(overlay, &temp, &file_owners)?;
+            place_overlay(overlay, &temp, &file_owners, self.config.packages_prefix.relative())?;
         }
         let mut services = Vec::new();
         let mut smf_names: BTreeMap<String, String> = BTreeMap::new();
@@ -451,7 +461,7 @@ impl Installer {
                     self.config.manager
                 )));
             }
-            if self.layout.prefix != DEFAULT_PREFIX {
+            if self.layout.prefix != self.config.packages_prefix.as_path() {
                 self.rewrite_prefix(&pkg.join(format!("{name}.service")))?;
                 self.rewrite_prefix(&pkg.join(crate::manager::SMF_MANIFEST))?;
             }
@@ -552,7 +562,7 @@ impl Installer {
                     .credential
             }
         };
-        Ok(declared.map(|d| (d, format!("opt/flotilla/{rel}"))))
+        Ok(declared.map(|d| (d, format!("{}/{rel}", self.config.packages_prefix.relative()))))
     }
 
     /// Service definitions name paths under the default prefix; under another prefix (tests,
@@ -562,8 +572,10 @@ impl Installer {
             return Ok(());
         }
         let text = fs::read_to_string(path).map_err(io("read", path))?;
-        let rewritten =
-            text.replace(&format!("{DEFAULT_PREFIX}/"), &format!("{}/", self.layout.prefix));
+        let rewritten = text.replace(
+            &format!("{}/", self.config.packages_prefix),
+            &format!("{}/", self.layout.prefix),
+        );
         write_atomic(path, rewritten.as_bytes(), 0o644)
     }
 
@@ -925,7 +937,7 @@ impl Installer {
             Step::Install { from, to } => {
                 let contents = fs::read(from).map_err(io("read", from))?;
                 if let Some(parent) = to.parent() {
-                    fs::create_dir_all(parent).map_err(io("create", parent))?;
+                    create_dir_all(parent, 0o755).map_err(io("create", parent))?;
                 }
                 write_atomic(to, &contents, 0o644)
             }
@@ -1028,9 +1040,10 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// The overlay mirrors install paths: everything must be under `opt/flotilla/<service>/`,
-/// regular files and directories only.
-fn check_overlay(dir: &Utf8Path) -> Result<()> {
+/// The overlay mirrors install paths: everything must be under `<root>/<service>/` (`root` is
+/// the packages' prefix without its leading `/`, `opt/flotilla`), regular files and directories
+/// only.
+fn check_overlay(dir: &Utf8Path, root: &str) -> Result<()> {
     if !dir.is_dir() {
         return Err(Error::Overlay { path: dir.to_owned(), message: "not a directory".into() });
     }
@@ -1043,12 +1056,17 @@ fn check_overlay(dir: &Utf8Path) -> Result<()> {
             return Err(bad("not a regular file"));
         }
         let s = rel.as_str();
-        let allowed_dir = matches!(s, "opt" | "opt/flotilla");
-        if !allowed_dir && !s.starts_with("opt/flotilla/") {
-            return Err(bad("outside opt/flotilla/, the only tree the installer manages"));
+        let leads_to_root =
+            root.strip_prefix(s).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+        let inside = s.strip_prefix(root).is_some_and(|rest| rest.starts_with('/'));
+        if !leads_to_root && !inside {
+            return Err(bad(&format!("outside {root}/, the only tree the installer manages")));
         }
-        if meta.is_file() && rel.components().count() < 4 {
-            return Err(bad("a file outside any service directory (opt/flotilla/<service>/...)"));
+        let depth = Utf8Path::new(root).components().count();
+        if meta.is_file() && rel.components().count() < depth + 2 {
+            return Err(bad(&format!(
+                "a file outside any service directory ({root}/<service>/...)"
+            )));
         }
         Ok(())
     })
@@ -1065,10 +1083,11 @@ fn place_overlay(
     overlay: &Utf8Path,
     release: &Utf8Path,
     owners: &BTreeMap<String, Owner>,
+    root: &str,
 ) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     walk(overlay, Utf8Path::new(""), &mut |rel, meta| {
-        let Ok(inner) = rel.strip_prefix("opt/flotilla") else { return Ok(()) };
+        let Ok(inner) = rel.strip_prefix(root) else { return Ok(()) };
         let Some(service) = inner.components().next() else { return Ok(()) };
         let owner = owners.get(service.as_str()).copied();
         let bad = |message: String| Error::Overlay { path: overlay.join(rel), message };

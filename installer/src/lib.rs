@@ -19,6 +19,7 @@ pub mod unpack;
 
 pub use digests::DIGEST_LIST;
 pub use error::{Error, Result};
+pub use flotilla_contracts::Prefix;
 pub use install::{Config, Installer, Outcome, Status};
 pub use manager::{detect, ManagerKind};
-pub use release::{Layout, DEFAULT_PREFIX};
+pub use release::{Layout, Releases, DEFAULT_PREFIX};

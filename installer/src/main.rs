@@ -13,7 +13,7 @@ use anyhow::Context;
 use camino::Utf8PathBuf;
 use clap::{Parser, Subcommand};
 use installer::runner::SystemRunner;
-use installer::{detect, Config, Error, Installer, ManagerKind, DEFAULT_PREFIX};
+use installer::{detect, Config, Error, Installer, ManagerKind, Prefix, DEFAULT_PREFIX};
 
 /// Install, activate, roll back and remove flotilla releases on this host [runs on: servers].
 #[derive(Debug, Parser)]
@@ -21,7 +21,11 @@ use installer::{detect, Config, Error, Installer, ManagerKind, DEFAULT_PREFIX};
 struct Cli {
     /// Where releases are installed.
     #[arg(long, default_value = DEFAULT_PREFIX, global = true)]
-    prefix: Utf8PathBuf,
+    prefix: Prefix,
+    /// The prefix the packages were built for (their zone root is `root<prefix>`, their
+    /// overlays sit under it); the install prefix when not given.
+    #[arg(long, global = true)]
+    packages_prefix: Option<Prefix>,
     /// Where systemd unit files are written.
     #[arg(long, default_value = installer::manager::DEFAULT_UNIT_DIR, global = true)]
     unit_dir: Utf8PathBuf,
@@ -89,17 +93,13 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    // Package files are unpacked with their archive modes, which services running as their
-    // own users rely on (0755 binaries, 0644 configs); an inherited umask such as 077 would
-    // narrow them to root only. Overlay secrets get their exact 0600 regardless.
-    // SAFETY: umask only sets this process's file creation mask.
-    unsafe { libc::umask(0o022) };
     let manager = match cli.service_manager {
         Some(kind) => kind,
         None => detect("/".into())?,
     };
     let config = Config {
-        prefix: cli.prefix,
+        packages_prefix: cli.packages_prefix.unwrap_or_else(|| cli.prefix.clone()),
+        prefix: cli.prefix.as_path().to_owned(),
         unit_dir: cli.unit_dir,
         manager,
         keep: cli.keep,

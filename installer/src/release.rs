@@ -15,8 +15,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 
 use camino::{Utf8Path, Utf8PathBuf};
 use serde::{Deserialize, Serialize};
@@ -25,37 +23,22 @@ use crate::error::{io, Error, Result};
 use crate::health::HealthCheck;
 use crate::manager::ServiceRef;
 
-/// The prefix used unless configured otherwise; service definitions name paths under it.
-pub const DEFAULT_PREFIX: &str = "/opt/flotilla";
+pub use flotilla_contracts::layout::{Layout, DEFAULT_PREFIX, RELEASE_RECORD};
 
-/// The paths of an installation.
-#[derive(Debug, Clone)]
-pub struct Layout {
-    pub prefix: Utf8PathBuf,
+/// What the installer reads and switches in a [`Layout`]: the active release and the list of
+/// releases.
+pub trait Releases {
+    /// The id of the active release, from the `current` link.
+    fn active(&self) -> Result<Option<String>>;
+    /// Points `current` at a release, or removes it.
+    fn switch_current(&self, id: Option<&str>) -> Result<()>;
+    /// Every unpacked release, oldest first.
+    fn releases_list(&self) -> Result<Vec<ReleaseInfo>>;
 }
 
-impl Layout {
-    pub fn releases(&self) -> Utf8PathBuf {
-        self.prefix.join("releases")
-    }
-    pub fn release(&self, id: &str) -> Utf8PathBuf {
-        self.releases().join(id)
-    }
-    pub fn current(&self) -> Utf8PathBuf {
-        self.prefix.join("current")
-    }
-    pub fn state_file(&self) -> Utf8PathBuf {
-        self.prefix.join("state.json")
-    }
-    pub fn lock_file(&self) -> Utf8PathBuf {
-        self.prefix.join("install.lock")
-    }
-    pub fn data(&self) -> Utf8PathBuf {
-        self.prefix.join("data")
-    }
-
+impl Releases for Layout {
     /// The id of the active release, from the `current` link.
-    pub fn active(&self) -> Result<Option<String>> {
+    fn active(&self) -> Result<Option<String>> {
         let link = self.current();
         match fs::read_link(&link) {
             Ok(target) => {
@@ -78,7 +61,7 @@ impl Layout {
     /// Points `current` at a release, or removes it. The new link is made under a temporary
     /// name and renamed over the old one, so every reader sees either the old release or the
     /// new one, never a missing link.
-    pub fn switch_current(&self, id: Option<&str>) -> Result<()> {
+    fn switch_current(&self, id: Option<&str>) -> Result<()> {
         let link = self.current();
         let Some(id) = id else {
             return match fs::remove_file(&link) {
@@ -100,7 +83,7 @@ impl Layout {
     }
 
     /// Every unpacked release, oldest first.
-    pub fn releases_list(&self) -> Result<Vec<ReleaseInfo>> {
+    fn releases_list(&self) -> Result<Vec<ReleaseInfo>> {
         let dir = self.releases();
         let mut list = Vec::new();
         let entries = match dir.read_dir_utf8() {
@@ -128,60 +111,20 @@ pub(crate) fn fsync_dir(dir: &Utf8Path) {
     }
 }
 
-/// Writes a file atomically: a temporary file in the same directory, synced, then renamed.
+/// Writes a file atomically with exactly `mode` (see [`flotilla_contracts::atomic`]).
 pub(crate) fn write_atomic(path: &Utf8Path, contents: &[u8], mode: u32) -> Result<()> {
-    let dir = path.parent().unwrap_or(Utf8Path::new("."));
-    let temp =
-        dir.join(format!(".{}.tmp-{}", path.file_name().unwrap_or("file"), std::process::id()));
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&temp)
-        .map_err(io("create", &temp))?;
-    file.write_all(contents).map_err(io("write", &temp))?;
-    file.sync_all().map_err(io("sync", &temp))?;
-    fs::rename(&temp, path).map_err(io("rename into place", path))?;
-    Ok(())
+    write_atomic_owned(path, contents, mode, None)
 }
 
-/// `write_atomic` for a file that must belong to `owner` (when given) and have exactly `mode`
-/// whatever the umask: the temporary file is created 0600, handed to the owner and given its
-/// mode before any byte is written, and only then renamed into place, so the file never exists
-/// under its name with the wrong owner or mode.
+/// [`write_atomic`] for a file that must belong to `owner` (when given).
 pub(crate) fn write_atomic_owned(
     path: &Utf8Path,
     contents: &[u8],
     mode: u32,
     owner: Option<crate::accounts::Owner>,
 ) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = path.parent().unwrap_or(Utf8Path::new("."));
-    let temp =
-        dir.join(format!(".{}.tmp-{}", path.file_name().unwrap_or("file"), std::process::id()));
-    let _ = fs::remove_file(&temp);
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&temp)
-        .map_err(io("create", &temp))?;
-    let result = (|| {
-        if let Some(owner) = owner {
-            std::os::unix::fs::fchown(&file, Some(owner.uid), Some(owner.gid))
-                .map_err(io("change the owner of", &temp))?;
-        }
-        file.set_permissions(fs::Permissions::from_mode(mode))
-            .map_err(io("set the mode of", &temp))?;
-        file.write_all(contents).map_err(io("write", &temp))?;
-        file.sync_all().map_err(io("sync", &temp))?;
-        fs::rename(&temp, path).map_err(io("rename into place", path))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&temp);
-    }
-    result
+    flotilla_contracts::atomic::write_atomic_owned(path, contents, mode, owner)
+        .map_err(|e| Error::Io { action: e.action, path: e.path, source: e.source })
 }
 
 /// A package of a release.
@@ -225,9 +168,6 @@ pub struct ReleaseInfo {
     /// The services, in the order they are started.
     pub services: Vec<ServiceInfo>,
 }
-
-/// The name of the record inside a release directory.
-pub const RELEASE_RECORD: &str = "release.json";
 
 impl ReleaseInfo {
     /// Reads the record of the release in `dir`.

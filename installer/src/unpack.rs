@@ -35,9 +35,6 @@ impl ArchiveKind {
     }
 }
 
-/// Where zone images keep the files the installer maps into a release.
-pub const ZONE_ROOT: &str = "root/opt/flotilla";
-
 /// What one archive put into the release.
 #[derive(Debug, Default)]
 pub struct Unpacked {
@@ -50,13 +47,15 @@ pub struct Unpacked {
 
 /// Extracts `archive` into `dest` (the release directory being built).
 ///
-/// Zone images map `root/opt/flotilla/<X>/...` to `<dest>/<X>/...`; tarballs go to
+/// Zone images map `<zone_root>/<X>/...` (`root/opt/flotilla/<X>/...` for the default prefix,
+/// see [`flotilla_contracts::Prefix::zone_root`]) to `<dest>/<X>/...`; tarballs go to
 /// `<dest>/<package>/...`.
 pub fn unpack(
     archive: &Utf8Path,
     kind: ArchiveKind,
     package: &str,
     dest: &Utf8Path,
+    zone_root: &str,
 ) -> Result<Unpacked> {
     let file = fs::File::open(archive).map_err(io("open archive", archive))?;
     let reader: Box<dyn Read> = match kind {
@@ -92,7 +91,8 @@ pub fn unpack(
         if kind == ArchiveKind::Zone && index > 0 && path.as_str() == "oxide.json" {
             return Err(bad_entry("a second oxide.json"));
         }
-        let Some(rel) = map_entry(kind, package, &path).map_err(|m| bad_entry(&m))? else {
+        let Some(rel) = map_entry(kind, package, &path, zone_root).map_err(|m| bad_entry(&m))?
+        else {
             continue;
         };
         if let Some(Utf8Component::Normal(top)) = rel.components().next() {
@@ -117,6 +117,9 @@ pub fn unpack(
                     .mode(mode)
                     .open(&target)
                     .map_err(|e| bad_entry(&format!("create {target}: {e}")))?;
+                // The archive's mode exactly, whatever the umask of the process.
+                flotilla_contracts::atomic::set_file_mode(&out, mode)
+                    .map_err(|e| bad_entry(&format!("set the mode of {target}: {e}")))?;
                 std::io::copy(&mut entry, &mut out)
                     .map_err(|e| bad_entry(&format!("write {target}: {e}")))?;
             }
@@ -143,7 +146,7 @@ pub fn unpack(
                     .map_err(|_| bad_entry("the link target is not UTF-8"))?;
                 let link = clean_relative(link.as_str())
                     .map_err(|m| bad_entry(&format!("hard link target: {m}")))?;
-                let Some(link_rel) = map_entry(kind, package, &link)
+                let Some(link_rel) = map_entry(kind, package, &link, zone_root)
                     .map_err(|m| bad_entry(&format!("hard link target: {m}")))?
                 else {
                     return Err(bad_entry("a hard link to a directory of the archive"));
@@ -198,6 +201,7 @@ fn map_entry(
     kind: ArchiveKind,
     package: &str,
     path: &Utf8Path,
+    zone_root: &str,
 ) -> Result<Option<Utf8PathBuf>, String> {
     match kind {
         ArchiveKind::Tarball => {
@@ -207,13 +211,18 @@ fn map_entry(
             Ok(Some(Utf8Path::new(package).join(path)))
         }
         ArchiveKind::Zone => {
-            if matches!(path.as_str(), "" | "root" | "root/opt" | "root/opt/flotilla") {
+            // The directories that lead to the zone root map to nothing.
+            let leads_to_root = path.as_str().is_empty()
+                || zone_root
+                    .strip_prefix(path.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+            if leads_to_root {
                 return Ok(None);
             }
-            match path.strip_prefix(ZONE_ROOT) {
+            match path.strip_prefix(zone_root) {
                 Ok(rel) => Ok(Some(rel.to_owned())),
                 Err(_) => {
-                    Err(format!("lands outside {ZONE_ROOT}/, the only tree the installer manages"))
+                    Err(format!("lands outside {zone_root}/, the only tree the installer manages"))
                 }
             }
         }
@@ -258,7 +267,8 @@ pub(crate) fn ensure_dirs(dest: &Utf8Path, rel: &Utf8Path) -> Result<(), String>
             Ok(meta) if meta.is_dir() => {}
             Ok(_) => return Err(format!("{path} exists and is not a directory")),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                fs::create_dir(&path).map_err(|e| format!("create directory {path}: {e}"))?;
+                flotilla_contracts::atomic::create_dir(&path, 0o755)
+                    .map_err(|e| format!("create directory {path}: {e}"))?;
             }
             Err(e) => return Err(format!("inspect {path}: {e}")),
         }
@@ -284,15 +294,24 @@ mod tests {
 
     #[test]
     fn zone_entries_map_under_the_flotilla_root() {
-        let map = |p: &str| map_entry(ArchiveKind::Zone, "pkg", Utf8Path::new(p));
+        let map =
+            |p: &str| map_entry(ArchiveKind::Zone, "pkg", Utf8Path::new(p), "root/opt/flotilla");
         assert_eq!(map("root").unwrap(), None);
         assert_eq!(map("root/opt").unwrap(), None);
         assert_eq!(map("root/opt/flotilla").unwrap(), None);
         assert_eq!(map("root/opt/flotilla/svc/bin/x").unwrap().unwrap(), "svc/bin/x");
         assert!(map("root/etc/passwd").unwrap_err().contains("lands outside"));
         assert!(map("root/opt/flotillax/y").is_err());
+        assert!(map("root/op").is_err());
+        // Omicron's layout: another prefix, another zone root.
+        let oxide =
+            |p: &str| map_entry(ArchiveKind::Zone, "pkg", Utf8Path::new(p), "root/opt/oxide");
+        assert_eq!(oxide("root/opt/oxide/nexus/bin/x").unwrap().unwrap(), "nexus/bin/x");
+        assert!(oxide("root/opt/flotilla/svc/bin/x").unwrap_err().contains("root/opt/oxide/"));
         assert_eq!(
-            map_entry(ArchiveKind::Tarball, "data", Utf8Path::new("a/b")).unwrap().unwrap(),
+            map_entry(ArchiveKind::Tarball, "data", Utf8Path::new("a/b"), "root/opt/flotilla")
+                .unwrap()
+                .unwrap(),
             "data/a/b"
         );
     }

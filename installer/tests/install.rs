@@ -53,6 +53,7 @@ fn running() -> Arc<RecordingRunner> {
 fn installer(root: &Utf8Path, manager: ManagerKind, runner: &Arc<RecordingRunner>) -> Installer {
     let config = Config {
         prefix: root.join("prefix"),
+        packages_prefix: installer::Prefix::default(),
         unit_dir: root.join("units"),
         manager,
         keep: 3,
@@ -193,6 +194,7 @@ fn keeps_the_configured_number_of_releases() {
     let runner = running();
     let mut config = Config {
         prefix: root.join("prefix"),
+        packages_prefix: installer::Prefix::default(),
         unit_dir: root.join("units"),
         manager: ManagerKind::Systemd,
         keep: 2,
@@ -836,6 +838,7 @@ fn a_missing_user_is_refused_before_anything_is_activated() {
     // The binary exits 1, the status of "nothing changed", with the same message.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla-installer"))
         .args(["--prefix", root.join("prefix").as_str(), "--unit-dir", root.join("units").as_str()])
+        .args(["--packages-prefix", "/opt/flotilla"])
         .args(["--service-manager", "systemd", "install", packages.as_str()])
         .args(["--overlay", overlay.as_str()])
         .output()

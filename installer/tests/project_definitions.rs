@@ -39,6 +39,7 @@ fn running() -> Arc<RecordingRunner> {
 fn installer(root: &Utf8Path, manager: ManagerKind, runner: &Arc<RecordingRunner>) -> Installer {
     let config = Config {
         prefix: root.join("prefix"),
+        packages_prefix: installer::Prefix::default(),
         unit_dir: root.join("units"),
         manager,
         keep: 3,

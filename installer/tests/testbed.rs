@@ -6,8 +6,6 @@
 //! and says why, except with `CI=true`, where it must run.
 
 mod support;
-#[path = "../../xtask/src/testbed/test_support.rs"]
-mod testbed_support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -16,30 +14,23 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use camino::{Utf8Path, Utf8PathBuf};
+use flotilla_testbed::test_support::{can_run, Testbed};
 use support::{packages_dir, zone_bytes, Entry, TempDir};
-use testbed_support::{can_run, Testbed};
 
 const INSTALLER: &str = env!("CARGO_BIN_EXE_flotilla-installer");
 const STAGING: &str = "/var/tmp/flotilla-e2e";
 
-/// Builds the xtask binary (for the testbed) and the test service; returns their paths.
-fn build_helpers() -> (PathBuf, PathBuf) {
+/// Builds the test service; returns its path.
+fn build_helpers() -> PathBuf {
     let cargo = env!("CARGO");
-    for args in [
-        &["build", "-p", "xtask"][..],
-        &["build", "-p", "flotilla-installer", "--example", "test-service"],
-    ] {
-        let out = Command::new(cargo)
-            .args(args)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "cargo {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    let args = ["build", "-p", "flotilla-installer", "--example", "test-service"];
+    let out =
+        Command::new(cargo).args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap();
+    assert!(out.status.success(), "cargo {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     // The installer binary this test was built with sits next to the other binaries of the
     // same profile.
     let bin_dir = Path::new(INSTALLER).parent().unwrap();
-    (bin_dir.join("xtask"), bin_dir.join("examples/test-service"))
+    bin_dir.join("examples/test-service")
 }
 
 /// A zone image of one test service: the binary, its config, a systemd unit, an SMF manifest
@@ -183,7 +174,7 @@ fn install_upgrade_revert_rollback_uninstall_on_a_systemd_node() {
     if !can_run("install_upgrade_revert_rollback_uninstall_on_a_systemd_node") {
         return;
     }
-    let (xtask, service) = build_helpers();
+    let service = build_helpers();
     let binary = std::fs::read(&service).unwrap();
     let tmp = TempDir::new("e2e");
     let root = tmp.path();
@@ -191,7 +182,7 @@ fn install_upgrade_revert_rollback_uninstall_on_a_systemd_node() {
     let v2 = release(root, "v2", &binary, "1", "2", 200);
     let broken = release(root, "v3-broken", &binary, "1", "3", 500);
 
-    let testbed = Testbed::up(&xtask, "inst", 1);
+    let testbed = Testbed::up(&workspace(), "inst", 1);
     let node = Node {
         testbed: &testbed,
         name: "node1".into(),
@@ -266,4 +257,10 @@ fn install_upgrade_revert_rollback_uninstall_on_a_systemd_node() {
     );
     assert_eq!(left.lines().collect::<Vec<_>>(), ["inactive", "inactive"], "left behind: {left}");
     assert!(node.get(7001).is_err() && node.get(7002).is_err(), "nothing serves after uninstall");
+}
+
+/// The root of this repository's workspace.
+fn workspace() -> camino::Utf8PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    camino::Utf8PathBuf::try_from(dir.canonicalize().unwrap()).unwrap()
 }

@@ -32,10 +32,10 @@ use std::io;
 use std::os::unix::fs::DirBuilderExt;
 
 use camino::{Utf8Path, Utf8PathBuf};
-use flotilla_package::fsutil::{write_atomic_with_mode, AtomicWriteError};
-use serde::{Deserialize, Serialize};
+use flotilla_contracts::atomic::{write_atomic, AtomicWriteError};
+use serde::Serialize;
 
-pub use request::{describe, run, Request, ServerRequest};
+pub use request::{config_of, describe, parse_request, run, Request, ServerRequest};
 pub use secret::ShareFile;
 pub use template::Template;
 
@@ -44,16 +44,7 @@ pub const SECRET_FILE_MODE: u32 = 0o600;
 /// The mode of every directory holding secrets.
 pub const SECRET_DIR_MODE: u32 = 0o700;
 
-/// Whether existing identities are kept or replaced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Identities {
-    /// Reuse the CA, keys, certificates and shares already in the state directory when they
-    /// still fit the cluster (same servers, addresses and threshold).
-    Keep,
-    /// Make a new CA, new keys and certificates and a new rack secret.
-    Rotate,
-}
+pub use flotilla_contracts::overlay::{Identities, OverlayFile};
 
 /// The servers of a cluster, as the overlay generators see them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,22 +83,6 @@ pub struct Config {
     /// The service that receives the node's share under `opt/flotilla/<service>/pkg/secret/`.
     pub share_service: String,
     pub templates: Vec<Template>,
-}
-
-/// One file of a server's overlay.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OverlayFile {
-    /// Relative to the server's overlay directory, e.g. `opt/flotilla/node-agent/pkg/node.toml`.
-    pub path: Utf8PathBuf,
-    pub contents: Vec<u8>,
-}
-
-// Overlay files may be secrets: their contents are never printed, not even in debug output.
-impl std::fmt::Debug for OverlayFile {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "OverlayFile {{ path: {:?}, {} bytes }}", self.path, self.contents.len())
-    }
 }
 
 /// Every server's overlay files, and what was created or kept.
@@ -236,7 +211,7 @@ pub fn write(overlay: &Overlay, dir: &Utf8Path) -> Result<(), OverlayError> {
             if let Some(parent) = path.parent() {
                 create_private_dir(parent)?;
             }
-            write_atomic_with_mode(&path, &file.contents, SECRET_FILE_MODE)?;
+            write_atomic(&path, &file.contents, SECRET_FILE_MODE)?;
         }
     }
     Ok(())
@@ -313,7 +288,7 @@ pub(crate) fn write_state(path: &Utf8Path, contents: &[u8]) -> Result<(), Overla
     if let Some(parent) = path.parent() {
         create_private_dir(parent)?;
     }
-    write_atomic_with_mode(path, contents, SECRET_FILE_MODE)?;
+    write_atomic(path, contents, SECRET_FILE_MODE)?;
     Ok(())
 }
 

@@ -6,7 +6,7 @@
 use std::io::Read;
 use std::process::ExitCode;
 
-use flotilla_overlay::{describe, run, OverlayError, Request};
+use flotilla_overlay::{describe, parse_request, run, OverlayError};
 
 const USAGE: &str = "usage: flotilla-overlay generate < request.json
 
@@ -39,7 +39,7 @@ fn generate() -> Result<String, OverlayError> {
             message: err.to_string(),
         });
     }
-    let request = Request::from_json("stdin", &text)?;
+    let request = parse_request("stdin", &text)?;
     let summary = run(&request)?;
     Ok(format!(
         "wrote the overlay of {} servers under {}: {}",

@@ -7,92 +7,52 @@
 //! the overlays and replaces `out_dir` as a whole, so a failed run never leaves a mix of old
 //! and new files for the deploy to push.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 
-use camino::{Utf8Component, Utf8Path, Utf8PathBuf};
-use serde::{Deserialize, Serialize};
+use camino::{Utf8Component, Utf8Path};
 
 use crate::{
-    generate, template, write, Cluster, Config, Fate, Identities, Node, Overlay, OverlayError,
-    OverlayFile, Summary,
+    generate, template, write, Cluster, Config, Fate, Node, Overlay, OverlayError, Summary,
 };
 
-/// The generators' whole input.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Request {
-    /// The deployment servers in deployment order: a server's index is its position.
-    pub servers: Vec<ServerRequest>,
-    /// How many shares reconstruct the rack secret (k of n).
-    pub threshold: u8,
-    /// Cluster-wide template variables.
-    pub vars: BTreeMap<String, String>,
-    /// The builder-only directory of the kept identities.
-    pub state_dir: Utf8PathBuf,
-    pub identities: Identities,
-    /// The services that receive the node's key, certificate and the cluster CA.
-    pub tls_services: Vec<String>,
-    /// The service that receives the node's share of the rack secret.
-    pub share_service: String,
-    /// The templates: `<dir>/<service>/<path>` renders to `opt/flotilla/<service>/pkg/<path>`.
-    /// A missing directory means no templates.
-    pub templates_dir: Utf8PathBuf,
-    /// Where the overlays go, one directory per server; replaced as a whole.
-    pub out_dir: Utf8PathBuf,
+pub use flotilla_contracts::overlay::{Request, ServerRequest};
+
+/// Parses a request; `source_name` (such as `stdin`) is named in the error, along with the
+/// field, line and column serde reports.
+pub fn parse_request(source_name: &str, text: &str) -> Result<Request, OverlayError> {
+    serde_json::from_str(text).map_err(|e| OverlayError::Request {
+        source_name: source_name.to_owned(),
+        message: e.to_string(),
+    })
 }
 
-/// One server of a [`Request`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServerRequest {
-    pub name: String,
-    /// Host names or IP literals; the first is the node's address in templates.
-    pub addresses: Vec<String>,
-    /// Per-server template variables.
-    pub vars: BTreeMap<String, String>,
-    /// Files the caller made for this server alone, added to its overlay as they are.
-    pub files: Vec<OverlayFile>,
-}
-
-impl Request {
-    /// Parses a request; `source_name` (such as `stdin`) is named in the error, along with the
-    /// field, line and column serde reports.
-    pub fn from_json(source_name: &str, text: &str) -> Result<Request, OverlayError> {
-        serde_json::from_str(text).map_err(|e| OverlayError::Request {
-            source_name: source_name.to_owned(),
-            message: e.to_string(),
+/// The cluster generators' configuration, with the templates read from `templates_dir`.
+pub fn config_of(request: &Request) -> Result<Config, OverlayError> {
+    let nodes = request
+        .servers
+        .iter()
+        .map(|s| Node {
+            name: s.name.clone(),
+            addresses: s.addresses.clone(),
+            vars: s.vars.clone(),
         })
-    }
-
-    /// The cluster generators' configuration, with the templates read from `templates_dir`.
-    pub fn config(&self) -> Result<Config, OverlayError> {
-        let nodes = self
-            .servers
-            .iter()
-            .map(|s| Node {
-                name: s.name.clone(),
-                addresses: s.addresses.clone(),
-                vars: s.vars.clone(),
-            })
-            .collect();
-        Ok(Config {
-            cluster: Cluster { nodes, threshold: self.threshold, vars: self.vars.clone() },
-            state_dir: self.state_dir.clone(),
-            identities: self.identities,
-            tls_services: self.tls_services.clone(),
-            share_service: self.share_service.clone(),
-            templates: template::load_dir(&self.templates_dir)?,
-        })
-    }
+        .collect();
+    Ok(Config {
+        cluster: Cluster { nodes, threshold: request.threshold, vars: request.vars.clone() },
+        state_dir: request.state_dir.clone(),
+        identities: request.identities,
+        tls_services: request.tls_services.clone(),
+        share_service: request.share_service.clone(),
+        templates: template::load_dir(&request.templates_dir)?,
+    })
 }
 
 /// Generates every server's overlay, adds the caller's own files, and replaces `out_dir` with
 /// the result: the new tree is written beside the old one (0700 directories, 0600 files) and
 /// renamed into place.
 pub fn run(request: &Request) -> Result<Summary, OverlayError> {
-    let mut overlay = generate(&request.config()?)?;
+    let mut overlay = generate(&config_of(request)?)?;
     for server in &request.servers {
         let files = overlay.servers.entry(server.name.clone()).or_default();
         for file in &server.files {

@@ -374,7 +374,7 @@ fn a_request_writes_every_server_tree_and_replaces_the_previous_one_whole() {
     std::fs::create_dir_all(out.join("node9")).unwrap();
     std::fs::write(out.join("node9/stale"), "old").unwrap();
     let json = serde_json::to_string(&request(&dir, Identities::Keep)).unwrap();
-    let first = run(&Request::from_json("test", &json).unwrap()).unwrap();
+    let first = run(&parse_request("test", &json).unwrap()).unwrap();
     assert_eq!(first.ca, Fate::Created);
     let mut servers: Vec<String> =
         out.read_dir_utf8().unwrap().map(|e| e.unwrap().file_name().to_owned()).collect();
@@ -439,13 +439,13 @@ fn a_malformed_request_names_the_field_and_the_position() {
     let (_guard, dir) = tempdir();
     let mut json = serde_json::to_value(request(&dir, Identities::Keep)).unwrap();
     json["thresold"] = 2.into();
-    let err = Request::from_json("stdin", &json.to_string()).unwrap_err().to_string();
+    let err = parse_request("stdin", &json.to_string()).unwrap_err().to_string();
     assert!(
         err.starts_with("read the overlay request from stdin: unknown field `thresold`"),
         "{err}"
     );
     json.as_object_mut().unwrap().remove("thresold");
     json["identities"] = "forget".into();
-    let err = Request::from_json("stdin", &json.to_string()).unwrap_err().to_string();
+    let err = parse_request("stdin", &json.to_string()).unwrap_err().to_string();
     assert!(err.contains("unknown variant `forget`") && err.contains("column"), "{err}");
 }

@@ -34,7 +34,7 @@ use std::thread::JoinHandle;
 use camino::{Utf8Component, Utf8Path, Utf8PathBuf};
 use flate2::{Compress, FlushCompress};
 
-use crate::fsutil::{AtomicWriteError, TempFile};
+use flotilla_contracts::atomic::{AtomicWriteError, TempFile};
 
 /// How the tar stream is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

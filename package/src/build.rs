@@ -6,6 +6,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use camino::{Utf8Path, Utf8PathBuf};
+use flotilla_contracts::atomic::{write_atomic, PUBLIC};
+use flotilla_contracts::digests as digest_list;
 
 use crate::archive::{ArchiveOptions, ArchiveSummary, ArchiveWriter, Compression};
 use crate::cache::{digest_file, Cache, CacheInput, CacheKey, CacheStatus};
@@ -90,7 +92,7 @@ pub struct BuildReport {
 }
 
 /// The digest list every later step verifies outputs against.
-pub const DIGESTS_FILE: &str = "digests.b3";
+pub const DIGESTS_FILE: &str = digest_list::DIGEST_LIST;
 
 /// Executes `plan`. Failed outputs are reported through `progress` and listed in the report;
 /// they never replace a previous good output. Errors before assembly (cargo, the output
@@ -233,7 +235,7 @@ fn build_output(
             }
             let bytes =
                 std::fs::read(&fetched).map_err(|e| fail(format!("read {fetched}: {e}")))?;
-            crate::fsutil::write_atomic(&output.path, &bytes).map_err(|e| fail(e.to_string()))?;
+            write_atomic(&output.path, &bytes, PUBLIC).map_err(|e| fail(e.to_string()))?;
             let summary = ArchiveSummary {
                 path: output.path.clone(),
                 size: bytes.len() as u64,
@@ -405,13 +407,13 @@ fn write_digests(out_dir: &Utf8Path, reports: &[OutputReport]) -> Result<(), Err
         let (_, blake3) = digest_file(&path).map_err(|e| Error::Request(e.to_string()))?;
         digests.insert(file, blake3);
     }
-    let text: String = digests.iter().map(|(file, d)| format!("{d}  {file}\n")).collect();
+    let text = digest_list::render(&digests);
     let path = out_dir.join(DIGESTS_FILE);
     // A no-op run leaves the list as it is: no write, no fsync, the same mtime.
     if std::fs::read(&path).is_ok_and(|old| old == text.as_bytes()) {
         return Ok(());
     }
-    crate::fsutil::write_atomic(&path, text.as_bytes())?;
+    write_atomic(&path, text.as_bytes(), PUBLIC)?;
     Ok(())
 }
 

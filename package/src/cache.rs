@@ -7,7 +7,7 @@
 //! the output is still the file that was recorded.
 //!
 //! Checking the output: outputs are only ever renamed into place complete (see
-//! [`crate::fsutil`]), and a record is written after its output. A rename always gives the
+//! [`flotilla_contracts::atomic`]), and a record is written after its output. A rename always gives the
 //! output a new inode, so an output replaced by a later (possibly interrupted) run never matches
 //! an older record's inode and mtime; then its blake3 is compared, which costs one read of the
 //! file and catches anything else. A truncated or edited output therefore never counts as a hit.
@@ -22,8 +22,7 @@ use camino::{Utf8Path, Utf8PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::archive::ArchiveSummary;
-pub use crate::fsutil::write_atomic;
-use crate::fsutil::AtomicWriteError;
+use flotilla_contracts::atomic::{write_atomic, AtomicWriteError, PUBLIC};
 
 /// The version of the record format; records of another version are misses.
 const RECORD_VERSION: u32 = 1;
@@ -235,7 +234,7 @@ impl Cache {
             path: self.dir.clone(),
             source,
         })?;
-        write_atomic(&self.dir.join(MEMO_FILE), text.as_bytes())?;
+        write_atomic(&self.dir.join(MEMO_FILE), text.as_bytes(), PUBLIC)?;
         Ok(())
     }
 
@@ -338,7 +337,7 @@ impl Cache {
             source: e,
         })?;
         let json = serde_json::to_vec_pretty(&record).expect("a record always serialises");
-        write_atomic(&record_path, &json)?;
+        write_atomic(&record_path, &json, PUBLIC)?;
         Ok(())
     }
 

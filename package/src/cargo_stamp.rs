@@ -116,7 +116,7 @@ pub fn record(
         })?;
     }
     let json = serde_json::to_vec(&stamp).expect("a stamp always serialises");
-    crate::fsutil::write_atomic(&path, &json)?;
+    flotilla_contracts::atomic::write_atomic(&path, &json, flotilla_contracts::atomic::PUBLIC)?;
     Ok(())
 }
 

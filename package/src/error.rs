@@ -34,7 +34,7 @@ pub enum Error {
     },
 
     #[error(transparent)]
-    Atomic(#[from] crate::fsutil::AtomicWriteError),
+    Atomic(#[from] flotilla_contracts::atomic::AtomicWriteError),
 
     /// Packaging one output failed; the message names the step.
     #[error("package `{package}`: {message}")]

@@ -84,7 +84,11 @@ fn record_verified(path: &Utf8Path, spec: &Fetch) {
     let Some(wanted) = &spec.sha256 else { return };
     if let Some(line) = verified_line(path, wanted.as_str()) {
         // Best effort: without the record the next run hashes the file again.
-        let _ = crate::fsutil::write_atomic(&verified_path(path), line.as_bytes());
+        let _ = flotilla_contracts::atomic::write_atomic(
+            &verified_path(path),
+            line.as_bytes(),
+            flotilla_contracts::atomic::PUBLIC,
+        );
     }
 }
 

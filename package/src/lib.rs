@@ -9,7 +9,6 @@ pub mod cache;
 pub mod cargo_stamp;
 mod error;
 mod fetch;
-pub mod fsutil;
 pub mod manifest;
 pub mod plan;
 

@@ -10,12 +10,12 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use camino::{Utf8Path, Utf8PathBuf};
+use camino::Utf8PathBuf;
+use flotilla_cli::cli::{FlingArgs, FlingCommand, FlingDeployCommand};
+use flotilla_cli::Context;
+use flotilla_fling::config::Config;
+use flotilla_testbed::TestbedName;
 use xshell::{cmd, Shell};
-
-use crate::cli::DemoArgs;
-use crate::fling::config::Config;
-use crate::testbed;
 
 /// The demo's testbed name, distinct from the default one a user may have up.
 const NAME: &str = "demo";
@@ -26,11 +26,18 @@ const CONTROL_PLANE_PORT: u16 = 12221;
 /// How long the control planes get to gather the shares after the deploy.
 const UNLOCK_TIMEOUT: Duration = Duration::from_secs(60);
 
-pub fn run(sh: &Shell, args: DemoArgs) -> anyhow::Result<()> {
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Leave the testbed up at the end (`cargo xtask testbed down --name demo` removes it).
+    #[arg(long)]
+    pub keep: bool,
+}
+
+pub fn run(sh: &Shell, ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
     if !cfg!(target_os = "linux") {
         bail!("cargo xtask demo: the testbed needs Linux (network namespaces and systemd-nspawn)");
     }
-    if !crate::is_root() {
+    if !flotilla_testbed::is_root() {
         bail!(
             "cargo xtask demo: run as root (it creates network namespaces and boots containers); \
              without root, `cargo xtask package` builds the packages"
@@ -38,28 +45,52 @@ pub fn run(sh: &Shell, args: DemoArgs) -> anyhow::Result<()> {
     }
     // A newcomer's first command: install what the testbed needs rather than send them to
     // another command first (a no-op when everything is there).
-    let prereqs = crate::cli::TestbedArgs { command: crate::cli::TestbedCommand::Prereqs };
-    testbed::run(sh, prereqs).context("install the testbed's prerequisites")?;
-    let exe = Utf8PathBuf::try_from(std::env::current_exe().context("find this xtask binary")?)?;
-    // The layout of `testbed::Paths`: the deployment config `testbed up` writes.
-    let config_path = testbed::testbed_root().join("beds").join(NAME).join("deployment.toml");
+    flotilla_cli::testbed::prereqs(sh, ctx).context("install the testbed's prerequisites")?;
+    let testbeds = flotilla_cli::testbed::testbeds(ctx);
+    let name = TestbedName::new(NAME)?;
     step(&format!("boot a testbed of {NODES} nodes ({NAME})"));
-    let _teardown = Teardown { sh, exe: &exe, keep: args.keep };
-    let nodes = NODES.to_string();
-    cmd!(sh, "{exe} testbed up --nodes {nodes} --name {NAME}").run().context("testbed up")?;
+    let _teardown = Teardown { sh, ctx, keep: args.keep };
+    let up = flotilla_testbed::up(sh, &testbeds, &name, NODES).context("testbed up")?;
+    println!("{up}");
+    let config_path = up.paths.deployment.clone();
 
-    let fling = |what: &str, args: &[&str]| -> anyhow::Result<()> {
+    let fling = |what: &str, command: FlingCommand| -> anyhow::Result<()> {
         step(what);
-        cmd!(sh, "{exe} fling --config {config_path} {args...}")
-            .run()
-            .with_context(|| format!("fling {}", args.join(" ")))
+        let args = FlingArgs {
+            config: config_path.clone(),
+            servers: Vec::new(),
+            dry_run: false,
+            json: false,
+            parallel: None,
+            connect_parallel: None,
+            lock_wait: 0,
+            command,
+        };
+        match flotilla_cli::fling::run_code(sh, ctx, args)? {
+            0 => Ok(()),
+            code => bail!("{what}: fling exited with {code}"),
+        }
     };
-    fling("check the builder and the servers, create the service users", &["install-prereqs"])?;
-    fling("copy the workspace to the builder", &["sync"])?;
-    fling("build the packages on the builder", &["build", "package"])?;
-    fling("generate each server's overlay (shares, TLS, configs)", &["overlay"])?;
-    fling("install on every server and wait for health", &["install"])?;
-    fling("every server's release and services", &["deploy", "status"])?;
+    fling(
+        "check the builder and the servers, create the service users",
+        FlingCommand::InstallPrereqs,
+    )?;
+    fling("copy the workspace to the builder", FlingCommand::Sync)?;
+    fling(
+        "build the packages on the builder",
+        FlingCommand::Build {
+            command: flotilla_cli::cli::FlingBuildCommand::Package { args: Vec::new() },
+        },
+    )?;
+    fling(
+        "generate each server's overlay (shares, TLS, configs)",
+        FlingCommand::Overlay { generate_here: false, rotate: false },
+    )?;
+    fling("install on every server and wait for health", FlingCommand::Install)?;
+    fling(
+        "every server's release and services",
+        FlingCommand::Deploy { command: FlingDeployCommand::Status },
+    )?;
 
     step("the rack unlock, as each control plane reports it");
     let config = Config::load(&config_path)?;
@@ -84,7 +115,7 @@ pub fn run(sh: &Shell, args: DemoArgs) -> anyhow::Result<()> {
 /// from the overlay on the builder, which for a testbed is this machine.
 fn etcd_health(sh: &Shell, config: &Config) -> anyhow::Result<()> {
     step("the etcd cluster's health, as etcdctl sees it with the cluster CA");
-    let crate::fling::quote::RemotePath::Absolute(source) = &config.builder.source_path else {
+    let flotilla_fling::quote::RemotePath::Absolute(source) = &config.builder.source_path else {
         bail!("the testbed's builder keeps its workspace at an absolute path");
     };
     let Some(first) = config.deployment.servers.first() else { return Ok(()) };
@@ -173,7 +204,7 @@ fn step(what: &str) {
 /// Tears the demo's testbed down when the demo ends, however it ends, unless `--keep`.
 struct Teardown<'a> {
     sh: &'a Shell,
-    exe: &'a Utf8Path,
+    ctx: &'a Context,
     keep: bool,
 }
 
@@ -183,9 +214,13 @@ impl Drop for Teardown<'_> {
             return;
         }
         step(&format!("tear the testbed down ({NAME})"));
-        let exe = self.exe;
-        if let Err(e) = cmd!(self.sh, "{exe} testbed down --name {NAME}").run() {
-            eprintln!("error: tear the demo testbed down: {e}; run `cargo xtask testbed down --name {NAME}`");
+        let testbeds = flotilla_cli::testbed::testbeds(self.ctx);
+        let down = TestbedName::new(NAME)
+            .and_then(|name| flotilla_testbed::down(self.sh, &testbeds, &name));
+        if let Err(e) = down {
+            eprintln!(
+                "error: tear the demo testbed down: {e:#}; run `cargo xtask testbed down --name {NAME}`"
+            );
         }
     }
 }

@@ -14,9 +14,6 @@
 //!
 //! Needs root (the testbed); skipped without it unless CI is "true".
 
-#[path = "../src/testbed/test_support.rs"]
-mod testbed_support;
-
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::unix::fs::OpenOptionsExt;
@@ -24,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use testbed_support::Testbed;
+use flotilla_testbed::test_support::Testbed;
 
 const SERVICES_WITH_KEYS: [&str; 3] = ["node-agent", "control-plane", "etcd"];
 
@@ -186,10 +183,10 @@ fn unlocked(rack: &serde_json::Value) -> bool {
 #[test]
 fn a_three_node_cluster_unlocks_keeps_secrets_apart_rotates_and_survives_a_lost_node() {
     let test = "a_three_node_cluster_unlocks_keeps_secrets_apart_rotates_and_survives_a_lost_node";
-    if !testbed_support::can_run(test) {
+    if !flotilla_testbed::test_support::can_run(test) {
         return;
     }
-    let cluster = Cluster { tb: Testbed::up(Path::new(env!("CARGO_BIN_EXE_xtask")), "cluster", 3) };
+    let cluster = Cluster { tb: Testbed::up(&workspace(), "cluster", 3) };
     let nodes = cluster.tb.nodes.clone();
     // The service users are created before anything is deployed, once: a second run finds
     // them and creates nothing.
@@ -442,4 +439,10 @@ fn get_json(address: &str, path: &str) -> Result<serde_json::Value, String> {
         return Err(format!("GET {path}: {}", head.lines().next().unwrap_or_default()));
     }
     serde_json::from_str(body).map_err(|e| format!("GET {path}: {e}"))
+}
+
+/// The root of this repository's workspace.
+fn workspace() -> camino::Utf8PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    camino::Utf8PathBuf::try_from(dir.canonicalize().unwrap()).unwrap()
 }

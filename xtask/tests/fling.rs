@@ -711,12 +711,9 @@ fn dry_run_prints_every_command_and_runs_none() {
 // End to end on a testbed of three nspawn nodes: the real builder sshd, real nodes with
 // systemd, the real packages and installer.
 
-#[path = "../src/testbed/test_support.rs"]
-mod testbed_support;
-
 /// A testbed's deployment config and the xtask binary, with helpers for the fault tests.
 struct Bed<'a> {
-    tb: &'a testbed_support::Testbed,
+    tb: &'a flotilla_testbed::test_support::Testbed,
     config: PathBuf,
 }
 
@@ -850,10 +847,10 @@ fn host_line<'a>(output: &'a str, host: &str) -> &'a str {
 /// rerun after healing converges; uninstall leaves nothing.
 #[test]
 fn full_flow_and_faults_on_a_three_node_testbed() {
-    if !testbed_support::can_run("full_flow_and_faults_on_a_three_node_testbed") {
+    if !flotilla_testbed::test_support::can_run("full_flow_and_faults_on_a_three_node_testbed") {
         return;
     }
-    let tb = testbed_support::Testbed::up(Path::new(env!("CARGO_BIN_EXE_xtask")), "fling", 3);
+    let tb = flotilla_testbed::test_support::Testbed::up(&workspace(), "fling", 3);
     let bed = Bed { config: tb.deployment.clone(), tb: &tb };
 
     // The third node has no rsync (and no route to a mirror): install-prereqs carries the
@@ -1051,10 +1048,12 @@ fn node_leader(bed: &Bed, node: &str) -> String {
 /// hostile strings in the config never run anything on the builder or any node.
 #[test]
 fn host_keys_and_hostile_strings_on_a_three_node_testbed() {
-    if !testbed_support::can_run("host_keys_and_hostile_strings_on_a_three_node_testbed") {
+    if !flotilla_testbed::test_support::can_run(
+        "host_keys_and_hostile_strings_on_a_three_node_testbed",
+    ) {
         return;
     }
-    let tb = testbed_support::Testbed::up(Path::new(env!("CARGO_BIN_EXE_xtask")), "flsec", 3);
+    let tb = flotilla_testbed::test_support::Testbed::up(&workspace(), "flsec", 3);
     let dir = TempDir::new("testbed-sec");
     let real = std::fs::read_to_string(&tb.known_hosts).unwrap();
     let config_text = std::fs::read_to_string(&tb.deployment).unwrap();
@@ -1141,4 +1140,10 @@ fn host_keys_and_hostile_strings_on_a_three_node_testbed() {
         let found = bed.ssh_ok(node, &format!("test -e {marker} && echo found || echo absent"));
         assert_eq!(found, "absent", "a config string ran on {node}");
     }
+}
+
+/// The root of this repository's workspace.
+fn workspace() -> camino::Utf8PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    camino::Utf8PathBuf::try_from(dir.canonicalize().unwrap()).unwrap()
 }

@@ -2,13 +2,10 @@
 //!
 //! They need root. Elsewhere they skip and say why, except with `CI=true`, where they must run.
 
-#[path = "../src/testbed/test_support.rs"]
-mod testbed_support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use testbed_support::{can_run, Testbed};
+use flotilla_testbed::test_support::{can_run, Testbed};
 
 const XTASK: &str = env!("CARGO_BIN_EXE_xtask");
 
@@ -17,7 +14,7 @@ fn three_nodes_are_distinct_real_servers_and_down_leaves_nothing() {
     if !can_run("three_nodes_are_distinct_real_servers_and_down_leaves_nothing") {
         return;
     }
-    let testbed = Testbed::up(Path::new(XTASK), "t3", 3);
+    let testbed = Testbed::up(&workspace(), "t3", 3);
 
     // Every node answers over IPv4 and IPv6 with strict host key checking, using only the
     // written ssh config, key and known_hosts, and names itself as expected.
@@ -120,11 +117,10 @@ fn three_nodes_are_distinct_real_servers_and_down_leaves_nothing() {
     let left = Leftovers::of(&testbed);
     assert!(left.live_processes().len() == 4, "expected 3 nodes and a builder: {left:?}");
     assert!(!left.system_names().is_empty());
-    let out = testbed.down();
-    assert!(out.status.success(), "down: {}", String::from_utf8_lossy(&out.stderr));
+    testbed.down().expect("testbed down");
     left.assert_none_remain();
     // A second down finds nothing to do and succeeds.
-    assert!(testbed.down().status.success());
+    testbed.down().expect("a second testbed down");
 }
 
 #[test]
@@ -132,7 +128,7 @@ fn down_cleans_up_after_crashed_processes_and_up_refuses_a_second_start() {
     if !can_run("down_cleans_up_after_crashed_processes_and_up_refuses_a_second_start") {
         return;
     }
-    let testbed = Testbed::up(Path::new(XTASK), "tcrash", 1);
+    let testbed = Testbed::up(&workspace(), "tcrash", 1);
     let again = Command::new(XTASK)
         .args(["testbed", "up", "--nodes", "1", "--name", &testbed.name])
         .output()
@@ -147,8 +143,7 @@ fn down_cleans_up_after_crashed_processes_and_up_refuses_a_second_start() {
     // SAFETY: this pid is the builder sshd the testbed started for this test, read from its
     // state file.
     unsafe { kill(builder_pid as i32, 9) };
-    let out = testbed.down();
-    assert!(out.status.success(), "down: {}", String::from_utf8_lossy(&out.stderr));
+    testbed.down().expect("testbed down");
     left.assert_none_remain();
 }
 
@@ -157,8 +152,9 @@ fn up_failing_after_the_nodes_booted_removes_everything_it_created() {
     if !can_run("up_failing_after_the_nodes_booted_removes_everything_it_created") {
         return;
     }
-    let name = testbed_support::unique_name("tfail");
-    let dir = testbed_support::testbed_root().join("beds").join(&name);
+    let name = flotilla_testbed::test_support::unique_name("tfail");
+    let dir: std::path::PathBuf =
+        flotilla_testbed::testbed_root(&workspace()).join("beds").join(&name).into();
     // A file where the builder's directory goes makes `up` fail after it has created the
     // network and started the nodes, the latest point a failure can happen.
     std::fs::create_dir_all(&dir).unwrap();
@@ -196,7 +192,7 @@ impl Drop for RemoveDir {
 #[test]
 fn without_root_up_says_what_to_run_and_creates_nothing() {
     // As root, the command runs as `nobody`; elsewhere the test already runs unprivileged.
-    let name = testbed_support::unique_name("tnoroot");
+    let name = flotilla_testbed::test_support::unique_name("tnoroot");
     let args = ["testbed", "up", "--nodes", "1", "--name", &name];
     // SAFETY: geteuid has no preconditions and cannot fail.
     let out = if unsafe { geteuid() } == 0 {
@@ -214,7 +210,7 @@ fn without_root_up_says_what_to_run_and_creates_nothing() {
         stderr.contains("needs root") && stderr.contains("sudo -E cargo xtask testbed up"),
         "{stderr}"
     );
-    assert!(!testbed_support::testbed_root().join("beds").join(&name).exists());
+    assert!(!flotilla_testbed::testbed_root(&workspace()).join("beds").join(&name).exists());
 }
 
 /// What a testbed is made of on this machine, read before `down` to check after it.
@@ -347,4 +343,10 @@ fn is_alive(pid: u32) -> bool {
 extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
     fn geteuid() -> u32;
+}
+
+/// The root of this repository's workspace.
+fn workspace() -> camino::Utf8PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    camino::Utf8PathBuf::try_from(dir.canonicalize().unwrap()).unwrap()
 }

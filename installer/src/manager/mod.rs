@@ -7,9 +7,6 @@
 mod smf;
 mod systemd;
 
-use std::fmt;
-use std::str::FromStr;
-
 use camino::{Utf8Path, Utf8PathBuf};
 
 use crate::error::{Error, Result};
@@ -18,32 +15,7 @@ use crate::runner::{Cmd, Output, Step};
 pub use smf::{parse_manifest, Smf, SmfManifest, MANIFEST as SMF_MANIFEST};
 pub use systemd::{unit_dependencies, Systemd, DEFAULT_UNIT_DIR};
 
-/// Which service manager a host runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ManagerKind {
-    Systemd,
-    Smf,
-}
-
-impl fmt::Display for ManagerKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ManagerKind::Systemd => "systemd",
-            ManagerKind::Smf => "smf",
-        })
-    }
-}
-
-impl FromStr for ManagerKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "systemd" => Ok(ManagerKind::Systemd),
-            "smf" => Ok(ManagerKind::Smf),
-            other => Err(format!("unknown service manager `{other}`: expected systemd or smf")),
-        }
-    }
-}
+pub use flotilla_contracts::ManagerKind;
 
 /// Detects the service manager of the host whose root directory is `root` (`/` for this
 /// host): systemd when `/run/systemd/system` exists (systemd's own documented test, the one

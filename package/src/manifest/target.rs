@@ -9,8 +9,8 @@ use camino::{Utf8Path, Utf8PathBuf};
 
 use super::names::TargetName;
 use super::Manifest;
-use crate::fsutil::write_atomic;
 use crate::Error;
+use flotilla_contracts::atomic::{write_atomic, PUBLIC};
 
 /// A build target: an ordered `key=value` map.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -218,7 +218,7 @@ impl TargetStore {
             path: self.dir.clone(),
             source,
         })?;
-        write_atomic(path, bytes).map_err(Error::from)
+        write_atomic(path, bytes, PUBLIC).map_err(Error::from)
     }
 }
 

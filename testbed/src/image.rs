@@ -77,7 +77,8 @@ pub fn recipe_hash() -> String {
 }
 
 /// Returns the image's root filesystem, building it first when it is missing.
-pub fn ensure(sh: &Shell, root: &Utf8Path) -> anyhow::Result<Utf8PathBuf> {
+pub fn ensure(sh: &Shell, tb: &super::Testbeds<'_>) -> anyhow::Result<Utf8PathBuf> {
+    let root = &tb.root;
     let dir = images_dir(root).join(recipe_hash());
     let rootfs = dir.join("rootfs");
     if dir.join("recipe.txt").is_file() && rootfs.is_dir() {
@@ -87,7 +88,9 @@ pub fn ensure(sh: &Shell, root: &Utf8Path) -> anyhow::Result<Utf8PathBuf> {
     let mirror = mirror()?;
     let tmp = images_dir(root).join(format!(".build-{}-{}", recipe_hash(), std::process::id()));
     let guard = RemoveOnDrop(tmp.clone());
-    eprintln!("testbed: building the node image from {mirror} into {dir} (about a minute, once)");
+    (tb.log)(&format!(
+        "testbed: building the node image from {mirror} into {dir} (about a minute, once)"
+    ));
     let started = std::time::Instant::now();
     build(sh, &tmp, &mirror).with_context(|| format!("build the node image in {tmp}"))?;
     match std::fs::rename(&tmp, &dir) {
@@ -96,7 +99,7 @@ pub fn ensure(sh: &Shell, root: &Utf8Path) -> anyhow::Result<Utf8PathBuf> {
         Err(_) if dir.join("recipe.txt").is_file() => drop(guard),
         Err(err) => bail!("move the finished node image from {tmp} to {dir}: {err}"),
     }
-    eprintln!("testbed: node image built in {:.1} s", started.elapsed().as_secs_f64());
+    (tb.log)(&format!("testbed: node image built in {:.1} s", started.elapsed().as_secs_f64()));
     Ok(rootfs)
 }
 

@@ -1,23 +1,5 @@
-//! `cargo xtask fling`: from the client, through a builder, to many servers, over OpenSSH.
-//!
-//! `config` reads the topology, `quote` is the one quoting helper for remote shells, `ssh`
-//! builds the command lines of both hops, `plan` turns each command into per-host steps as
-//! data, `exec` walks them concurrently and recaps, `overlay` writes each server's own files,
-//! `bench` times installs against a plain ssh/scp baseline.
-//!
-//! Exit codes: 0 every host succeeded; 1 fling could not run (config, arguments, local error);
-//! 2 some hosts failed; 3 the deploy lock is held by another run; 4 some hosts were
-//! unreachable; 6 some failed and some were unreachable; 130 interrupted.
-
-pub mod batch;
-pub mod bench;
-pub mod config;
-pub mod exec;
-pub mod interrupt;
-pub mod overlay;
-pub mod plan;
-pub mod quote;
-pub mod ssh;
+//! `cargo xtask fling`: the arguments to a plan of the fling library, its dry run or its run,
+//! and the recap. See `flotilla_fling` for what runs where.
 
 use std::{
     io::Read,
@@ -29,27 +11,28 @@ use anyhow::{bail, Context as _};
 use camino::{Utf8Path, Utf8PathBuf};
 use xshell::{cmd, Shell};
 
+use flotilla_fling::config::{self, Config};
+use flotilla_fling::overlay::{self, Identities};
+use flotilla_fling::plan::{self, BuildKind, DeployAction};
+use flotilla_fling::{batch, exec, quote, ssh};
+
 use crate::{
     cli::{self, FlingBuildCommand, FlingCommand, FlingDeployCommand, FlingLockCommand},
     Context,
 };
-use config::Config;
-use overlay::Identities;
-use plan::{BuildKind, DeployAction};
 
-pub fn run(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Result<()> {
-    let code = run_inner(sh, ctx, args)?;
-    // Every guard (agent, control directory) has been dropped by now, so exiting here leaves
-    // nothing behind.
-    if code != exec::EXIT_OK {
-        use std::io::Write as _;
-        let _ = std::io::stdout().flush();
-        std::process::exit(code);
-    }
-    Ok(())
+/// Runs a fling command; the exit code is the run's (see `flotilla_fling`).
+pub fn run(
+    sh: &Shell,
+    ctx: &Context,
+    args: cli::FlingArgs,
+) -> anyhow::Result<std::process::ExitCode> {
+    let code = run_code(sh, ctx, args)?;
+    Ok(std::process::ExitCode::from(u8::try_from(code).unwrap_or(1)))
 }
 
-fn run_inner(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Result<i32> {
+/// [`run`], with the run's exit code as a number.
+pub fn run_code(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Result<i32> {
     let config = if args.config.as_str() == "-" {
         let mut text = String::new();
         std::io::stdin()
@@ -65,7 +48,7 @@ fn run_inner(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Result<
         // root of the builder's workspace. The generators run as the `flotilla-overlay`
         // binary, which prints the one-line summary.
         let identities = if *rotate { Identities::Rotate } else { Identities::Keep };
-        overlay::generate(sh, &config, &ctx.invoked_from, identities)?;
+        overlay::generate(sh, &config, &ctx.invoked_from, ctx.root(), identities)?;
         return Ok(exec::EXIT_OK);
     }
 
@@ -78,7 +61,7 @@ fn run_inner(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Result<
         }
     }
     if let FlingCommand::Bench { nodes, runs } = &args.command {
-        bench::run(sh, &config, &ctx.user_path(&args.config), nodes, (*runs).max(1))?;
+        crate::fling_bench::run(sh, &config, &ctx.user_path(&args.config), nodes, (*runs).max(1))?;
         return Ok(exec::EXIT_OK);
     }
     let servers = config.select_servers(&args.servers)?;
@@ -86,7 +69,7 @@ fn run_inner(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Result<
     let control = ControlDir::new(&run_id, args.dry_run)?;
     let local_source = match &config.source_path {
         Some(path) => path.clone(),
-        None => crate::project_root(),
+        None => ctx.root().to_owned(),
     };
     let cx = plan::Context {
         config: &config,
@@ -193,11 +176,10 @@ fn run_inner(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Result<
             .connect_parallel
             .unwrap_or(config.deployment.connect_parallel)
             .max(1),
-        json: args.json,
-        quiet: false,
         env,
     };
-    let report = exec::execute(sh, &plan, &options);
+    let ui = crate::fling_ui::Ui::new(args.json, &plan);
+    let report = exec::execute(sh, &plan, &options, &ui);
     drop(agent);
     if args.json {
         println!("{}", report.summary());

@@ -9,11 +9,10 @@ use crate::cli;
 /// Runs what CI runs. The tests include the end-to-end ones, which need the testbed's system
 /// packages: as root they are installed first; elsewhere those tests skip, saying why (with
 /// `CI=true` they never skip).
-pub fn ci(sh: &Shell) -> anyhow::Result<()> {
+pub fn ci(sh: &Shell, ctx: &crate::Context) -> anyhow::Result<()> {
     let cargo = cargo();
-    if crate::is_root() {
-        let prereqs = cli::TestbedArgs { command: cli::TestbedCommand::Prereqs };
-        crate::testbed::run(sh, prereqs).context("install the testbed's prerequisites")?;
+    if flotilla_testbed::is_root() {
+        crate::testbed::prereqs(sh, ctx).context("install the testbed's prerequisites")?;
     }
     cmd!(sh, "{cargo} fmt --all --check")
         .run()

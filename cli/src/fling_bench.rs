@@ -12,7 +12,7 @@ use anyhow::{bail, Context as _};
 use camino::{Utf8Path, Utf8PathBuf};
 use xshell::{cmd, Shell};
 
-use super::config::{Config, Server};
+use flotilla_fling::config::{Config, Server};
 
 /// One row of the result table.
 struct Row {

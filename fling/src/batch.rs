@@ -163,7 +163,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::fling::plan::{HostPlan, Session, Step, StepKind};
+    use crate::plan::{HostPlan, Session, Step, StepKind};
 
     fn step(script: &str) -> Step {
         Step {

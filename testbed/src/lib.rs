@@ -28,7 +28,7 @@ mod image;
 mod layout;
 mod render;
 mod state;
-#[cfg(test)]
+#[cfg(feature = "test-support")]
 pub mod test_support;
 mod up;
 
@@ -40,42 +40,62 @@ use anyhow::{bail, Context as _};
 use camino::{Utf8Path, Utf8PathBuf};
 use xshell::{cmd, Shell};
 
-use crate::cli::{self, TestbedCommand};
-use layout::{Layout, TestbedName};
+use layout::Layout;
+pub use layout::TestbedName;
 use state::State;
+pub use up::Up;
 
-pub fn run(sh: &Shell, args: cli::TestbedArgs) -> anyhow::Result<()> {
-    let root = testbed_root();
-    match args.command {
-        TestbedCommand::Prereqs => prereqs(sh),
-        TestbedCommand::Up { nodes, name } => {
-            let name = TestbedName::new(&name)?;
-            up::up(sh, &root, &name, nodes)
-        }
-        TestbedCommand::Status { name } => status(&root, &TestbedName::new(&name)?),
-        TestbedCommand::Ssh { name, node, command } => {
-            ssh(sh, &root, &TestbedName::new(&name)?, &node, &command)
-        }
-        TestbedCommand::Down { name, all } => {
-            require_root("down")?;
-            if all {
-                down::down_all(sh, &root)
-            } else {
-                down::down(sh, &root, &TestbedName::new(&name)?)
-            }
-        }
+/// Where testbeds live and what they need to know of the workspace they serve; every command
+/// takes one.
+pub struct Testbeds<'a> {
+    /// The directory of images and testbeds (see the module comment).
+    pub root: Utf8PathBuf,
+    /// The workspace whose deployment configs the testbeds write: their builder syncs it.
+    pub workspace: Utf8PathBuf,
+    /// Where the commands say what they are doing (`testbed: building the node image ...`).
+    pub log: &'a (dyn Fn(&str) + Sync),
+}
+
+impl<'a> Testbeds<'a> {
+    /// The testbeds of `workspace`: under `FLOTILLA_TESTBED_DIR` when it is set, else under
+    /// the workspace's `target/testbed/`.
+    pub fn new(workspace: &Utf8Path, log: &'a (dyn Fn(&str) + Sync)) -> Testbeds<'a> {
+        Testbeds { root: testbed_root(workspace), workspace: workspace.to_owned(), log }
+    }
+
+    /// The files of the testbed `name`.
+    pub fn paths(&self, name: &TestbedName) -> Paths {
+        Paths::new(&self.root, name)
     }
 }
 
 /// The directory that holds images and testbeds.
-pub fn testbed_root() -> Utf8PathBuf {
+pub fn testbed_root(workspace: &Utf8Path) -> Utf8PathBuf {
     match std::env::var("FLOTILLA_TESTBED_DIR") {
         Ok(dir) if !dir.is_empty() => Utf8PathBuf::from(dir),
-        _ => crate::project_root().join("target/testbed"),
+        _ => workspace.join("target/testbed"),
     }
 }
 
+/// Boots a testbed of `nodes` nodes named `name`.
+pub fn up(sh: &Shell, tb: &Testbeds<'_>, name: &TestbedName, nodes: u32) -> anyhow::Result<Up> {
+    up::up(sh, tb, name, nodes)
+}
+
+/// Tears the testbed `name` down, leaving nothing behind.
+pub fn down(sh: &Shell, tb: &Testbeds<'_>, name: &TestbedName) -> anyhow::Result<()> {
+    require_root("down")?;
+    down::down(sh, tb, name)
+}
+
+/// Tears every testbed down, and the remains of crashed runs.
+pub fn down_all(sh: &Shell, tb: &Testbeds<'_>) -> anyhow::Result<()> {
+    require_root("down")?;
+    down::down_all(sh, tb)
+}
+
 /// The files of one testbed.
+#[derive(Debug, Clone)]
 pub struct Paths {
     pub dir: Utf8PathBuf,
     pub state: Utf8PathBuf,
@@ -164,29 +184,31 @@ fn find_command(name: &str) -> Option<Utf8PathBuf> {
     found
 }
 
-fn prereqs(sh: &Shell) -> anyhow::Result<()> {
-    install_packages(sh)?;
-    // The packages' pinned Debian files (etcd) go into the user's shared cache now, so that
-    // packaging in a test's fresh checkout finds them there and never reaches the network.
-    let path = crate::project_root().join("package-manifest.toml");
-    let manifest = flotilla_package::manifest::Manifest::load(&path)
-        .with_context(|| format!("load {path}"))?;
-    let cached = flotilla_package::prefetch_debs(&manifest, &|m| println!("testbed: {m}"))
-        .map_err(|e| anyhow::anyhow!("prefetch the manifest's Debian files: {e}"))?;
+/// Installs what the testbed needs with apt (as root), then caches the Debian files the
+/// manifest at `manifest` pins (when given), so that packaging in a test's fresh checkout finds
+/// them there and never reaches the network.
+pub fn prereqs(sh: &Shell, tb: &Testbeds<'_>, manifest: Option<&Utf8Path>) -> anyhow::Result<()> {
+    install_packages(sh, tb)?;
+    let Some(path) = manifest else { return Ok(()) };
+    let manifest =
+        flotilla_package::manifest::Manifest::load(path).with_context(|| format!("load {path}"))?;
+    let cached =
+        flotilla_package::prefetch_debs(&manifest, &|m| (tb.log)(&format!("testbed: {m}")))
+            .map_err(|e| anyhow::anyhow!("prefetch the manifest's Debian files: {e}"))?;
     for file in cached {
-        println!("testbed: cached {file}");
+        (tb.log)(&format!("testbed: cached {file}"));
     }
     Ok(())
 }
 
-fn install_packages(sh: &Shell) -> anyhow::Result<()> {
+fn install_packages(sh: &Shell, tb: &Testbeds<'_>) -> anyhow::Result<()> {
     let missing = missing_packages();
     if missing.is_empty() {
-        println!("testbed: every prerequisite is installed");
+        (tb.log)("testbed: every prerequisite is installed");
         return Ok(());
     }
     let list = missing.join(" ");
-    if !crate::is_root() {
+    if !is_root() {
         bail!(
             "testbed prerequisites missing ({list}); install them as root: \
              `sudo apt-get update && sudo apt-get install -y {list}`"
@@ -205,7 +227,7 @@ fn install_packages(sh: &Shell) -> anyhow::Result<()> {
 }
 
 fn require_root(what: &str) -> anyhow::Result<()> {
-    if !crate::is_root() {
+    if !is_root() {
         bail!(
             "testbed {what}: needs root (network namespaces, bridges and systemd-nspawn); \
              run it as root, for example `sudo -E cargo xtask testbed {what}`"
@@ -227,23 +249,31 @@ fn preflight() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn status(root: &Utf8Path, name: &TestbedName) -> anyhow::Result<()> {
-    let paths = Paths::new(root, name);
+/// The nodes of the testbed `name`, their addresses and whether sshd answers, as text.
+pub fn status(tb: &Testbeds<'_>, name: &TestbedName) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let paths = tb.paths(name);
     let Some(state) = State::load(&paths.state)? else {
-        println!("testbed {name}: not up (no state in {})", paths.dir);
-        return Ok(());
+        return Ok(format!("testbed {name}: not up (no state in {})\n", paths.dir));
     };
     let layout = Layout::new(name, state.nodes)?;
-    println!(
+    let _ = writeln!(
+        out,
         "testbed {name}: {} nodes, bridge {}, image {}",
         state.nodes, layout.bridge, state.image
     );
-    println!("{:<8} {:<16} {:<28} {:<9} {:<8} sshd", "node", "ipv4", "ipv6", "pid", "process");
+    let _ = writeln!(
+        out,
+        "{:<8} {:<16} {:<28} {:<9} {:<8} sshd",
+        "node", "ipv4", "ipv6", "pid", "process"
+    );
     for node in &layout.nodes {
         let pid = state.node_pids.iter().find(|(n, _)| *n == node.name).map(|(_, p)| *p);
         let alive = pid.is_some_and(|p| down::is_our_process(p, &node.machine));
         let sshd = sshd_answers(SocketAddr::new(node.ipv4.into(), 22), Duration::from_millis(500));
-        println!(
+        let _ = writeln!(
+            out,
             "{:<8} {:<16} {:<28} {:<9} {:<8} {}",
             node.name,
             node.ipv4,
@@ -256,25 +286,27 @@ fn status(root: &Utf8Path, name: &TestbedName) -> anyhow::Result<()> {
     if let Some(b) = &state.builder {
         let sshd =
             sshd_answers(SocketAddr::from(([127, 0, 0, 1], b.port)), Duration::from_millis(500));
-        println!(
+        let _ = writeln!(
+            out,
             "builder  127.0.0.1:{} pid {} sshd {}",
             b.port,
             b.pid,
             if sshd { "answers" } else { "silent" }
         );
     }
-    println!("ssh config: {}", paths.ssh_config);
-    Ok(())
+    let _ = writeln!(out, "ssh config: {}", paths.ssh_config);
+    Ok(out)
 }
 
-fn ssh(
+/// Opens an ssh session on a node of the testbed `name`, or runs `command` there.
+pub fn ssh(
     sh: &Shell,
-    root: &Utf8Path,
+    tb: &Testbeds<'_>,
     name: &TestbedName,
     node: &str,
     command: &[String],
 ) -> anyhow::Result<()> {
-    let paths = Paths::new(root, name);
+    let paths = tb.paths(name);
     let Some(state) = State::load(&paths.state)? else {
         bail!("testbed {name}: not up; run `cargo xtask testbed up --name {name}`");
     };
@@ -287,13 +319,19 @@ fn ssh(
     let config = &paths.ssh_config;
     // ssh joins its arguments with spaces for the remote shell, so each one is quoted here to
     // reach the remote command unchanged.
-    let remote = (!command.is_empty()).then(|| crate::fling::quote::quote_words(command));
+    let remote = (!command.is_empty()).then(|| flotilla_fling::quote::quote_words(command));
     let remote = remote.as_slice();
     cmd!(sh, "ssh -F {config} {node} {remote...}")
         .quiet()
         .run()
         .with_context(|| format!("testbed {name}: ssh {node}"))?;
     Ok(())
+}
+
+/// Whether this process runs as root, which the testbed needs.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// Whether an ssh server answers at `addr` with its banner.

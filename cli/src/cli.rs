@@ -41,10 +41,6 @@ pub enum Command {
     /// A local fleet of real servers: network namespaces and systemd-nspawn containers with
     /// their own sshd and systemd.
     Testbed(TestbedArgs),
-    /// The whole system on a three-node testbed: package, boot, overlay, deploy, wait for
-    /// health, print the nodes, services and the rack unlock; torn down unless `--keep`
-    /// [runs on: this machine, as root, Linux].
-    Demo(DemoArgs),
     /// Deploy from this machine (the client) through a builder to many servers over OpenSSH
     /// (thing-flinger's workflow).
     Fling(FlingArgs),
@@ -209,13 +205,6 @@ pub enum BenchCommand {
 pub struct TestbedArgs {
     #[command(subcommand)]
     pub command: TestbedCommand,
-}
-
-#[derive(Debug, Args)]
-pub struct DemoArgs {
-    /// Leave the testbed up at the end (`cargo xtask testbed down --name demo` removes it).
-    #[arg(long)]
-    pub keep: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -390,6 +379,10 @@ pub struct HostArgs {
     /// The installation prefix.
     #[arg(long, default_value = installer::DEFAULT_PREFIX)]
     pub prefix: Utf8PathBuf,
+    /// The prefix the packages were built for (their zone root is `root<prefix>`); the
+    /// installation prefix when not given.
+    #[arg(long)]
+    pub packages_prefix: Option<installer::Prefix>,
     /// Where systemd unit files are written.
     #[arg(long, default_value = installer::manager::DEFAULT_UNIT_DIR)]
     pub unit_dir: Utf8PathBuf,

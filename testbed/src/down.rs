@@ -11,14 +11,14 @@ use xshell::{cmd, Shell};
 use super::cgroups;
 use super::layout::{self, Layout, TestbedName};
 use super::state::State;
-use super::Paths;
+use super::Testbeds;
 
 /// How long processes get to stop after SIGTERM before they are killed. A node's systemd
 /// shuts down in about three seconds.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
-pub fn down(sh: &Shell, root: &Utf8Path, name: &TestbedName) -> anyhow::Result<()> {
-    let paths = Paths::new(root, name);
+pub fn down(sh: &Shell, tb: &Testbeds<'_>, name: &TestbedName) -> anyhow::Result<()> {
+    let paths = tb.paths(name);
     let state = State::load(&paths.state)?;
     // A state file that cannot be read still leaves names to go by.
     let tag = Layout::new(name, 1)?.tag;
@@ -35,7 +35,7 @@ pub fn down(sh: &Shell, root: &Utf8Path, name: &TestbedName) -> anyhow::Result<(
             processes.push((builder.pid, paths.builder_config().to_string()));
         }
     }
-    stop(&processes);
+    stop(tb, &processes);
     remove_network(sh, Some(&tag))?;
     let machine_prefix = format!("{}-{tag}-node", layout::PREFIX);
     cgroups::remove(|machine| machine.starts_with(&machine_prefix))?;
@@ -45,15 +45,15 @@ pub fn down(sh: &Shell, root: &Utf8Path, name: &TestbedName) -> anyhow::Result<(
         std::fs::remove_dir_all(&paths.dir).with_context(|| format!("remove {}", paths.dir))?;
     }
     if state.is_some() {
-        println!("testbed {name}: down");
+        (tb.log)(&format!("testbed {name}: down"));
     }
     Ok(())
 }
 
 /// Tears down every testbed with a state directory, then anything else named like the
 /// project's own interfaces and namespaces.
-pub fn down_all(sh: &Shell, root: &Utf8Path) -> anyhow::Result<()> {
-    let beds = root.join("beds");
+pub fn down_all(sh: &Shell, tb: &Testbeds<'_>) -> anyhow::Result<()> {
+    let beds = tb.root.join("beds");
     let mut names = Vec::new();
     if let Ok(entries) = beds.read_dir_utf8() {
         for entry in entries {
@@ -63,8 +63,8 @@ pub fn down_all(sh: &Shell, root: &Utf8Path) -> anyhow::Result<()> {
     names.sort();
     for name in names {
         match TestbedName::new(&name) {
-            Ok(name) => down(sh, root, &name)?,
-            Err(_) => eprintln!("testbed: skipping {beds}/{name}: not a testbed name"),
+            Ok(name) => down(sh, tb, &name)?,
+            Err(_) => (tb.log)(&format!("testbed: skipping {beds}/{name}: not a testbed name")),
         }
     }
     remove_network(sh, None)?;
@@ -120,7 +120,7 @@ fn mentions(cmdline: &[u8], marker: &[u8]) -> bool {
 }
 
 /// SIGTERM to each process, then SIGKILL to those still running after the timeout.
-fn stop(processes: &[(u32, String)]) {
+fn stop(tb: &Testbeds<'_>, processes: &[(u32, String)]) {
     let ours: Vec<(u32, &str)> = processes
         .iter()
         .filter(|(pid, m)| is_our_process(*pid, m))
@@ -135,7 +135,7 @@ fn stop(processes: &[(u32, String)]) {
     }
     for (pid, marker) in &ours {
         if is_our_process(*pid, marker) {
-            eprintln!("testbed: process {pid} ({marker}) ignored SIGTERM; killing it");
+            (tb.log)(&format!("testbed: process {pid} ({marker}) ignored SIGTERM; killing it"));
             signal(*pid, Signal::Kill);
         }
     }

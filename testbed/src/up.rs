@@ -13,12 +13,23 @@ use xshell::{cmd, Shell};
 use super::layout::{clashing_route, Layout, NodeLayout, TestbedName};
 use super::render::{self, AddressFamily, BuilderEntry, Files, NodeEntry};
 use super::state::{self, State};
-use super::{cgroups, down, image, preflight, sshd_answers, Paths};
+use super::{cgroups, down, image, preflight, sshd_answers, Paths, Testbeds};
 
 /// How long nodes get to boot until their sshd answers.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 
-pub fn up(sh: &Shell, root: &Utf8Path, name: &TestbedName, nodes: u32) -> anyhow::Result<()> {
+/// A testbed that came up: what `up` prints.
+pub struct Up {
+    pub name: String,
+    /// Each node's name and addresses.
+    pub nodes: Vec<(String, String, String)>,
+    pub builder_port: Option<u16>,
+    pub paths: Paths,
+    pub took: Duration,
+}
+
+pub fn up(sh: &Shell, tb: &Testbeds<'_>, name: &TestbedName, nodes: u32) -> anyhow::Result<Up> {
+    let root = &tb.root;
     preflight()?;
     let started = Instant::now();
     let layout = Layout::new(name, nodes)?;
@@ -39,7 +50,7 @@ pub fn up(sh: &Shell, root: &Utf8Path, name: &TestbedName, nodes: u32) -> anyhow
         );
     }
     check_routes(sh, &layout)?;
-    let image = image::ensure(sh, root)?;
+    let image = image::ensure(sh, tb)?;
 
     std::fs::create_dir_all(&paths.dir).with_context(|| format!("create {}", paths.dir))?;
     let mut state = State {
@@ -50,15 +61,22 @@ pub fn up(sh: &Shell, root: &Utf8Path, name: &TestbedName, nodes: u32) -> anyhow
         builder: None,
     };
     state.save(&paths.state)?;
-    match create(sh, &layout, &paths, &mut state) {
-        Ok(()) => {
-            print_summary(&layout, &paths, &state, started.elapsed());
-            Ok(())
-        }
+    match create(sh, tb, &layout, &paths, &mut state) {
+        Ok(()) => Ok(Up {
+            name: name.to_string(),
+            nodes: layout
+                .nodes
+                .iter()
+                .map(|n| (n.name.clone(), n.ipv4.to_string(), n.ipv6.to_string()))
+                .collect(),
+            builder_port: state.builder.as_ref().map(|b| b.port),
+            paths,
+            took: started.elapsed(),
+        }),
         Err(err) => {
-            eprintln!("testbed {name}: up failed, removing what it created");
-            if let Err(down_err) = down::down(sh, root, name) {
-                eprintln!("testbed {name}: cleaning up also failed: {down_err:#}");
+            (tb.log)(&format!("testbed {name}: up failed, removing what it created"));
+            if let Err(down_err) = down::down(sh, tb, name) {
+                (tb.log)(&format!("testbed {name}: cleaning up also failed: {down_err:#}"));
             }
             Err(err)
         }
@@ -87,7 +105,13 @@ fn check_routes(sh: &Shell, layout: &Layout) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn create(sh: &Shell, layout: &Layout, paths: &Paths, state: &mut State) -> anyhow::Result<()> {
+fn create(
+    sh: &Shell,
+    tb: &Testbeds<'_>,
+    layout: &Layout,
+    paths: &Paths,
+    state: &mut State,
+) -> anyhow::Result<()> {
     let name = &layout.name;
     keygen(sh, &paths.identity, &format!("flotilla-testbed-{name}"))?;
     let client_key = read(&paths.identity.with_extension("pub"))?;
@@ -137,11 +161,11 @@ fn create(sh: &Shell, layout: &Layout, paths: &Paths, state: &mut State) -> anyh
         &render::ssh_config(name.as_str(), &entries, Some(&builder), &files),
         0o644,
     )?;
-    let root = crate::project_root();
+    let root = &tb.workspace;
     for (file, family) in
         [(&paths.deployment, AddressFamily::V4), (&paths.deployment_v6, AddressFamily::V6)]
     {
-        let text = render::deployment(name.as_str(), &root, &entries, &builder, &files, family);
+        let text = render::deployment(name.as_str(), root, &entries, &builder, &files, family);
         write_mode(file, &text, 0o644)?;
     }
 
@@ -368,23 +392,25 @@ fn check_ssh(sh: &Shell, layout: &Layout, paths: &Paths) -> anyhow::Result<()> {
     })
 }
 
-fn print_summary(layout: &Layout, paths: &Paths, state: &State, took: Duration) {
-    let name = &layout.name;
-    let count = layout.nodes.len();
-    let plural = if count == 1 { "" } else { "s" };
-    println!("testbed {name}: {count} node{plural} up in {:.1} s", took.as_secs_f64());
-    for node in &layout.nodes {
-        println!("  {:<8} {:<16} {}", node.name, node.ipv4, node.ipv6);
+impl std::fmt::Display for Up {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = &self.name;
+        let count = self.nodes.len();
+        let plural = if count == 1 { "" } else { "s" };
+        writeln!(f, "testbed {name}: {count} node{plural} up in {:.1} s", self.took.as_secs_f64())?;
+        for (node, ipv4, ipv6) in &self.nodes {
+            writeln!(f, "  {node:<8} {ipv4:<16} {ipv6}")?;
+        }
+        if let Some(port) = self.builder_port {
+            writeln!(f, "  {:<8} 127.0.0.1:{port}", render::BUILDER)?;
+        }
+        writeln!(f, "ssh config:    {}", self.paths.ssh_config)?;
+        writeln!(f, "known_hosts:   {}", self.paths.known_hosts)?;
+        writeln!(f, "ssh key:       {}", self.paths.identity)?;
+        writeln!(f, "deployment:    {}", self.paths.deployment)?;
+        writeln!(f, "deployment v6: {}", self.paths.deployment_v6)?;
+        write!(f, "try: cargo xtask testbed ssh --name {name} node1 -- systemctl is-system-running")
     }
-    if let Some(b) = &state.builder {
-        println!("  {:<8} 127.0.0.1:{}", render::BUILDER, b.port);
-    }
-    println!("ssh config:    {}", paths.ssh_config);
-    println!("known_hosts:   {}", paths.known_hosts);
-    println!("ssh key:       {}", paths.identity);
-    println!("deployment:    {}", paths.deployment);
-    println!("deployment v6: {}", paths.deployment_v6);
-    println!("try: cargo xtask testbed ssh --name {name} node1 -- systemctl is-system-running");
 }
 
 /// Makes an ed25519 key pair. ssh-keygen writes to temporary names renamed into place, so a

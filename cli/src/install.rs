@@ -61,8 +61,11 @@ fn installer(ctx: &Context, args: &HostArgs) -> anyhow::Result<Installer> {
         Some(kind) => kind.parse().map_err(anyhow::Error::msg)?,
         None => installer::detect("/".into())?,
     };
+    let prefix = installer::Prefix::new(ctx.user_path(&args.prefix).as_str())
+        .map_err(|e| anyhow::anyhow!("--prefix: {e}"))?;
     let config = Config {
-        prefix: ctx.user_path(&args.prefix),
+        packages_prefix: args.packages_prefix.clone().unwrap_or_else(|| prefix.clone()),
+        prefix: prefix.as_path().to_owned(),
         unit_dir: ctx.user_path(&args.unit_dir),
         manager,
         keep: args.keep,

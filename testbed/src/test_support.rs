@@ -1,19 +1,19 @@
-//! A testbed for tests: `Testbed::up` boots one under a unique name through the real
-//! `cargo xtask` binary, and dropping it runs `down`, even when the test panics.
-//!
-//! Integration tests of xtask include this file with
-//! `#[path = "../src/testbed/test_support.rs"] mod testbed_support;` and pass
-//! `env!("CARGO_BIN_EXE_xtask")`. It uses only std so it compiles in any test crate.
+//! A testbed for tests (the `test-support` feature): [`Testbed::up`] boots one under a unique
+//! name, and dropping it tears it down, even when the test panics.
 
-#![allow(dead_code)]
-
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
+
+use camino::Utf8Path;
+use xshell::Shell;
+
+use crate::{TestbedName, Testbeds};
 
 /// A running testbed, torn down on drop.
 pub struct Testbed {
     pub name: String,
-    pub xtask: PathBuf,
+    /// The workspace the testbed's deployment configs sync.
+    pub workspace: PathBuf,
     /// `target/testbed/beds/<name>` (or under `FLOTILLA_TESTBED_DIR`).
     pub dir: PathBuf,
     pub ssh_config: PathBuf,
@@ -23,14 +23,14 @@ pub struct Testbed {
     pub deployment_v6: PathBuf,
     /// `node1` to `nodeN`, the Host aliases of the ssh config.
     pub nodes: Vec<String>,
-    /// What `up` printed.
+    /// What `up` reported.
     pub up_output: String,
 }
 
 /// Whether a test that needs root and the testbed may run here. Without root it is skipped
 /// (returns false, printing why) unless `CI` is `true`, where skipping would hide a failure.
 pub fn can_run(test: &str) -> bool {
-    if is_root() {
+    if crate::is_root() {
         return true;
     }
     let reason = "needs root (network namespaces and systemd-nspawn)";
@@ -41,37 +41,33 @@ pub fn can_run(test: &str) -> bool {
     false
 }
 
+fn log(line: &str) {
+    eprintln!("{line}");
+}
+
 impl Testbed {
-    /// Boots `nodes` nodes under a name made of `prefix` and a unique suffix. Panics with
-    /// `up`'s output when it fails.
-    pub fn up(xtask: &Path, prefix: &str, nodes: u32) -> Testbed {
+    /// Boots `nodes` nodes for `workspace` under a name made of `prefix` and a unique suffix.
+    /// Panics with the error when it fails (`up` removes what it created).
+    pub fn up(workspace: &Utf8Path, prefix: &str, nodes: u32) -> Testbed {
         let name = unique_name(prefix);
-        let out = Command::new(xtask)
-            .args(["testbed", "up", "--nodes", &nodes.to_string(), "--name", &name])
-            .output()
-            .expect("run xtask testbed up");
-        let dir = testbed_root().join("beds").join(&name);
-        let testbed = Testbed {
-            xtask: xtask.to_owned(),
-            ssh_config: dir.join("ssh_config"),
-            known_hosts: dir.join("known_hosts"),
-            identity: dir.join("id_ed25519"),
-            deployment: dir.join("deployment.toml"),
-            deployment_v6: dir.join("deployment-v6.toml"),
+        let sh = Shell::new().expect("a shell");
+        let testbeds = Testbeds::new(workspace, &log);
+        let testbed_name = TestbedName::new(&name).expect("a valid testbed name");
+        let up = crate::up(&sh, &testbeds, &testbed_name, nodes)
+            .unwrap_or_else(|e| panic!("testbed up {name} failed: {e:#}"));
+        let paths = &up.paths;
+        Testbed {
+            workspace: workspace.into(),
+            dir: paths.dir.clone().into(),
+            ssh_config: paths.ssh_config.clone().into(),
+            known_hosts: paths.known_hosts.clone().into(),
+            identity: paths.identity.clone().into(),
+            deployment: paths.deployment.clone().into(),
+            deployment_v6: paths.deployment_v6.clone().into(),
             nodes: (1..=nodes).map(|i| format!("node{i}")).collect(),
-            up_output: String::from_utf8_lossy(&out.stdout).into_owned(),
-            dir,
+            up_output: up.to_string(),
             name,
-        };
-        // The guard exists before the check, so a failed `up` is torn down as well.
-        assert!(
-            out.status.success(),
-            "testbed up {} failed:\n{}\n{}",
-            testbed.name,
-            testbed.up_output,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        testbed
+        }
     }
 
     /// Runs `script` on `host` through the system ssh with the written config, strict host key
@@ -105,24 +101,19 @@ impl Testbed {
         cmd
     }
 
-    /// Runs `down` now and reports whether it succeeded; dropping afterwards is harmless.
-    pub fn down(&self) -> Output {
-        Command::new(&self.xtask)
-            .args(["testbed", "down", "--name", &self.name])
-            .output()
-            .expect("run xtask testbed down")
+    /// Tears the testbed down now; dropping afterwards is harmless.
+    pub fn down(&self) -> anyhow::Result<()> {
+        let sh = Shell::new()?;
+        let workspace = Utf8Path::from_path(&self.workspace).expect("a UTF-8 workspace path");
+        let testbeds = Testbeds::new(workspace, &log);
+        crate::down(&sh, &testbeds, &TestbedName::new(&self.name)?)
     }
 }
 
 impl Drop for Testbed {
     fn drop(&mut self) {
-        let out = self.down();
-        if !out.status.success() {
-            eprintln!(
-                "testbed down {} failed: {}",
-                self.name,
-                String::from_utf8_lossy(&out.stderr)
-            );
+        if let Err(err) = self.down() {
+            eprintln!("testbed down {} failed: {err:#}", self.name);
         }
     }
 }
@@ -141,26 +132,4 @@ pub fn unique_name(prefix: &str) -> String {
         COUNTER.fetch_add(1, Ordering::Relaxed),
         nanos & 0xffff
     )
-}
-
-/// Where testbeds live: the same rule as the testbed module.
-pub fn testbed_root() -> PathBuf {
-    match std::env::var("FLOTILLA_TESTBED_DIR") {
-        Ok(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("workspace")
-            .join("target/testbed"),
-    }
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
 }

@@ -864,7 +864,9 @@ mod tests {
 
     #[test]
     fn the_workspaces_own_services_run_as_their_users() {
-        let users = service_users(&crate::project_root()).unwrap();
+        let users =
+            service_users(camino::Utf8Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/..")))
+                .unwrap();
         assert_eq!(users, ["flotilla-control-plane", "flotilla-etcd", "flotilla-node-agent"]);
     }
 

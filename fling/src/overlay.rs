@@ -13,8 +13,7 @@
 //! service starts.
 
 use anyhow::Context as _;
-use camino::{Utf8Path, Utf8PathBuf};
-use serde::Serialize;
+use camino::Utf8Path;
 use xshell::{cmd, Shell};
 
 use super::config::{Config, Server};
@@ -30,53 +29,7 @@ pub const TLS_SERVICES: &[&str] = &["node-agent", "control-plane", "etcd"];
 /// The service that gets the node's share of the rack secret.
 pub const SHARE_SERVICE: &str = "node-agent";
 
-/// Whether the cluster generators keep the identities in the state directory or replace them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Identities {
-    Keep,
-    Rotate,
-}
-
-/// One file of a server's overlay.
-#[derive(Clone, PartialEq, Eq, Serialize)]
-pub struct OverlayFile {
-    /// Relative to the server's overlay directory, e.g. `opt/flotilla/node-agent/pkg/node.toml`.
-    pub path: Utf8PathBuf,
-    pub contents: Vec<u8>,
-}
-
-// Overlay files may carry secrets (a server's vars): their contents are never printed, not
-// even in debug output.
-impl std::fmt::Debug for OverlayFile {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "OverlayFile {{ path: {:?}, {} bytes }}", self.path, self.contents.len())
-    }
-}
-
-/// The input of the `flotilla-overlay` binary, in the JSON form it reads on stdin (its
-/// `flotilla_overlay::Request`, which refuses unknown fields; a test here checks both agree).
-#[derive(Debug, Serialize)]
-pub struct Request {
-    pub servers: Vec<ServerRequest>,
-    pub threshold: u8,
-    pub vars: std::collections::BTreeMap<String, String>,
-    pub state_dir: Utf8PathBuf,
-    pub identities: Identities,
-    pub tls_services: Vec<String>,
-    pub share_service: String,
-    pub templates_dir: Utf8PathBuf,
-    pub out_dir: Utf8PathBuf,
-}
-
-/// One server of a [`Request`], with the files of the simple generators.
-#[derive(Debug, Serialize)]
-pub struct ServerRequest {
-    pub name: String,
-    pub addresses: Vec<String>,
-    pub vars: std::collections::BTreeMap<String, String>,
-    pub files: Vec<OverlayFile>,
-}
+pub use flotilla_contracts::overlay::{Identities, OverlayFile, Request, ServerRequest};
 
 /// A generator of per-server files.
 type Generator = fn(&Config, &Server) -> Vec<OverlayFile>;
@@ -127,15 +80,15 @@ pub fn generate(
     sh: &Shell,
     config: &Config,
     root: &Utf8Path,
+    workspace: &Utf8Path,
     identities: Identities,
 ) -> anyhow::Result<()> {
     let input = serde_json::to_vec(&request(config, root, identities))
         .context("serialize the overlay request")?;
-    let workspace = crate::project_root();
     let manifest = workspace.join("Cargo.toml");
-    let cargo = crate::workflow::cargo();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     // From the workspace root, so cargo reads the workspace's own `.cargo/config.toml`.
-    let _dir = sh.push_dir(&workspace);
+    let _dir = sh.push_dir(workspace);
     let mut run =
         cmd!(sh, "{cargo} run -q -p flotilla-overlay --manifest-path {manifest} -- generate");
     // The variables cargo set for xtask would make the nested cargo rebuild needlessly.
@@ -206,7 +159,7 @@ addr = "fd00::2"
     /// that the request fits the binary's schema, and what the binary writes from it.
     fn generate_in_process(config: &Config, root: &Utf8Path, identities: Identities) -> Summary {
         let json = serde_json::to_string(&request(config, root, identities)).unwrap();
-        let request = flotilla_overlay::Request::from_json("test", &json).unwrap();
+        let request = flotilla_overlay::parse_request("test", &json).unwrap();
         flotilla_overlay::run(&request).unwrap()
     }
 

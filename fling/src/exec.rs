@@ -13,13 +13,12 @@
 
 use std::{
     collections::VecDeque,
-    io::{BufRead, BufReader, IsTerminal, Read, Write},
+    io::{BufRead, BufReader, Read, Write},
     process::{Command, Stdio},
     sync::Mutex,
     time::{Duration, Instant},
 };
 
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::json;
 use xshell::{cmd, Shell};
 
@@ -48,9 +47,6 @@ const TAIL_LINES: usize = 8;
 pub struct Options {
     pub parallel: usize,
     pub connect_parallel: usize,
-    pub json: bool,
-    /// Show nothing while running (the benchmark times runs and prints its own table).
-    pub quiet: bool,
     /// Environment for every command (the private agent's socket).
     pub env: Vec<(String, String)>,
 }
@@ -91,12 +87,12 @@ pub struct Report {
 }
 
 /// Runs the plan and reports. Teardown runs whenever the builder was reached.
-pub fn execute(sh: &Shell, plan: &Plan, options: &Options) -> Report {
+pub fn execute(sh: &Shell, plan: &Plan, options: &Options, events: &dyn Events) -> Report {
     let started = Instant::now();
     interrupt::install();
-    let ui = if options.quiet { Ui::Quiet } else { Ui::new(options.json, plan) };
+    let ui = events;
     if let Some(session) = &plan.session {
-        let (setup_failure, hosts) = run_session(sh, plan, session, options, &ui);
+        let (setup_failure, hosts) = run_session(sh, plan, session, options, ui);
         // The session released the lock and closed the server connections itself; what is
         // left is the client's shared connection to the builder.
         for step in plan.teardown.iter().filter(|s| s.script.is_none()) {
@@ -119,7 +115,7 @@ pub fn execute(sh: &Shell, plan: &Plan, options: &Options) -> Report {
     let mut setup_report = HostReport::new(&plan.builder);
     let mut builder_reached = false;
     for step in &plan.setup {
-        run_step(sh, &plan.builder, step, options, &ui, Stop::OnInterrupt, &mut setup_report);
+        run_step(sh, &plan.builder, step, options, ui, Stop::OnInterrupt, &mut setup_report);
         // A setup step that got as far as the builder's shell may have created what the
         // teardown removes, even when it failed (a held lock, say).
         if setup_report.outcome != Outcome::Unreachable {
@@ -136,16 +132,21 @@ pub fn execute(sh: &Shell, plan: &Plan, options: &Options) -> Report {
     } else if interrupt::interrupted() {
         skip_all(plan, INTERRUPTED)
     } else {
-        fan_out(sh, plan, options, &ui)
+        fan_out(sh, plan, options, ui)
     };
 
     if builder_reached {
         for step in &plan.teardown {
             let mut report = HostReport::new(&plan.builder);
             // The teardown runs to its end even after an interrupt: it releases the lock.
-            run_step(sh, &plan.builder, step, options, &ui, Stop::Never, &mut report);
+            run_step(sh, &plan.builder, step, options, ui, Stop::Never, &mut report);
             if report.outcome != Outcome::Ok {
-                ui.line(&plan.builder, "warning", &format!("{} did not succeed", step.name));
+                ui.output(
+                    &plan.builder,
+                    None,
+                    "warning",
+                    &format!("{} did not succeed", step.name),
+                );
             }
         }
     } else if let Some(close) = plan.teardown.last() {
@@ -187,7 +188,7 @@ fn exit_code(setup_failure: Option<&HostReport>, hosts: &[HostReport]) -> i32 {
 }
 
 /// Runs every host's steps on at most `parallel` threads.
-fn fan_out(sh: &Shell, plan: &Plan, options: &Options, ui: &Ui) -> Vec<HostReport> {
+fn fan_out(sh: &Shell, plan: &Plan, options: &Options, ui: &dyn Events) -> Vec<HostReport> {
     let next = Mutex::new(0usize);
     let reports: Mutex<Vec<Option<HostReport>>> = Mutex::new(vec![None; plan.hosts.len()]);
     let workers = options.parallel.min(plan.hosts.len()).max(1);
@@ -242,7 +243,7 @@ fn run_session(
     plan: &Plan,
     session: &Session,
     options: &Options,
-    ui: &Ui,
+    ui: &dyn Events,
 ) -> (Option<HostReport>, Vec<HostReport>) {
     let script = batch::script(plan, options.parallel, options.connect_parallel);
     let setup_step = plan.setup.first().expect("a plan has a setup step");
@@ -281,7 +282,7 @@ fn run_session(
         std::thread::scope(|scope| {
             scope.spawn(|| {
                 for_each_line(stderr, |line| {
-                    ui.line(&plan.builder, "stderr", line);
+                    ui.output(&plan.builder, None, "stderr", line);
                     let mut tail = session_errors.lock().unwrap();
                     if tail.len() == TAIL_LINES {
                         tail.pop_front();
@@ -290,7 +291,7 @@ fn run_session(
                 })
             });
             for_each_line(stdout, |line| match batch::parse(line) {
-                batch::Line::Untagged(text) => ui.line(&plan.builder, "stdout", text),
+                batch::Line::Untagged(text) => ui.output(&plan.builder, None, "stdout", text),
                 batch::Line::Started(tag) => {
                     if let Some(index) = host_index(plan, tag) {
                         let host = &plan.hosts[index];
@@ -330,7 +331,7 @@ fn run_session(
                             tracker.finish(status, &mut report);
                         }
                         if report.outcome != Outcome::Ok {
-                            ui.line(&plan.builder, "warning", "release did not succeed");
+                            ui.output(&plan.builder, None, "warning", "release did not succeed");
                         }
                     } else if let Some(index) = host_index(plan, tag) {
                         if let Some(tracker) = trackers[index].take() {
@@ -443,7 +444,7 @@ fn run_step(
     host: &str,
     step: &Step,
     options: &Options,
-    ui: &Ui,
+    ui: &dyn Events,
     stop: Stop,
     report: &mut HostReport,
 ) {
@@ -522,7 +523,7 @@ pub const PHASE_MARKER: &str = "@@fling-phase ";
 struct Tracker<'a> {
     host: &'a str,
     step: &'a Step,
-    ui: &'a Ui,
+    ui: &'a dyn Events,
     started: Instant,
     current: Mutex<(&'static str, Instant)>,
     sent: Mutex<u64>,
@@ -531,7 +532,7 @@ struct Tracker<'a> {
 }
 
 impl<'a> Tracker<'a> {
-    fn start(host: &'a str, step: &'a Step, ui: &'a Ui) -> Tracker<'a> {
+    fn start(host: &'a str, step: &'a Step, ui: &'a dyn Events) -> Tracker<'a> {
         let first = step.phases.first().copied().unwrap_or(step.name);
         ui.step_started(host, first, &step.runs_on);
         Tracker {
@@ -578,7 +579,7 @@ impl<'a> Tracker<'a> {
             }
         }
         let phase = self.current.lock().unwrap().0;
-        self.ui.output(self.host, phase, stream, line);
+        self.ui.output(self.host, Some(phase), stream, line);
         if stream == "stderr" {
             let mut tail = self.tail.lock().unwrap();
             if tail.len() == TAIL_LINES {
@@ -635,141 +636,36 @@ pub fn rsync_bytes_sent(line: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-/// Where progress goes: spinners on a terminal, host-prefixed lines otherwise, or JSON events.
-enum Ui {
-    Json(Mutex<std::io::Stdout>),
-    Bars { multi: MultiProgress, bars: Vec<(String, ProgressBar)> },
-    Plain(Mutex<std::io::Stderr>),
-    Quiet,
-}
-
-impl Ui {
-    fn new(json: bool, plan: &Plan) -> Ui {
-        if json {
-            return Ui::Json(Mutex::new(std::io::stdout()));
-        }
-        if !std::io::stderr().is_terminal() {
-            return Ui::Plain(Mutex::new(std::io::stderr()));
-        }
-        let multi = MultiProgress::new();
-        let style = ProgressStyle::with_template("{spinner} {prefix:>12} {wide_msg} {elapsed:>4}")
-            .expect("the template is valid");
-        let mut names = vec![plan.builder.clone()];
-        names.extend(plan.hosts.iter().map(|h| h.host.clone()).filter(|h| *h != plan.builder));
-        let bars = names
-            .into_iter()
-            .map(|name| {
-                let bar = multi.add(ProgressBar::new_spinner());
-                bar.set_style(style.clone());
-                bar.set_prefix(name.clone());
-                bar.set_message("waiting");
-                bar.enable_steady_tick(Duration::from_millis(120));
-                (name, bar)
-            })
-            .collect();
-        Ui::Bars { multi, bars }
-    }
-
-    fn bar(&self, host: &str) -> Option<&ProgressBar> {
-        match self {
-            Ui::Bars { bars, .. } => bars.iter().find(|(n, _)| n == host).map(|(_, b)| b),
-            _ => None,
-        }
-    }
-
-    fn event(&self, value: serde_json::Value) {
-        if let Ui::Json(out) = self {
-            let mut out = out.lock().unwrap();
-            let _ = writeln!(out, "{value}");
-        }
-    }
-
-    fn line(&self, host: &str, tag: &str, text: &str) {
-        match self {
-            Ui::Json(_) => {
-                self.event(json!({"event": "output", "host": host, "stream": tag, "line": text}))
-            }
-            Ui::Bars { multi, .. } => {
-                let _ = multi.println(format!("[{host}] {text}"));
-            }
-            Ui::Plain(err) => {
-                let _ = writeln!(err.lock().unwrap(), "[{host}] {text}");
-            }
-            Ui::Quiet => {}
-        }
-    }
-
-    fn output(&self, host: &str, step: &str, stream: &str, text: &str) {
-        match self {
-            Ui::Json(_) => self.event(json!({
-                "event": "output", "host": host, "step": step, "stream": stream, "line": text,
-            })),
-            _ => self.line(host, stream, text),
-        }
-    }
-
-    fn step_started(&self, host: &str, step: &str, runs_on: &str) {
-        match self {
-            Ui::Json(_) => self.event(json!({
-                "event": "step", "host": host, "step": step, "runs_on": runs_on,
-                "status": "started",
-            })),
-            Ui::Bars { .. } => {
-                if let Some(bar) = self.bar(host) {
-                    bar.set_message(format!("{step} (on {runs_on})"));
-                }
-            }
-            Ui::Plain(err) => {
-                let _ = writeln!(err.lock().unwrap(), "[{host}] {step} ...");
-            }
-            Ui::Quiet => {}
-        }
-    }
-
+/// What happens during a run, as it happens: the caller shows it (spinners, plain lines,
+/// JSON events) or ignores it. Every method has a no-op default.
+pub trait Events: Sync {
+    /// A host (or the builder, for setup and teardown) starts a step or a phase of one.
+    fn step_started(&self, _host: &str, _step: &str, _runs_on: &str) {}
+    /// A step or phase ended, with its outcome and how long it took.
     fn step_finished(
         &self,
-        host: &str,
-        step: &str,
-        runs_on: &str,
-        outcome: &Outcome,
-        took: Duration,
+        _host: &str,
+        _step: &str,
+        _runs_on: &str,
+        _outcome: &Outcome,
+        _took: Duration,
     ) {
-        let status = outcome_name(outcome);
-        match self {
-            Ui::Json(_) => self.event(json!({
-                "event": "step", "host": host, "step": step, "runs_on": runs_on,
-                "status": status, "exit_code": exit_status(outcome),
-                "duration_ms": took.as_millis() as u64,
-            })),
-            Ui::Bars { .. } | Ui::Quiet => {}
-            Ui::Plain(err) => {
-                let _ = writeln!(
-                    err.lock().unwrap(),
-                    "[{host}] {step} {status} in {:.2}s",
-                    took.as_secs_f64()
-                );
-            }
-        }
     }
-
-    fn host_done(&self, report: &HostReport) {
-        if let Some(bar) = self.bar(&report.host) {
-            bar.finish_with_message(format!("{} {}", report.step, outcome_name(&report.outcome)));
-        }
-    }
-
-    fn finish(&self) {
-        if let Ui::Bars { bars, .. } = self {
-            for (_, bar) in bars {
-                if !bar.is_finished() {
-                    bar.finish_with_message("done");
-                }
-            }
-        }
-    }
+    /// A line a step wrote (`stream` is `stdout` or `stderr`), or a note of the run's own
+    /// (`warning`); `step` is `None` for lines the builder wrote outside any step.
+    fn output(&self, _host: &str, _step: Option<&str>, _stream: &str, _line: &str) {}
+    /// A host is done, with its recap line.
+    fn host_done(&self, _report: &HostReport) {}
+    /// The run is over.
+    fn finish(&self) {}
 }
 
-fn outcome_name(outcome: &Outcome) -> &'static str {
+/// Events nobody watches.
+pub struct Quiet;
+
+impl Events for Quiet {}
+
+pub fn outcome_name(outcome: &Outcome) -> &'static str {
     match outcome {
         Outcome::Ok => "ok",
         Outcome::Failed { .. } => "failed",
@@ -778,7 +674,7 @@ fn outcome_name(outcome: &Outcome) -> &'static str {
     }
 }
 
-fn exit_status(outcome: &Outcome) -> Option<i32> {
+pub fn exit_status(outcome: &Outcome) -> Option<i32> {
     match outcome {
         Outcome::Ok => Some(0),
         Outcome::Failed { code } => *code,
@@ -888,7 +784,7 @@ fn human_bytes(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fling::plan::HostPlan;
+    use crate::plan::HostPlan;
 
     #[test]
     fn rsync_summary_lines_are_parsed() {
@@ -954,14 +850,13 @@ mod tests {
             teardown: vec![step("release", format!("rmdir {d}/lock"))],
             session: None,
         };
-        let options =
-            Options { parallel: 1, connect_parallel: 1, json: false, quiet: true, env: Vec::new() };
+        let options = Options { parallel: 1, connect_parallel: 1, env: Vec::new() };
         let interrupter = std::thread::spawn(|| {
             std::thread::sleep(Duration::from_millis(500));
             interrupt::interrupt();
         });
         let started = Instant::now();
-        let report = execute(&Shell::new().unwrap(), &plan, &options);
+        let report = execute(&Shell::new().unwrap(), &plan, &options, &Quiet);
         interrupter.join().unwrap();
         assert!(started.elapsed() < Duration::from_secs(10), "the running step was not stopped");
         assert_eq!(report.exit_code, interrupt::EXIT_INTERRUPTED);

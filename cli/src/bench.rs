@@ -14,12 +14,12 @@ use flotilla_package::archive::{ArchiveOptions, ArchiveWriter, Compression, GZIP
 use xshell::{cmd, Shell};
 
 use crate::cli::{BenchArgs, BenchCommand};
-use crate::{project_root, Context};
+use crate::Context;
 
-pub fn run(sh: &Shell, _ctx: &Context, args: BenchArgs) -> anyhow::Result<()> {
+pub fn run(sh: &Shell, ctx: &Context, args: BenchArgs) -> anyhow::Result<()> {
     match args.command {
-        BenchCommand::Archive { size_mb, rounds, full } => archive(sh, size_mb, rounds, full),
-        BenchCommand::NoopPackage { runs } => noop_package(sh, runs),
+        BenchCommand::Archive { size_mb, rounds, full } => archive(sh, ctx, size_mb, rounds, full),
+        BenchCommand::NoopPackage { runs } => noop_package(sh, ctx, runs),
     }
 }
 
@@ -46,8 +46,8 @@ impl Row {
 struct WorkDir(Utf8PathBuf);
 
 impl WorkDir {
-    fn new(name: &str) -> anyhow::Result<WorkDir> {
-        let path = project_root().join("target").join(format!("{name}-{}", std::process::id()));
+    fn new(ctx: &Context, name: &str) -> anyhow::Result<WorkDir> {
+        let path = ctx.root().join("target").join(format!("{name}-{}", std::process::id()));
         fs::create_dir_all(&path).with_context(|| format!("create {path}"))?;
         Ok(WorkDir(path))
     }
@@ -66,11 +66,11 @@ enum Method {
     Flotilla { threads: usize, level: u32 },
 }
 
-fn archive(sh: &Shell, size_mb: u64, rounds: u32, full: bool) -> anyhow::Result<()> {
+fn archive(sh: &Shell, ctx: &Context, size_mb: u64, rounds: u32, full: bool) -> anyhow::Result<()> {
     if rounds == 0 {
         bail!("bench archive: --rounds must be at least 1");
     }
-    let work = WorkDir::new("bench-archive")?;
+    let work = WorkDir::new(ctx, "bench-archive")?;
     let files = gather_payload(size_mb * 1_000_000)?;
     let total: u64 = files.iter().map(|(_, len)| len).sum();
     let list = work.0.join("files.txt");
@@ -314,13 +314,13 @@ fn report_backend(name: &str, level: u32, sample: &[u8], out: usize, time: Durat
 }
 
 /// Times a no-op `cargo xtask package` against a no-op `cargo build` of the packaged binaries.
-fn noop_package(sh: &Shell, runs: u32) -> anyhow::Result<()> {
+fn noop_package(sh: &Shell, ctx: &Context, runs: u32) -> anyhow::Result<()> {
     if runs == 0 {
         bail!("bench noop-package: --runs must be at least 1");
     }
-    let (packages, bins) = manifest_binaries(&project_root().join("package-manifest.toml"))?;
+    let (packages, bins) = manifest_binaries(&ctx.root().join("package-manifest.toml"))?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let work = WorkDir::new("bench-noop")?;
+    let work = WorkDir::new(ctx, "bench-noop")?;
     let out = &work.0;
     let mut build_args = vec!["build".to_owned(), "--release".to_owned()];
     for p in &packages {

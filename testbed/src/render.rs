@@ -247,7 +247,7 @@ mod tests {
             let text =
                 deployment("t", Utf8Path::new("/src"), &nodes(), &builder(), &files(), family);
             let config =
-                crate::fling::config::Config::parse(Utf8Path::new("deployment.toml"), &text)
+                flotilla_fling::config::Config::parse(Utf8Path::new("deployment.toml"), &text)
                     .unwrap_or_else(|err| {
                         panic!("fling rejects the testbed's config: {err}\n{text}")
                     });
