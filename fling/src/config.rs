@@ -231,9 +231,9 @@ impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}:{}: ", self.path, self.line, self.column)?;
         if !self.field.is_empty() {
-            write!(f, "{}: ", self.field)?;
+            write!(f, "{}: ", escape_controls(&self.field))?;
         }
-        f.write_str(&self.message)
+        f.write_str(&escape_controls(&self.message))
     }
 }
 
@@ -256,7 +256,8 @@ impl Config {
             Ok(raw) => raw,
             Err(err) => {
                 let span = err.span().unwrap_or(0..0);
-                return Err(errors.at(span, "", err.message().to_owned()));
+                let field = field_at(text, span.start);
+                return Err(errors.at(span, &field, err.message().trim_end().to_owned()));
             }
         };
         validate(&errors, raw, text)
@@ -340,7 +341,7 @@ struct RawBuilder {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDeployment {
-    servers: Vec<Spanned<String>>,
+    servers: Spanned<Vec<Spanned<String>>>,
     staging_dir: Spanned<String>,
     rss_server: Option<Spanned<String>>,
     known_hosts: Option<Spanned<String>>,
@@ -365,7 +366,7 @@ struct RawSsh {
 struct RawServer {
     username: Spanned<String>,
     addr: Spanned<String>,
-    port: Option<u16>,
+    port: Option<Spanned<u16>>,
     addr_v4: Option<Spanned<String>>,
     addr_v6: Option<Spanned<String>>,
     #[serde(default)]
@@ -375,23 +376,170 @@ struct RawServer {
     vars: BTreeMap<Spanned<String>, Spanned<String>>,
 }
 
-/// ssh options a config may not set: they would weaken host-key checking, run local commands
-/// or fight the connection sharing `fling` manages itself.
-const FORBIDDEN_SSH_OPTIONS: &[&str] = &[
-    "stricthostkeychecking",
-    "userknownhostsfile",
-    "globalknownhostsfile",
-    "knownhostscommand",
-    "checkhostip",
-    "controlmaster",
-    "controlpath",
-    "controlpersist",
-    "proxycommand",
-    "localcommand",
-    "permitlocalcommand",
-    "forwardagent",
-    "remotecommand",
+/// The ssh options a config may set: what a deploy legitimately tunes about its connections
+/// (timeouts, keep-alives, algorithms, compression, address family, attempts, log level),
+/// lowercase. Everything else is refused with [`refusal`]'s reason: fling owns host-key
+/// checking, batch mode, connection sharing and agent forwarding, and an option that names a
+/// program, a library, another host or another key to check would change who is reached or
+/// what runs on the client.
+pub const ALLOWED_SSH_OPTIONS: &[&str] = &[
+    "addressfamily",
+    "casignaturealgorithms",
+    "ciphers",
+    "compression",
+    "connectionattempts",
+    "connecttimeout",
+    "fingerprinthash",
+    "hostbasedacceptedalgorithms",
+    "hostkeyalgorithms",
+    "ipqos",
+    "kexalgorithms",
+    "loglevel",
+    "macs",
+    "pubkeyacceptedalgorithms",
+    "pubkeyacceptedkeytypes",
+    "rekeylimit",
+    "serveralivecountmax",
+    "serveraliveinterval",
+    "tcpkeepalive",
 ];
+
+/// Why an ssh option outside [`ALLOWED_SSH_OPTIONS`] is refused.
+fn refusal(key: &str) -> String {
+    let lower = key.to_ascii_lowercase();
+    let why = match lower.as_str() {
+        "stricthostkeychecking"
+        | "userknownhostsfile"
+        | "globalknownhostsfile"
+        | "knownhostscommand"
+        | "checkhostip"
+        | "updatehostkeys"
+        | "verifyhostkeydns"
+        | "hashknownhosts" => {
+            "it changes how host keys are checked, which fling always does strictly against \
+             the configured known_hosts"
+        }
+        "hostkeyalias" | "hostname" => {
+            "it changes which host is reached or whose key is checked; put the real address \
+             in the server's `addr`"
+        }
+        "proxyjump"
+        | "proxycommand"
+        | "localcommand"
+        | "permitlocalcommand"
+        | "remotecommand"
+        | "sessiontype"
+        | "stdinnull"
+        | "forkafterauthentication" => {
+            "it runs a command or routes the connection elsewhere; a jump host belongs in the \
+             ssh config file named by `[ssh] config`"
+        }
+        "pkcs11provider"
+        | "securitykeyprovider"
+        | "identityagent"
+        | "certificatefile"
+        | "identityfile"
+        | "identitiesonly"
+        | "addkeystoagent" => {
+            "it loads a library or chooses keys; use `identity_file` for the key of a server"
+        }
+        "batchmode"
+        | "passwordauthentication"
+        | "kbdinteractiveauthentication"
+        | "challengeresponseauthentication"
+        | "numberofpasswordprompts" => "fling never prompts: BatchMode is always on",
+        "controlmaster" | "controlpath" | "controlpersist" => {
+            "fling manages connection sharing itself"
+        }
+        "forwardagent"
+        | "forwardx11"
+        | "forwardx11trusted"
+        | "localforward"
+        | "remoteforward"
+        | "dynamicforward"
+        | "tunnel"
+        | "tunneldevice"
+        | "gatewayports"
+        | "clearallforwardings"
+        | "exitonforwardfailure"
+        | "streamlocalbindunlink" => {
+            "fling decides what each hop forwards: the agent to the builder only, nothing else"
+        }
+        "user" | "port" | "include" | "match" | "host" | "setenv" | "sendenv" => {
+            "it belongs in the server's table (`username`, `port`) or the ssh config file"
+        }
+        _ => "it is not one of the options a deploy may tune",
+    };
+    format!("{key} cannot be set here: {why} (allowed: {})", ALLOWED_SSH_OPTIONS.join(", "))
+}
+
+/// Home directories' own hidden directories that belong to other programs: never a directory
+/// fling fills or empties.
+const HOME_TOOL_DIRS: &[&str] =
+    &[".ssh", ".config", ".cargo", ".rustup", ".local", ".cache", ".gnupg", ".profile"];
+
+/// The characters a remote path may hold: it is read by the shells and by rsync on two other
+/// machines, so anything beyond the portable file name characters is refused rather than
+/// trusted to quoting alone.
+fn remote_path_chars_ok(path: &str) -> bool {
+    path.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+@,=%".contains(c))
+}
+
+/// `s` with control characters written as escapes, so a message never moves the terminal's
+/// cursor or rings its bell.
+pub fn escape_controls(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_owned();
+    }
+    s.chars()
+        .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() })
+        .collect()
+}
+
+/// The dotted name of the field whose value starts at byte `offset` of a TOML text: the
+/// innermost table header above it and the key on its line. For the messages of errors the
+/// TOML parser reports (a bad port, a duplicate key, an unknown variant), which name no field.
+fn field_at(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let mut table = String::new();
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    for line in text[..line_start].lines() {
+        let line = line.trim();
+        if let Some(header) = line.strip_prefix('[') {
+            let header = header.trim_start_matches('[');
+            if let Some(end) = header.find(']') {
+                table = header[..end]
+                    .split('.')
+                    .map(|p| p.trim().trim_matches('"'))
+                    .collect::<Vec<_>>()
+                    .join(".");
+            }
+        }
+    }
+    let line = &text[line_start..];
+    let line = line.split('\n').next().unwrap_or("");
+    let trimmed = line.trim_start();
+    if trimmed.starts_with('[') {
+        let header = trimmed.trim_start_matches('[');
+        let end = header.find(']').unwrap_or(header.len());
+        return header[..end]
+            .split('.')
+            .map(|p| p.trim().trim_matches('"'))
+            .collect::<Vec<_>>()
+            .join(".");
+    }
+    let key = match line.split_once('=') {
+        Some((key, _)) if line_start + key.len() <= offset || offset == line_start => {
+            key.trim().trim_matches('"').to_owned()
+        }
+        _ => String::new(),
+    };
+    match (table.is_empty(), key.is_empty()) {
+        (true, _) => key,
+        (false, true) => table,
+        (false, false) => format!("{table}.{key}"),
+    }
+}
 
 fn validate(errors: &Errors<'_>, raw: RawConfig, text: &str) -> Result<Config, ConfigError> {
     let mut servers = BTreeMap::new();
@@ -417,30 +565,53 @@ fn validate(errors: &Errors<'_>, raw: RawConfig, text: &str) -> Result<Config, C
     let builder_server = lookup(&raw.builder.server, "builder.server")?;
     let mut excludes = Vec::new();
     for exclude in raw.builder.excludes {
-        if exclude.get_ref().is_empty() || exclude.get_ref().contains(['\n', '\0']) {
+        if exclude.get_ref().is_empty() || exclude.get_ref().contains(char::is_control) {
             return Err(errors.at(
                 exclude.span(),
                 "builder.excludes",
-                "an exclude pattern must be one non-empty line".into(),
+                format!(
+                    "{:?}: an exclude pattern must be one non-empty line without control \
+                     characters",
+                    exclude.get_ref()
+                ),
             ));
         }
         excludes.push(exclude.into_inner());
     }
-    let builder = Builder {
-        server: builder_server,
-        source_path: remote_path(errors, &raw.builder.source_path, "builder.source_path")?,
-        excludes,
-        lock_dir: match &raw.builder.lock_dir {
-            Some(dir) => remote_path(errors, dir, "builder.lock_dir")?,
-            None => remote_path(errors, &raw.builder.source_path, "builder.source_path")?
-                .join(DEFAULT_LOCK_DIR),
-        },
+    let source_path = dedicated_path(errors, &raw.builder.source_path, "builder.source_path")?;
+    let lock_dir = match &raw.builder.lock_dir {
+        Some(dir) => {
+            let lock = dedicated_path(errors, dir, "builder.lock_dir")?;
+            // `sync --delete` mirrors the workspace into source_path: a lock inside it would be
+            // deleted by the next sync, unless it is the default one, which sync excludes.
+            if paths_overlap(&lock, &source_path) && lock != source_path.join(DEFAULT_LOCK_DIR) {
+                return Err(errors.at(
+                    dir.span(),
+                    "builder.lock_dir",
+                    format!(
+                        "{lock} overlaps builder.source_path ({source_path}), which `sync` \
+                         mirrors with --delete; leave lock_dir out for {source_path}/\
+                         {DEFAULT_LOCK_DIR} or name a directory outside it"
+                    ),
+                ));
+            }
+            lock
+        }
+        None => source_path.join(DEFAULT_LOCK_DIR),
     };
+    let builder = Builder { server: builder_server, source_path, excludes, lock_dir };
 
     let d = raw.deployment;
     let mut deployment_servers: Vec<ServerName> = Vec::new();
     let mut endpoints: BTreeMap<(String, String, u16), ServerName> = BTreeMap::new();
-    for name in &d.servers {
+    if d.servers.get_ref().is_empty() {
+        return Err(errors.at(
+            d.servers.span(),
+            "deployment.servers",
+            "no server to deploy to: name at least one server of [servers]".into(),
+        ));
+    }
+    for name in d.servers.get_ref() {
         let server = lookup(name, "deployment.servers")?;
         if deployment_servers.contains(&server) {
             return Err(errors.at(
@@ -460,9 +631,6 @@ fn validate(errors: &Errors<'_>, raw: RawConfig, text: &str) -> Result<Config, C
             ));
         }
         deployment_servers.push(server);
-    }
-    if deployment_servers.is_empty() {
-        return Err(errors.at(0..0, "deployment.servers", "no server to deploy to".into()));
     }
     let rss_server = match &d.rss_server {
         Some(name) => {
@@ -486,15 +654,39 @@ fn validate(errors: &Errors<'_>, raw: RawConfig, text: &str) -> Result<Config, C
         None => Ok(default),
     };
     let deployment_servers_len = deployment_servers.len();
-    let deployment = Deployment {
+    let staging_dir = dedicated_path(errors, &d.staging_dir, "deployment.staging_dir")?;
+    // The builder may be one of the servers, so its directories and the staging directory
+    // must not overlap either; nor may the staging directory and the install prefix, which
+    // the installer replaces release by release.
+    let prefix = RemotePath::Absolute(flotilla_contracts::layout::DEFAULT_PREFIX.to_owned());
+    for (other, what) in [
+        (&builder.source_path, "builder.source_path"),
+        (&builder.lock_dir, "builder.lock_dir"),
+        (&prefix, "the install prefix"),
+    ] {
+        if paths_overlap(&staging_dir, other) {
+            return Err(errors.at(
+                d.staging_dir.span(),
+                "deployment.staging_dir",
+                format!(
+                    "{staging_dir} overlaps {what} ({other}): the staging directory is replaced \
+                     by every deploy, so it must be a directory of its own"
+                ),
+            ));
+        }
+    }
+    if paths_overlap(&builder.source_path, &prefix) {
+        return Err(errors.at(
+            raw.builder.source_path.span(),
+            "builder.source_path",
+            format!("{} overlaps the install prefix ({prefix})", builder.source_path),
+        ));
+    }
+    let mut deployment = Deployment {
         servers: deployment_servers,
-        staging_dir: remote_path(errors, &d.staging_dir, "deployment.staging_dir")?,
+        staging_dir: staging_dir.clone(),
         rss_server,
-        known_hosts: d
-            .known_hosts
-            .as_ref()
-            .map(|p| remote_path(errors, p, "deployment.known_hosts"))
-            .transpose()?,
+        known_hosts: None,
         service_manager: d.service_manager.unwrap_or(ServiceManager::Systemd),
         parallel: positive(&d.parallel, "deployment.parallel", DEFAULT_PARALLEL)?,
         connect_parallel: positive(
@@ -515,53 +707,26 @@ fn validate(errors: &Errors<'_>, raw: RawConfig, text: &str) -> Result<Config, C
         },
     };
     let ssh = SshSettings {
-        config: raw.ssh.config.as_ref().map(|p| local_path(errors, p, "ssh.config")).transpose()?,
+        config: raw.ssh.config.as_ref().map(|p| ssh_file(errors, p, "ssh.config")).transpose()?,
         known_hosts: raw
             .ssh
             .known_hosts
             .as_ref()
-            .map(|p| remote_path(errors, p, "ssh.known_hosts"))
+            .map(|p| known_hosts(errors, p, "ssh.known_hosts"))
             .transpose()?,
         identity_file: raw
             .ssh
             .identity_file
             .as_ref()
-            .map(|p| local_path(errors, p, "ssh.identity_file"))
+            .map(|p| ssh_file(errors, p, "ssh.identity_file"))
             .transpose()?,
         options: ssh_options(errors, "ssh.options", raw.ssh.options)?,
     };
-    // These paths travel inside ssh's `-o` options and rsync's `-e` option, which ssh and
-    // rsync split on whitespace themselves; plain characters keep that split trivially right.
-    for (field, raw_path) in [
-        ("ssh.known_hosts", &raw.ssh.known_hosts),
-        ("deployment.known_hosts", &d.known_hosts),
-        ("ssh.config", &raw.ssh.config),
-        ("ssh.identity_file", &raw.ssh.identity_file),
-    ] {
-        if let Some(path) = raw_path {
-            // A known_hosts of /dev/null holds no key to trust and is the usual first step to
-            // turning checking off: name the file that holds the keys.
-            if field.ends_with("known_hosts") && path.get_ref() == "/dev/null" {
-                return Err(errors.at(
-                    path.span(),
-                    field,
-                    "known_hosts cannot be /dev/null: name the file that holds the host keys"
-                        .into(),
-                ));
-            }
-            if !path
-                .get_ref()
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "/${}._-+@,".contains(c))
-            {
-                return Err(errors.at(
-                    path.span(),
-                    field,
-                    "use only ASCII letters, digits and / . _ - + @ , in this path".into(),
-                ));
-            }
-        }
-    }
+    deployment.known_hosts = d
+        .known_hosts
+        .as_ref()
+        .map(|p| known_hosts(errors, p, "deployment.known_hosts"))
+        .transpose()?;
 
     Ok(Config {
         path: errors.path.to_owned(),
@@ -630,24 +795,44 @@ fn validate_server(
                 format!("invalid variable name {:?}", key.get_ref()),
             ));
         }
+        if value.get_ref().contains(char::is_control) {
+            return Err(errors.at(
+                value.span(),
+                &format!("{field}.vars.{}", key.get_ref()),
+                format!(
+                    "{:?} holds a control character; a variable is one line of text",
+                    value.get_ref()
+                ),
+            ));
+        }
         vars.insert(key.into_inner(), value.into_inner());
     }
     Ok(Server {
         name,
         username: username.clone(),
         addr,
-        port: raw.port.unwrap_or(22),
+        port: match &raw.port {
+            Some(port) if *port.get_ref() == 0 => {
+                return Err(errors.at(
+                    port.span(),
+                    &format!("{field}.port"),
+                    "port 0 is not a port to connect to: use 1-65535".into(),
+                ));
+            }
+            Some(port) => *port.get_ref(),
+            None => 22,
+        },
         ssh_options,
         identity_file: raw
             .identity_file
             .as_ref()
-            .map(|p| local_path(errors, p, &format!("{field}.identity_file")))
+            .map(|p| ssh_file(errors, p, &format!("{field}.identity_file")))
             .transpose()?,
         vars,
     })
 }
 
-/// Validates `Key=Value` ssh options.
+/// Validates `Key=Value` ssh options against [`ALLOWED_SSH_OPTIONS`].
 fn ssh_options(
     errors: &Errors<'_>,
     field: &str,
@@ -657,20 +842,25 @@ fn ssh_options(
     for option in raw {
         let (key, value) = option.get_ref().split_once('=').unwrap_or(("", ""));
         let key_ok = !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric());
-        // ssh and rsync's `-e` split on whitespace, so a value with whitespace would not stay
-        // one option.
-        if !key_ok || value.is_empty() || value.contains(char::is_whitespace) {
-            return Err(errors.at(
-                option.span(),
-                field,
-                format!("{:?} is not of the form Key=Value without whitespace", option.get_ref()),
-            ));
+        // ssh and rsync's `-e` split on whitespace, and every allowed option takes a number, a
+        // word or a list of algorithm names, so a value is made of these characters alone.
+        let value_ok = !value.is_empty()
+            && value.chars().all(|c| c.is_ascii_alphanumeric() || ",.:@+_^-".contains(c));
+        if key_ok
+            && !value.is_empty()
+            && !ALLOWED_SSH_OPTIONS.contains(&key.to_ascii_lowercase().as_str())
+        {
+            return Err(errors.at(option.span(), field, refusal(key)));
         }
-        if FORBIDDEN_SSH_OPTIONS.contains(&key.to_ascii_lowercase().as_str()) {
+        if !key_ok || !value_ok {
             return Err(errors.at(
                 option.span(),
                 field,
-                format!("{key} is managed by fling and cannot be set here"),
+                format!(
+                    "{:?} is not of the form Key=Value, with a value of ASCII letters, digits \
+                     and , . : @ + _ ^ -",
+                    option.get_ref()
+                ),
             ));
         }
         options.push(option.into_inner());
@@ -678,21 +868,144 @@ fn ssh_options(
     Ok(options)
 }
 
-/// A path on a remote machine: absolute or `$HOME`-relative, expanded there.
+/// A path on a remote machine: absolute or `$HOME`-relative, expanded there, of plain
+/// characters and normalized.
 fn remote_path(
     errors: &Errors<'_>,
     value: &Spanned<String>,
     field: &str,
 ) -> Result<RemotePath, ConfigError> {
-    RemotePath::parse(value.get_ref()).map_err(|m| errors.at(value.span(), field, m))
+    let text = value.get_ref();
+    let err = |m: String| errors.at(value.span(), field, m);
+    let path = RemotePath::parse(text).map_err(err)?;
+    let rest = match &path {
+        RemotePath::Absolute(p) => p.as_str(),
+        RemotePath::Home(rest) => rest.as_str(),
+    };
+    if !remote_path_chars_ok(rest) {
+        return Err(err(format!(
+            "{text:?}: use only ASCII letters, digits and / . _ - + @ , = % in a path on \
+             another machine (after a leading $HOME/): it is read by the shells and by rsync \
+             of two other machines"
+        )));
+    }
+    if !rest.is_empty() {
+        flotilla_contracts::layout::check_plain_path(rest).map_err(err)?;
+    }
+    Ok(path)
 }
 
-/// A path on the client: absolute or `$HOME`-relative, expanded here and now.
+/// A remote directory that fling fills, replaces or removes as a whole: it must be dedicated
+/// to it (see `flotilla_contracts::layout::check_dedicated`), and not `$HOME` itself nor one
+/// of the home's directories that belong to other tools.
+fn dedicated_path(
+    errors: &Errors<'_>,
+    value: &Spanned<String>,
+    field: &str,
+) -> Result<RemotePath, ConfigError> {
+    let path = remote_path(errors, value, field)?;
+    let why = match &path {
+        RemotePath::Absolute(p) => flotilla_contracts::layout::check_dedicated(p, None).err(),
+        RemotePath::Home(rest) if rest.is_empty() => Some(
+            "$HOME is the user's home directory itself; name a directory inside it, such as \
+             $HOME/flotilla"
+                .to_owned(),
+        ),
+        RemotePath::Home(rest) => {
+            let top = rest.split('/').next().unwrap_or_default();
+            HOME_TOOL_DIRS.contains(&top).then(|| {
+                format!("$HOME/{top} belongs to another program; name a directory of its own")
+            })
+        }
+    };
+    match why {
+        Some(why) => Err(errors.at(
+            value.span(),
+            field,
+            format!("{why} (fling writes into this directory and deletes what it does not send)"),
+        )),
+        None => Ok(path),
+    }
+}
+
+/// Whether two remote paths are the same directory or one lies inside the other. Paths of
+/// different kinds (absolute and `$HOME`-relative) are compared only when both are absolute
+/// or both are relative to the same home.
+fn paths_overlap(a: &RemotePath, b: &RemotePath) -> bool {
+    match (a, b) {
+        (RemotePath::Absolute(a), RemotePath::Absolute(b)) => {
+            flotilla_contracts::layout::overlaps(a, b)
+        }
+        (RemotePath::Home(a), RemotePath::Home(b)) => {
+            flotilla_contracts::layout::overlaps(&format!("/{a}"), &format!("/{b}"))
+        }
+        _ => false,
+    }
+}
+
+/// A file that travels inside ssh's `-o` options and rsync's `-e` option, which ssh and rsync
+/// split on whitespace themselves: plain characters keep that split trivially right. The same
+/// rules hold for every such file: `[ssh] config`, `identity_file` and each server's own.
+fn ssh_file(
+    errors: &Errors<'_>,
+    value: &Spanned<String>,
+    field: &str,
+) -> Result<Utf8PathBuf, ConfigError> {
+    plain_file(errors, value, field)?;
+    local_path(errors, value, field)
+}
+
+/// A known_hosts file (on the client for the builder, on the builder for the servers).
+fn known_hosts(
+    errors: &Errors<'_>,
+    value: &Spanned<String>,
+    field: &str,
+) -> Result<RemotePath, ConfigError> {
+    // A known_hosts of /dev/null holds no key to trust and is the usual first step to
+    // turning checking off: name the file that holds the keys.
+    if value.get_ref() == "/dev/null" {
+        return Err(errors.at(
+            value.span(),
+            field,
+            "known_hosts cannot be /dev/null: name the file that holds the host keys".into(),
+        ));
+    }
+    plain_file(errors, value, field)?;
+    remote_path(errors, value, field)
+}
+
+fn plain_file(
+    errors: &Errors<'_>,
+    value: &Spanned<String>,
+    field: &str,
+) -> Result<(), ConfigError> {
+    if value.get_ref().chars().all(|c| c.is_ascii_alphanumeric() || "/${}._-+@,".contains(c)) {
+        return Ok(());
+    }
+    Err(errors.at(
+        value.span(),
+        field,
+        format!(
+            "{:?}: use only ASCII letters, digits and / . _ - + @ , in this path",
+            value.get_ref()
+        ),
+    ))
+}
+
+/// A path on the client: absolute or `$HOME`-relative, expanded here and now. It is used only
+/// here, as one argument of a local program, so only control characters are refused.
 fn local_path(
     errors: &Errors<'_>,
     value: &Spanned<String>,
     field: &str,
 ) -> Result<Utf8PathBuf, ConfigError> {
+    if value.get_ref().contains(char::is_control) {
+        return Err(errors.at(
+            value.span(),
+            field,
+            format!("{:?} holds a control character", value.get_ref()),
+        ));
+    }
     let path = RemotePath::parse(value.get_ref()).map_err(|m| errors.at(value.span(), field, m))?;
     path.local().map_err(|m| errors.at(value.span(), field, m))
 }
@@ -824,11 +1137,269 @@ addr = "node2.example.com"
         assert!(error(&text).contains("servers.n2.addr:"), "{}", error(&text));
         let text = GOOD
             .replace("port = 2222", "port = 2222\nssh_options = [\"StrictHostKeyChecking=no\"]");
-        assert!(error(&text).contains("StrictHostKeyChecking is managed by fling"));
+        assert!(error(&text).contains("StrictHostKeyChecking cannot be set here"));
         let text = format!("{GOOD}\n[ssh]\nknown_hosts = \"/dev/null\"\n");
         assert!(error(&text).contains("ssh.known_hosts: known_hosts cannot be /dev/null"));
         let text = GOOD.replace("port = 2222", "port = 70000");
         assert!(error(&text).starts_with("deploy.toml:12:8:"), "{}", error(&text));
+    }
+
+    #[test]
+    fn directories_fling_fills_or_empties_must_be_dedicated() {
+        let staging = "staging_dir = \"/var/tmp/staging\"";
+        for bad in [
+            "/",
+            "/etc",
+            "/usr",
+            "/var",
+            "/opt",
+            "/home",
+            "/root",
+            "/tmp",
+            "/boot",
+            "/dev",
+            "/proc",
+            "/sys",
+            "/run",
+            "/lib",
+            "/lib64",
+            "/bin",
+            "/sbin",
+            "/etc/ssh",
+            "/var/lib",
+            "/usr/local",
+            "/home/bob",
+            "$HOME",
+            "$HOME/",
+            "${HOME}",
+            "$HOME/.ssh",
+            "$HOME/.cargo/x",
+        ] {
+            for (field, text) in [
+                (
+                    "deployment.staging_dir",
+                    GOOD.replace(staging, &format!("staging_dir = {bad:?}")),
+                ),
+                (
+                    "builder.source_path",
+                    GOOD.replace(
+                        "source_path = \"$HOME/flotilla\"",
+                        &format!("source_path = {bad:?}"),
+                    ),
+                ),
+                (
+                    "builder.lock_dir",
+                    GOOD.replace("[deployment]", &format!("lock_dir = {bad:?}\n[deployment]")),
+                ),
+            ] {
+                let err = error(&text);
+                assert!(err.contains(&format!(": {field}: ")), "{bad} as {field}: {err}");
+                assert!(
+                    err.contains("fling writes into this directory"),
+                    "{bad} as {field}: {err}"
+                );
+            }
+        }
+        let err = error(&GOOD.replace(staging, "staging_dir = \"/etc\""));
+        assert!(
+            err.starts_with(
+                "deploy.toml:8:15: deployment.staging_dir: /etc is a directory of the system"
+            ),
+            "{err}"
+        );
+        let err = error(&GOOD.replace(staging, "staging_dir = \"/opt/flotilla\""));
+        assert!(err.contains("overlaps the install prefix (/opt/flotilla)"), "{err}");
+        let err = error(&GOOD.replace(staging, "staging_dir = \"/opt/flotilla/staging\""));
+        assert!(err.contains("overlaps the install prefix"), "{err}");
+        let err = error(&GOOD.replace(staging, "staging_dir = \"$HOME/flotilla/staging\""));
+        assert!(err.contains("overlaps builder.source_path ($HOME/flotilla)"), "{err}");
+        let err = error(
+            &GOOD.replace("[deployment]", "lock_dir = \"$HOME/flotilla/lock\"\n[deployment]"),
+        );
+        assert!(
+            err.contains("builder.lock_dir: $HOME/flotilla/lock overlaps builder.source_path"),
+            "{err}"
+        );
+        let ok =
+            GOOD.replace("[deployment]", "lock_dir = \"$HOME/flotilla/.fling-lock\"\n[deployment]");
+        assert_eq!(parse(&ok).unwrap().builder.lock_dir.as_str(), "$HOME/flotilla/.fling-lock");
+        for good in
+            ["/opt/flotilla-staging", "/var/tmp/flotilla-staging", "$HOME/staging", "/srv/x"]
+        {
+            assert!(
+                parse(&GOOD.replace(staging, &format!("staging_dir = {good:?}"))).is_ok(),
+                "{good}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_ssh_options_a_deploy_tunes_are_accepted_each_refusal_with_its_reason() {
+        let with = |option: &str| {
+            GOOD.replace("port = 2222", &format!("port = 2222\nssh_options = [{option:?}]"))
+        };
+        for (option, reason) in [
+            ("PKCS11Provider=/tmp/evil.so", "loads a library"),
+            ("SecurityKeyProvider=/tmp/evil.so", "loads a library"),
+            ("ProxyJump=evil.example.com", "routes the connection elsewhere"),
+            ("ProxyCommand=nc", "runs a command"),
+            ("LocalCommand=id", "runs a command"),
+            ("HostName=evil.example.com", "which host is reached"),
+            ("HostKeyAlias=other", "whose key is checked"),
+            ("VerifyHostKeyDNS=yes", "how host keys are checked"),
+            ("StrictHostKeyChecking=no", "how host keys are checked"),
+            ("UserKnownHostsFile=/dev/null", "how host keys are checked"),
+            ("BatchMode=no", "BatchMode is always on"),
+            ("ControlPath=/tmp/x", "connection sharing"),
+            ("ForwardAgent=yes", "forwards"),
+            ("RemoteForward=1:x:2", "forwards"),
+            ("IdentityFile=/tmp/k", "identity_file"),
+            ("User=root", "username"),
+            ("Bogus=1", "not one of the options a deploy may tune"),
+        ] {
+            let err = error(&with(option));
+            let key = option.split('=').next().unwrap();
+            assert!(
+                err.contains(&format!("servers.b.ssh_options: {key} cannot be set here")),
+                "{err}"
+            );
+            assert!(err.contains(reason), "{option}: {err}");
+            assert!(err.contains("(allowed: addressfamily,"), "{err}");
+            let global =
+                GOOD.replace("[servers.b]", &format!("[ssh]\noptions = [{option:?}]\n[servers.b]"));
+            assert!(error(&global).contains("ssh.options: "), "{option}");
+        }
+        for option in [
+            "ConnectTimeout=5",
+            "ServerAliveInterval=10",
+            "ServerAliveCountMax=2",
+            "TCPKeepAlive=yes",
+            "KexAlgorithms=curve25519-sha256,sntrup761x25519-sha512@openssh.com",
+            "Ciphers=^aes256-gcm@openssh.com",
+            "MACs=hmac-sha2-256-etm@openssh.com",
+            "HostKeyAlgorithms=ssh-ed25519",
+            "PubkeyAcceptedAlgorithms=+ssh-rsa",
+            "Compression=yes",
+            "AddressFamily=inet6",
+            "ConnectionAttempts=3",
+            "LogLevel=ERROR",
+        ] {
+            let config = parse(&with(option)).unwrap_or_else(|e| panic!("{option}: {e}"));
+            assert_eq!(config.builder_server().ssh_options, [option]);
+        }
+        for bad in [
+            "ConnectTimeout=5 -oProxyCommand=x",
+            "ConnectTimeout=$(id)",
+            "ConnectTimeout",
+            "=5",
+            "LogLevel=a;b",
+        ] {
+            assert!(error(&with(bad)).contains("is not of the form Key=Value"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn errors_the_toml_parser_finds_name_their_field_and_line() {
+        let err = error(&GOOD.replace("port = 2222", "port = 70000"));
+        assert!(err.starts_with("deploy.toml:12:8: servers.b.port: "), "{err}");
+        let err = error(&GOOD.replace("port = 2222", "port = 0"));
+        assert!(err.starts_with("deploy.toml:12:8: servers.b.port: port 0"), "{err}");
+        let err = error(&GOOD.replace("port = 2222", "port = -1"));
+        assert!(err.starts_with("deploy.toml:12:8: servers.b.port: "), "{err}");
+        let err = error(&GOOD.replace(
+            "staging_dir = \"/var/tmp/staging\"",
+            "staging_dir = \"/var/tmp/staging\"\nservice_manager = \"launchd\"",
+        ));
+        assert!(err.starts_with("deploy.toml:9:19: deployment.service_manager: "), "{err}");
+        assert!(err.contains("launchd"), "{err}");
+        let err = error(&GOOD.replace("servers = [\"n1\", \"n2\"]", "servers = []"));
+        assert!(
+            err.starts_with("deploy.toml:7:11: deployment.servers: no server to deploy to"),
+            "{err}"
+        );
+        let err = error(&GOOD.replace("port = 2222", "port = 2222\nport = 2223"));
+        assert!(err.starts_with("deploy.toml:13:1: servers.b.port: "), "{err}");
+        let err = error(&GOOD.replace("port = 2222", "port = \"22\""));
+        assert!(err.starts_with("deploy.toml:12:8: servers.b.port: "), "{err}");
+    }
+
+    #[test]
+    fn control_characters_are_refused_in_every_string_field_and_escaped_in_messages() {
+        let cases = [
+            (
+                "source_path = \"$HOME/src/flotilla\"",
+                "source_path = \"$HOME/src/a\\u001b[2Jb\"",
+                "source_path",
+            ),
+            (
+                "source_path = \"$HOME/flotilla\"",
+                "source_path = \"$HOME/a\\nb\"",
+                "builder.source_path",
+            ),
+            (
+                "staging_dir = \"/var/tmp/staging\"",
+                "staging_dir = \"/var/tmp/a\\tb\"",
+                "deployment.staging_dir",
+            ),
+            ("[deployment]", "excludes = [\"a\\rb\"]\n[deployment]", "builder.excludes"),
+            ("[deployment]", "lock_dir = \"/var/tmp/l\\u0007\"\n[deployment]", "builder.lock_dir"),
+            ("role = \"control\"", "role = \"con\\ntrol\"", "servers.n1.vars.role"),
+            ("username = \"builder\"", "username = \"bu\\nilder\"", "servers.b.username"),
+            ("addr = \"127.0.0.1\"", "addr = \"127.0.0.1\\n\"", "servers.b.addr"),
+            (
+                "port = 2222",
+                "port = 2222\nidentity_file = \"/k\\u001b\"",
+                "servers.b.identity_file",
+            ),
+            ("[servers.b]", "[ssh]\nidentity_file = \"/k\\n\"\n[servers.b]", "ssh.identity_file"),
+            ("[servers.b]", "[ssh]\nknown_hosts = \"/k\\n\"\n[servers.b]", "ssh.known_hosts"),
+            ("[servers.b]", "[ssh]\nconfig = \"/k\\n\"\n[servers.b]", "ssh.config"),
+            (
+                "[servers.n2]",
+                "[servers.\"n\\u001b[31m\"]\nusername = \"root\"\naddr = \"x\"\n[servers.n2]",
+                "servers.n\\u{1b}[31m",
+            ),
+        ];
+        for (from, to, field) in cases {
+            let text = GOOD.replace(from, to);
+            assert_ne!(text, GOOD, "{from}");
+            let err = error(&text);
+            assert!(err.contains(&format!(": {field}: ")), "{field}: {err}");
+            assert!(!err.contains(|c: char| c.is_control()), "{field}: unescaped {err:?}");
+        }
+    }
+
+    #[test]
+    fn every_ssh_file_has_the_same_rules() {
+        for field in ["identity_file", "config"] {
+            let text =
+                GOOD.replace("[servers.b]", &format!("[ssh]\n{field} = \"/a b\"\n[servers.b]"));
+            assert!(
+                error(&text).contains(&format!("ssh.{field}: \"/a b\": use only")),
+                "{}",
+                error(&text)
+            );
+        }
+        let text = GOOD.replace("port = 2222", "port = 2222\nidentity_file = \"/a b\"");
+        assert!(
+            error(&text).contains("servers.b.identity_file: \"/a b\": use only"),
+            "{}",
+            error(&text)
+        );
+        let text = GOOD.replace("port = 2222", "port = 2222\nidentity_file = \"/keys/id_ed25519\"");
+        assert_eq!(
+            parse(&text).unwrap().builder_server().identity_file.as_ref().unwrap(),
+            "/keys/id_ed25519"
+        );
+    }
+
+    #[test]
+    fn field_at_finds_the_table_and_key() {
+        let text = "a = 1\n[x.y]\nk = 2\n[servers.\"n1\"]\nport = 3\n";
+        assert_eq!(field_at(text, 4), "a");
+        assert_eq!(field_at(text, text.find("2").unwrap()), "x.y.k");
+        assert_eq!(field_at(text, text.find("3").unwrap()), "servers.n1.port");
+        assert_eq!(field_at(text, text.find("[x").unwrap()), "x.y");
     }
 
     #[test]
