@@ -17,20 +17,14 @@ use super::{
 /// explicitly; this only bounds how long one lingers after a crash.
 const CONTROL_PERSIST: &str = "ControlPersist=60";
 
-/// Options every hop gets. `ServerAlive*` notices a cut link within about ten seconds instead of
-/// waiting for TCP to give up.
-const COMMON: &[&str] = &[
-    "-o",
-    "BatchMode=yes",
-    "-o",
-    "StrictHostKeyChecking=yes",
-    "-o",
-    "ConnectTimeout=10",
-    "-o",
-    "ServerAliveInterval=3",
-    "-o",
-    "ServerAliveCountMax=3",
-];
+/// Options every hop gets that no config may change. ssh takes the first value it sees of an
+/// option, so these come before the config's options on every command line.
+const FIXED: &[&str] = &["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"];
+
+/// Defaults the config's options may tune, placed after them. `ServerAlive*` notices a cut
+/// link within about ten seconds instead of waiting for TCP to give up.
+const TUNABLE: &[&str] =
+    &["-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=3", "-o", "ServerAliveCountMax=3"];
 
 /// Whether a session may use the agent of the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,32 +61,34 @@ impl BuilderHop {
     pub fn new(config: &Config, control_dir: &Utf8Path) -> anyhow::Result<BuilderHop> {
         let server = config.builder_server();
         let control_path = control_dir.join("builder");
-        let mut options: Vec<String> = vec!["ssh".into()];
-        if let Some(file) = &config.ssh.config {
-            options.extend(["-F".into(), file.to_string()]);
-        }
-        // ssh takes the first value of an option, so the config's options come before the
-        // defaults they may override; the ones that must not change are refused by config.
-        let user_options = user_options(config, server);
-        options.extend(user_options.iter().cloned());
-        options.extend(COMMON.iter().map(|s| s.to_string()));
-        if let Some(kh) = &config.ssh.known_hosts {
-            let kh = kh.local().map_err(|e| anyhow::anyhow!("ssh.known_hosts: {e}"))?;
-            options.extend(["-o".into(), format!("UserKnownHostsFile={kh}")]);
-        }
-        if let Some(identity) = server.identity_file.as_ref().or(config.ssh.identity_file.as_ref())
-        {
-            options.extend(["-i".into(), identity.to_string()]);
-            options.extend(["-o".into(), "IdentitiesOnly=yes".into()]);
-        }
         let shared = [
             "-o".to_owned(),
             "ControlMaster=auto".to_owned(),
             "-o".to_owned(),
             format!("ControlPath={control_path}"),
         ];
-        options.extend(shared.iter().cloned());
+        // fling's own options first, so that no option of the config overrides them, then the
+        // config's, then the defaults they may tune.
+        let mut fixed: Vec<String> = FIXED.iter().map(|s| s.to_string()).collect();
+        if let Some(kh) = &config.ssh.known_hosts {
+            let kh = kh.local().map_err(|e| anyhow::anyhow!("ssh.known_hosts: {e}"))?;
+            fixed.extend(["-o".into(), format!("UserKnownHostsFile={kh}")]);
+        }
+        fixed.extend(shared.iter().cloned());
+        let user_options = user_options(config, server);
+        let mut options: Vec<String> = vec!["ssh".into()];
+        if let Some(file) = &config.ssh.config {
+            options.extend(["-F".into(), file.to_string()]);
+        }
+        options.extend(fixed.iter().cloned());
         options.extend(["-o".into(), CONTROL_PERSIST.into()]);
+        if let Some(identity) = server.identity_file.as_ref().or(config.ssh.identity_file.as_ref())
+        {
+            options.extend(["-i".into(), identity.to_string()]);
+            options.extend(["-o".into(), "IdentitiesOnly=yes".into()]);
+        }
+        options.extend(user_options.iter().cloned());
+        options.extend(TUNABLE.iter().map(|s| s.to_string()));
         options.extend([
             "-p".into(),
             server.port.to_string(),
@@ -101,14 +97,14 @@ impl BuilderHop {
         ]);
 
         // rsync splits `-e` on whitespace; every word here is free of it (validated config
-        // paths, a control directory `fling` names itself).
+        // paths and options, a control directory `fling` names itself).
         let mut rsync_shell: Vec<String> = vec!["ssh".into()];
         if let Some(file) = &config.ssh.config {
             rsync_shell.extend(["-F".into(), file.to_string()]);
         }
+        rsync_shell.extend(fixed);
         rsync_shell.extend(user_options);
-        rsync_shell.extend(COMMON.iter().map(|s| s.to_string()));
-        rsync_shell.extend(shared.iter().cloned());
+        rsync_shell.extend(TUNABLE.iter().map(|s| s.to_string()));
         rsync_shell.extend(["-p".into(), server.port.to_string()]);
         Ok(BuilderHop {
             options,
@@ -150,8 +146,9 @@ impl ServerHop {
     pub fn new(config: &Config, server: &Server, control_dir: &str) -> ServerHop {
         let known_hosts =
             config.deployment.known_hosts.as_ref().or(config.ssh.known_hosts.as_ref());
-        let mut common = user_options(config, server);
-        common.extend(COMMON.iter().map(|s| s.to_string()));
+        // fling's own options first (see `FIXED`), then the config's, then the tunable
+        // defaults.
+        let mut common: Vec<String> = FIXED.iter().map(|s| s.to_string()).collect();
         if let Some(kh) = known_hosts {
             // ssh expands `~` itself, so the path needs no help from the builder's shell.
             let path = match kh {
@@ -166,6 +163,8 @@ impl ServerHop {
             "-o".into(),
             format!("ControlPath={control_dir}/%C"),
         ]);
+        common.extend(user_options(config, server));
+        common.extend(TUNABLE.iter().map(|s| s.to_string()));
         common.extend(["-p".into(), server.port.to_string()]);
 
         let mut ssh = vec!["ssh".to_owned()];
@@ -228,4 +227,67 @@ fn user_options(config: &Config, server: &Server) -> Vec<String> {
         .chain(&server.ssh_options)
         .flat_map(|o| ["-o".to_owned(), o.clone()])
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use camino::Utf8Path;
+
+    use super::*;
+
+    /// The position of the first `-o` option whose key is `key`.
+    fn position(words: &[String], key: &str) -> usize {
+        words
+            .windows(2)
+            .position(|w| w[0] == "-o" && w[1].starts_with(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key} in {words:?}"))
+    }
+
+    #[test]
+    fn flings_own_options_come_before_the_configs_and_the_tunable_defaults_after() {
+        let text = r#"
+[builder]
+server = "b"
+source_path = "$HOME/flotilla"
+[deployment]
+servers = ["n1"]
+staging_dir = "/var/tmp/staging"
+[ssh]
+known_hosts = "/etc/fling/known_hosts"
+options = ["ConnectTimeout=30"]
+[servers.b]
+username = "root"
+addr = "127.0.0.1"
+ssh_options = ["ServerAliveInterval=9"]
+[servers.n1]
+username = "root"
+addr = "127.0.0.2"
+ssh_options = ["LogLevel=ERROR"]
+"#;
+        let config = Config::parse(Utf8Path::new("t.toml"), text).unwrap();
+        let builder = BuilderHop::new(&config, Utf8Path::new("/tmp/c")).unwrap();
+        let argv = builder.run(Agent::NoForward, "true");
+        let (shell, _) = builder.rsync_target(&config.builder.source_path);
+        let rsync: Vec<String> = shell.split(' ').map(String::from).collect();
+        let n1 = ServerHop::new(
+            &config,
+            &config.servers[&crate::config::ServerName::new("n1").unwrap()],
+            "/c",
+        );
+        let n1_rsync: Vec<String> = n1.rsync_shell.split(' ').map(String::from).collect();
+        for (words, user) in [
+            (&argv, "ServerAliveInterval"),
+            (&rsync, "ServerAliveInterval"),
+            (&n1.ssh, "LogLevel"),
+            (&n1_rsync, "LogLevel"),
+        ] {
+            let user_at = position(words, user);
+            for own in ["BatchMode", "StrictHostKeyChecking", "UserKnownHostsFile", "ControlPath"] {
+                assert!(position(words, own) < user_at, "{own} after {user}: {words:?}");
+            }
+            assert!(position(words, "ConnectTimeout") < user_at, "the config's first: {words:?}");
+            let defaults = words.iter().rposition(|w| w == "ConnectTimeout=10").unwrap();
+            assert!(defaults > user_at, "the defaults after the config's options: {words:?}");
+        }
+    }
 }
