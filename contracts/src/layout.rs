@@ -146,6 +146,10 @@ pub mod staging {
     pub const TOOLS: &str = ".tools";
 }
 
+/// The marker fling writes into the builder's copy of the workspace when it creates it: `sync`
+/// mirrors with `--delete` only into a directory that holds it.
+pub const SOURCE_MARKER: &str = ".flotilla-source";
+
 /// Directories of the system that are never a dedicated directory themselves.
 const SYSTEM_DIRS: &[&str] = &[
     "bin",

@@ -293,6 +293,52 @@ fn phase(name: &str) -> String {
     format!("echo {} >&2", quote(&format!("{}{name}", super::exec::PHASE_MARKER)))
 }
 
+/// The marker of a staging directory fling created (see `flotilla_contracts::layout`).
+const STAGING_MARKER: &str = flotilla_contracts::layout::staging::MARKER;
+/// The marker of the builder's copy of the workspace.
+const SOURCE_MARKER: &str = flotilla_contracts::layout::SOURCE_MARKER;
+
+/// The shell command that makes `dir` a directory of fling's: creates it with `marker` in it,
+/// or accepts it when it already holds `marker`. A directory that exists without the marker
+/// may hold someone else's files, which a `--delete` transfer would remove: it is refused,
+/// saying why and how to proceed.
+fn claim(dir: &RemotePath, marker: &str, field: &str) -> String {
+    let d = dir.shell_word();
+    let m = dir.join(marker).shell_word();
+    format!(
+        "if [ -e {d} ] && [ ! -e {m} ]; then {refuse}; fi && mkdir -p -- {d} && \
+         {{ [ -e {m} ] || : > {m}; }}",
+        refuse =
+            refusal(dir, marker, field, "fills it with --delete, removing what it does not send"),
+    )
+}
+
+/// The shell command that creates `dir` with `marker` in it unless it exists; an existing one
+/// is left as it is, for the command that would fill it to judge.
+fn claim_if_new(dir: &RemotePath, marker: &str) -> String {
+    let d = dir.shell_word();
+    format!("{{ [ -e {d} ] || {{ mkdir -p -- {d} && : > {}; }}; }}", dir.join(marker).shell_word())
+}
+
+/// The shell command that fails, with the reason, when `dir` exists without `marker`.
+fn check_owned(dir: &RemotePath, marker: &str, field: &str, what: &str) -> String {
+    format!(
+        "if [ -e {d} ] && [ ! -e {m} ]; then {refuse}; fi",
+        d = dir.shell_word(),
+        m = dir.join(marker).shell_word(),
+        refuse = refusal(dir, marker, field, what),
+    )
+}
+
+fn refusal(dir: &RemotePath, marker: &str, field: &str, what: &str) -> String {
+    let message = format!(
+        "refusing {dir} ({field}): it exists but flotilla did not create it (it holds no \
+         {marker}), and fling {what}. Name a directory of its own in {field}, or, if this one \
+         is flotilla's, create the marker: touch {dir}/{marker}"
+    );
+    format!("{{ echo {} >&2; exit 1; }}", quote(&message))
+}
+
 /// The name of the file in a server's staging directory that holds the key of what was last
 /// pushed there and installed from it.
 const VIEW_KEY: &str = ".fling-view";
@@ -314,11 +360,15 @@ fn in_session(mut step: Step) -> Step {
 
 /// `sync`: the client's workspace to the builder, honouring `.gitignore`.
 pub fn sync(cx: &Context<'_>) -> Plan {
-    let mkdir = format!("mkdir -p -- {}", cx.source());
-    let mut plan = cx.plan_with("sync".into(), Locking::Lock, false, Agent::NoForward, Some(mkdir));
+    let claim = claim(&cx.config.builder.source_path, SOURCE_MARKER, "builder.source_path");
+    let mut plan = cx.plan_with("sync".into(), Locking::Lock, false, Agent::NoForward, Some(claim));
     let (rsh, target) = cx.builder.rsync_target(&cx.config.builder.source_path);
+    // `--protect-args`: the remote path travels inside rsync's protocol, never through the
+    // builder's shell, whatever the rsync versions.
     let mut argv: Vec<String> =
-        ["rsync", "-az", "--delete", "--info=stats1", "-e", &rsh].map(String::from).to_vec();
+        ["rsync", "-az", "--protect-args", "--delete", "--info=stats1", "-e", &rsh]
+            .map(String::from)
+            .to_vec();
     // `target/`, `out/` and `.git/` never travel: the builder builds its own, and `.git/`
     // is large and unused there. `--delete` leaves excluded files on the builder alone.
     argv.extend(
@@ -329,6 +379,8 @@ pub fn sync(cx: &Context<'_>) -> Plan {
     // The default deploy lock lives in the builder's workspace: excluded, so it is neither
     // sent nor deleted by `--delete`.
     argv.push(format!("--exclude=/{}/", super::config::DEFAULT_LOCK_DIR));
+    // The marker that makes the directory fling's is not in the client's workspace.
+    argv.push(format!("--exclude=/{SOURCE_MARKER}"));
     argv.extend(["--".into(), format!("{}/", cx.local_source), format!("{target}/")]);
     plan.hosts.push(HostPlan {
         host: cx.builder_name(),
@@ -361,7 +413,8 @@ pub fn build(cx: &Context<'_>, kind: BuildKind, args: &[String]) -> Plan {
     };
     let mut plan = cx.plan(format!("build {name}"), Locking::Lock, false, Agent::NoForward);
     let mut script = format!(
-        "cd -- {} && PATH=\"$HOME/.cargo/bin:$PATH\" && cargo xtask {command}",
+        "{} && cd -- {} && PATH=\"$HOME/.cargo/bin:$PATH\" && cargo xtask {command}",
+        synced(cx),
         cx.source()
     );
     if !args.is_empty() {
@@ -385,13 +438,31 @@ pub fn build(cx: &Context<'_>, kind: BuildKind, args: &[String]) -> Plan {
     plan
 }
 
+/// The builder-side check that `sync` has put the workspace at `builder.source_path`: its
+/// marker and its `Cargo.toml`. Without it, cargo would look for a workspace further up, and
+/// may run another one's xtask.
+fn synced(cx: &Context<'_>) -> String {
+    let source = &cx.config.builder.source_path;
+    let message = format!(
+        "the builder has no copy of the workspace at {source} (builder.source_path): run \
+         `cargo xtask fling sync` first"
+    );
+    format!(
+        "{{ [ -e {} ] && [ -f {} ] || {{ echo {} >&2; exit 1; }}; }}",
+        source.join(SOURCE_MARKER).shell_word(),
+        source.join("Cargo.toml").shell_word(),
+        quote(&message)
+    )
+}
+
 /// `overlay`: the builder generates every server's own files under `out/overlay/<server>/`
 /// from the config, which travels on standard input.
 pub fn overlay(cx: &Context<'_>, rotate: bool) -> Plan {
     let mut plan = cx.plan("overlay".into(), Locking::Lock, false, Agent::NoForward);
     let script = format!(
-        "cd -- {} && PATH=\"$HOME/.cargo/bin:$PATH\" && cargo xtask fling --config - overlay \
-         --generate-here{}",
+        "{} && cd -- {} && PATH=\"$HOME/.cargo/bin:$PATH\" && cargo xtask fling --config - \
+         overlay --generate-here{}",
+        synced(cx),
         cx.source(),
         if rotate { " --rotate" } else { "" }
     );
@@ -411,8 +482,10 @@ pub fn install_prereqs(cx: &Context<'_>, servers: &[&Server]) -> anyhow::Result<
         "PATH=\"$HOME/.cargo/bin:$PATH\"; missing=; for t in cargo rsync ssh; do command -v \
          \"$t\" >/dev/null || missing=\"$missing $t\"; done; if [ -n \"$missing\" ]; then echo \
          \"the builder lacks:$missing (install them, e.g. apt-get install rsync openssh-client, \
-         and rustup for cargo)\" >&2; exit 1; fi; mkdir -p -- {}",
-        cx.source()
+         and rustup for cargo)\" >&2; exit 1; fi; {rsync_check}; echo \"rsync $v on the builder\"; \
+         {claim}",
+        rsync_check = rsync_version_check("rsync", "the builder"),
+        claim = claim_if_new(&cx.config.builder.source_path, SOURCE_MARKER),
     );
     plan.hosts.push(HostPlan {
         host: cx.builder_name(),
@@ -549,12 +622,14 @@ fn server_prereqs(cx: &Context<'_>, server: &Server, manager: &str, create_users
     let carried = tools.join("rsync");
     let probe = hop.run(&format!(
         "command -v {manager} >/dev/null 2>&1 || {{ echo 'this server lacks {manager}' >&2; \
-         exit 1; }}; if command -v rsync >/dev/null 2>&1 || [ -x {t} ]; then echo ok; else \
-         uname -sm; fi",
+         exit 1; }}; if command -v rsync >/dev/null 2>&1; then R=rsync; elif [ -x {t} ]; then \
+         R={t}; else uname -sm; exit 0; fi; {check}; echo \"ok $v\"",
         t = carried.shell_word(),
+        check = rsync_version_check("\"$R\"", "this server"),
     ));
     let unpack = hop.run(&format!(
-        "umask 077 && mkdir -p -- {dir} && tar -xf - -C {dir}",
+        "umask 077 && {claim} && mkdir -p -- {dir} && tar -xf - -C {dir}",
+        claim = claim(cx.staging(), STAGING_MARKER, "deployment.staging_dir"),
         dir = tools.shell_word()
     ));
     let version = hop.run(&format!("{} --version", carried.shell_word()));
@@ -562,7 +637,8 @@ fn server_prereqs(cx: &Context<'_>, server: &Server, manager: &str, create_users
     let wrapper = "#!/bin/sh\nd=$(dirname \"$0\")\nexec \"$d/lib/%s\" --library-path \"$d/lib\" \
                    \"$d/rsync.bin\" \"$@\"\n";
     format!(
-        "{phase}; r=$({probe}) || exit $?; {users} || exit $?; [ \"$r\" = ok ] && exit 0; \
+        "{phase}; r=$({probe}) || exit $?; {users} || exit $?; case \"$r\" in 'ok '*) echo \
+         \"rsync ${{r#ok }} on this server\"; exit 0 ;; esac; \
          here=$(uname -sm); \
          echo \"this server has no rsync: carrying the builder's ($here)\" >&2; \
          if [ \"$r\" != \"$here\" ]; then echo \"the builder ($here) cannot carry rsync to this \
@@ -580,6 +656,17 @@ fn server_prereqs(cx: &Context<'_>, server: &Server, manager: &str, create_users
          v=$({version}) || {{ echo 'the carried rsync does not run on this server' >&2; exit 1; }}; \
          echo \"$v\" | head -n 1",
         phase = phase("prereqs"),
+    )
+}
+
+/// The shell command that sets `v` to the version of the rsync `bin` (a shell word) and
+/// fails, naming `place`, when it is older than 3.0.0, the first to honour `--protect-args`.
+fn rsync_version_check(bin: &str, place: &str) -> String {
+    format!(
+        "v=$({bin} --version 2>/dev/null | sed -n '1s/^rsync *version \\([0-9][0-9.]*\\).*/\\1/p'); \
+         case \"$v\" in [3-9].* | [1-9][0-9]*) ;; *) echo \"rsync ${{v:-of an unknown version}} \
+         on {place} is older than 3.0.0 and cannot keep paths from the remote shell \
+         (--protect-args): install a newer rsync\" >&2; exit 1 ;; esac"
     )
 }
 
@@ -613,7 +700,13 @@ pub fn deploy(cx: &Context<'_>, action: DeployAction, servers: &[&Server]) -> Pl
                 // A server that never received the installer has nothing installed.
                 let bin = cx.staging().join("bin").join(INSTALLER).shell_word();
                 let remote = format!(
-                    "if [ -x {bin} ]; then {}; fi && rm -rf -- {}",
+                    "{} && if [ -x {bin} ]; then {}; fi && rm -rf -- {}",
+                    check_owned(
+                        cx.staging(),
+                        STAGING_MARKER,
+                        "deployment.staging_dir",
+                        "removes it on uninstall"
+                    ),
                     cx.installer(&[quote("--service-manager"), quote(manager), quote("uninstall")]),
                     cx.staging().shell_word()
                 );
@@ -741,18 +834,22 @@ fn push(cx: &Context<'_>, server: &Server) -> String {
     // runs the server's rsync, or the one `install-prereqs` carried there.
     let carried = cx.staging().join(TOOLS).join("rsync").shell_word();
     let rsync_path = format!(
-        "umask 077 && mkdir -p -- {} && rm -f -- {} && if command -v rsync >/dev/null 2>&1; \
+        "umask 077 && {} && rm -f -- {} && if command -v rsync >/dev/null 2>&1; \
          then R=rsync; elif [ -x {carried} ]; then R={carried}; else echo 'this server has no \
          rsync: run `cargo xtask fling install-prereqs`' >&2; exit 127; fi && exec \"$R\"",
-        cx.staging().shell_word(),
+        claim(cx.staging(), STAGING_MARKER, "deployment.staging_dir"),
         cx.staging().join(VIEW_KEY).shell_word()
     );
     let rsync = quote_words(&[
         "rsync",
         "-a",
+        // The remote path travels inside rsync's protocol, never through the server's shell.
+        "--protect-args",
         "--delete",
         "--checksum",
         "--info=stats1",
+        // The marker that makes the staging directory fling's is not part of the push.
+        &format!("--exclude=/{STAGING_MARKER}"),
         // The rsync `install-prereqs` carried lives in the staging directory: not part of the
         // push, and not deleted by it.
         &format!("--exclude=/{TOOLS}/"),
@@ -922,5 +1019,65 @@ mod tests {
         let script = create_users_script(&["root".to_owned()], true);
         let out = std::process::Command::new("sh").args(["-n", "-c", &script]).output().unwrap();
         assert!(out.status.success(), "{out:?}");
+    }
+
+    fn sh(script: &str) -> std::process::Output {
+        std::process::Command::new("sh").args(["-c", script]).output().unwrap()
+    }
+
+    #[test]
+    fn a_directory_is_claimed_only_when_new_or_already_flings() {
+        let ws = Workspace::new("claim", &[]);
+        std::fs::create_dir_all(&ws.0).unwrap();
+        let dir = RemotePath::Absolute(ws.0.join("staging it's").to_string());
+        let script = claim(&dir, STAGING_MARKER, "deployment.staging_dir");
+        let out = sh(&script);
+        assert!(out.status.success(), "{out:?}");
+        assert!(ws.0.join("staging it's").join(STAGING_MARKER).is_file());
+        assert!(sh(&script).status.success(), "a directory with the marker is accepted again");
+
+        let foreign = ws.0.join("foreign");
+        std::fs::create_dir_all(&foreign).unwrap();
+        std::fs::write(foreign.join("precious"), "keep").unwrap();
+        let foreign_dir = RemotePath::Absolute(foreign.to_string());
+        for script in [
+            claim(&foreign_dir, STAGING_MARKER, "deployment.staging_dir"),
+            check_owned(&foreign_dir, STAGING_MARKER, "deployment.staging_dir", "removes it"),
+        ] {
+            let out = sh(&script);
+            assert_eq!(out.status.code(), Some(1), "{out:?}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.starts_with(&format!(
+                    "refusing {foreign} (deployment.staging_dir): it exists but flotilla did not \
+                     create it (it holds no .flotilla-staging)"
+                )),
+                "{err}"
+            );
+            assert!(err.contains(&format!("touch {foreign}/.flotilla-staging")), "{err}");
+            assert_eq!(std::fs::read_to_string(foreign.join("precious")).unwrap(), "keep");
+            assert!(!foreign.join(STAGING_MARKER).exists());
+        }
+        let missing = RemotePath::Absolute(ws.0.join("missing").to_string());
+        assert!(sh(&check_owned(&missing, STAGING_MARKER, "f", "removes it")).status.success());
+    }
+
+    #[test]
+    fn the_rsync_version_check_reads_this_machines_rsync_and_refuses_an_old_one() {
+        if std::process::Command::new("rsync").arg("--version").output().is_ok() {
+            let out = sh(&format!("{}; echo \"$v\"", rsync_version_check("rsync", "here")));
+            assert!(out.status.success(), "{out:?}");
+            assert!(String::from_utf8_lossy(&out.stdout).starts_with('3'), "{out:?}");
+        }
+        let old = sh(&format!(
+            "old() {{ printf 'rsync  version 2.6.9  protocol version 29\\n'; }}; {}",
+            rsync_version_check("old", "the builder")
+        ));
+        assert_eq!(old.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&old.stderr);
+        assert!(err.contains("rsync 2.6.9 on the builder is older than 3.0.0"), "{err}");
+        let none = sh(&rsync_version_check("false", "this server"));
+        assert!(String::from_utf8_lossy(&none.stderr)
+            .contains("rsync of an unknown version on this server"));
     }
 }

@@ -644,6 +644,74 @@ fn hostile_config_strings_never_execute_anything() {
 }
 
 #[test]
+fn a_directory_flotilla_did_not_create_is_never_filled_or_removed() {
+    if !can_run("a_directory_flotilla_did_not_create_is_never_filled_or_removed") {
+        return;
+    }
+    let f = Fixture::new("marker");
+    let config = f.config("deploy.toml", "", &f.default_servers());
+    f.generate_overlay(&config);
+    std::fs::create_dir_all(f.path("staging")).unwrap();
+    std::fs::write(f.path("staging/precious"), "keep").unwrap();
+    let expected = format!(
+        "refusing {} (deployment.staging_dir): it exists but flotilla did not create it (it \
+         holds no .flotilla-staging)",
+        f.p("staging")
+    );
+    for (args, what) in [
+        (&["--servers", "n1", "deploy", "install"][..], "fills it with --delete"),
+        (&["--servers", "n1", "deploy", "uninstall"], "removes it on uninstall"),
+    ] {
+        let out = f.fling(&config, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains(&format!("{expected}, and fling {what}")), "{}", text(&out));
+        assert_eq!(std::fs::read_to_string(f.path("staging/precious")).unwrap(), "keep");
+        assert!(!f.path("staging/.flotilla-staging").exists());
+    }
+    // Told so by the message, the user marks the directory as flotilla's: deploys proceed.
+    std::fs::write(f.path("staging/.flotilla-staging"), "").unwrap();
+    let out = f.fling(&config, &["--servers", "n1", "deploy", "install"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(!f.path("staging/precious").exists(), "the push mirrors the directory");
+    assert!(f.path("staging/.flotilla-staging").exists(), "the push deleted its marker");
+    let out = f.fling(&config, &["--servers", "n1", "deploy", "uninstall"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(!f.path("staging").exists());
+    // A directory fling creates gets its marker.
+    let out = f.fling(&config, &["--servers", "n1", "deploy", "install"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(f.path("staging/.flotilla-staging").exists());
+}
+
+#[test]
+fn building_before_any_sync_says_that_sync_comes_first() {
+    if !can_run("building_before_any_sync_says_that_sync_comes_first") {
+        return;
+    }
+    let f = Fixture::new("nosync");
+    let config = f.config("deploy.toml", "", &f.default_servers());
+    // The builder's directory lies inside a workspace (this fixture's parent has none, so
+    // make one): cargo must never be asked to run there.
+    std::fs::write(f.path("Cargo.toml"), "[workspace]\n").unwrap();
+    let message = format!(
+        "the builder has no copy of the workspace at {} (builder.source_path): run `cargo xtask \
+         fling sync` first",
+        f.p("builder")
+    );
+    for args in [&["build", "package"][..], &["build", "check"], &["overlay"]] {
+        let out = f.fling(&config, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+        // Once as the builder said it, once in the recap; never cargo's own words.
+        let (stdout, stderr) =
+            (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(stdout.matches(&message).count(), 1, "{args:?}: {}", text(&out));
+        assert_eq!(stderr.matches(&message).count(), 1, "{args:?}: {}", text(&out));
+        let rest = text(&out).replace(&message, "");
+        assert!(!rest.contains("cargo") && !rest.contains("error:"), "{args:?} ran cargo: {rest}");
+    }
+}
+
+#[test]
 fn sync_honours_gitignore_and_never_sends_target_out_or_git() {
     if !can_run("sync_honours_gitignore_and_never_sends_target_out_or_git") {
         return;
@@ -674,9 +742,24 @@ fn sync_honours_gitignore_and_never_sends_target_out_or_git() {
     std::fs::write(f.path("builder-src/target/keep"), "").unwrap();
     std::fs::write(f.path("builder-src/stale.rs"), "").unwrap();
 
+    // The directory exists and flotilla did not create it: `--delete` would remove what is
+    // there, so sync refuses it, saying how to proceed, and deletes nothing.
+    let out = f.fling(&config, &["sync"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let expected = format!(
+        "refusing {} (builder.source_path): it exists but flotilla did not create it (it holds \
+         no .flotilla-source), and fling fills it with --delete",
+        f.p("builder-src")
+    );
+    assert!(text(&out).contains(&expected), "{}", text(&out));
+    assert!(text(&out).contains(&format!("touch {}/.flotilla-source", f.p("builder-src"))));
+    assert!(f.path("builder-src/stale.rs").exists(), "a refused sync deleted a file");
+    std::fs::write(f.path("builder-src/.flotilla-source"), "").unwrap();
+
     let out = f.fling(&config, &["sync"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let dst = f.path("builder-src");
+    assert!(dst.join(".flotilla-source").exists(), "sync deleted its own marker");
     assert!(dst.join("src/main.rs").is_file());
     assert!(dst.join(".gitignore").is_file());
     for absent in ["src/key.secret", "target/debug", "out", ".git", "notes.swp", "stale.rs"] {
