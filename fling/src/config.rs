@@ -979,14 +979,17 @@ fn plain_file(
     value: &Spanned<String>,
     field: &str,
 ) -> Result<(), ConfigError> {
-    if value.get_ref().chars().all(|c| c.is_ascii_alphanumeric() || "/${}._-+@,".contains(c)) {
+    let path = value.get_ref();
+    let rest = ["${HOME}", "$HOME"].iter().find_map(|h| path.strip_prefix(h)).unwrap_or(path);
+    if rest.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+@,".contains(c)) {
         return Ok(());
     }
     Err(errors.at(
         value.span(),
         field,
         format!(
-            "{:?}: use only ASCII letters, digits and / . _ - + @ , in this path",
+            "{:?}: use only ASCII letters, digits and / . _ - + @ , in this path (after a \
+             leading $HOME)",
             value.get_ref()
         ),
     ))
@@ -1007,7 +1010,10 @@ fn local_path(
         ));
     }
     let path = RemotePath::parse(value.get_ref()).map_err(|m| errors.at(value.span(), field, m))?;
-    path.local().map_err(|m| errors.at(value.span(), field, m))
+    let local = path.local().map_err(|m| errors.at(value.span(), field, m))?;
+    flotilla_contracts::layout::check_plain_path(local.as_str())
+        .map_err(|m| errors.at(value.span(), field, m))?;
+    Ok(local)
 }
 
 /// Server names that appear in the config but are not deployment servers or the builder: a

@@ -561,6 +561,135 @@ fn an_interrupted_deploy_releases_the_lock_on_the_builder() {
     assert_eq!(out.status.code(), Some(0), "a deploy after the interrupted one: {}", text(&out));
 }
 
+/// The hostile-input corpus: each value would create `marker` if any shell, ssh or rsync on
+/// its way read it as more than data. Metacharacters, quotes of both kinds, newlines and other
+/// control bytes, leading dashes and option-like values, path traversal, globs, expansions.
+fn hostile_corpus(marker: &str) -> Vec<String> {
+    let m = marker;
+    vec![
+        format!("$(touch {m})"),
+        format!("`touch {m}`"),
+        format!("; touch {m};"),
+        format!("' ; touch {m} ; '"),
+        format!("\" ; touch {m} ; \""),
+        format!("'\\''; touch {m}; #"),
+        format!("\n touch {m}\n"),
+        format!("\r touch {m}"),
+        format!("\t; touch {m}"),
+        format!("\u{1b}]0;x\u{7}; touch {m}"),
+        format!("\u{0}; touch {m}"),
+        format!("&& touch {m} ||"),
+        format!("| touch {m}"),
+        format!("> {m}"),
+        format!("$(touch${{IFS}}{m})"),
+        format!("${{IFS}}touch${{IFS}}{m}"),
+        format!("-oProxyCommand=touch {m}"),
+        format!("-oProxyCommand=touch${{IFS}}{m}"),
+        format!("--rsh=touch {m}"),
+        format!("--rsync-path=touch {m}"),
+        format!("-e touch {m}"),
+        "--".to_owned(),
+        "-".to_owned(),
+        format!("../../../../../tmp; touch {m}"),
+        "../../../etc".to_owned(),
+        "..".to_owned(),
+        format!("~root/; touch {m}"),
+        format!("$HOME/$(touch {m})"),
+        format!("{{touch,{m}}}"),
+        "*".to_owned(),
+        format!("\\; touch {m}"),
+        format!("!!; touch {m}"),
+        format!("#; touch {m}"),
+        format!("é ü; touch {m}"),
+        format!("%s%n%x; touch {m}"),
+        format!("a b\\ c; touch {m}"),
+    ]
+}
+
+/// Every string field of the config, as a way to put a value `v` into a config table. Paths
+/// get the value as a component below a directory of the fixture, `base`.
+/// Puts a value into a config table, given a base directory for paths.
+type Put = fn(&mut toml::Table, &str, &str);
+
+fn hostile_fields() -> Vec<(&'static str, Put)> {
+    fn table<'a>(t: &'a mut toml::Table, path: &[&str]) -> &'a mut toml::Table {
+        let mut t = t;
+        for key in path {
+            t = t
+                .entry(key.to_string())
+                .or_insert(toml::Table::new().into())
+                .as_table_mut()
+                .unwrap();
+        }
+        t
+    }
+    fn set(t: &mut toml::Table, path: &[&str], key: &str, value: toml::Value) {
+        table(t, path).insert(key.to_owned(), value);
+    }
+    vec![
+        ("source_path", |t, v, base| set(t, &[], "source_path", format!("{base}/src/{v}").into())),
+        ("builder.source_path", |t, v, base| {
+            set(t, &["builder"], "source_path", format!("{base}/b{v}").into())
+        }),
+        ("builder.lock_dir", |t, v, base| {
+            set(t, &["builder"], "lock_dir", format!("{base}/l{v}").into())
+        }),
+        ("builder.excludes", |t, v, _| {
+            set(t, &["builder"], "excludes", vec![toml::Value::from(v)].into())
+        }),
+        ("builder.server", |t, v, _| set(t, &["builder"], "server", v.into())),
+        ("deployment.servers", |t, v, _| {
+            set(t, &["deployment"], "servers", vec![toml::Value::from(v)].into())
+        }),
+        ("deployment.staging_dir", |t, v, base| {
+            set(t, &["deployment"], "staging_dir", format!("{base}/s{v}").into())
+        }),
+        ("deployment.known_hosts", |t, v, base| {
+            set(t, &["deployment"], "known_hosts", format!("{base}/k{v}").into())
+        }),
+        ("deployment.rss_server", |t, v, _| set(t, &["deployment"], "rss_server", v.into())),
+        ("ssh.config", |t, v, base| set(t, &["ssh"], "config", format!("{base}/c{v}").into())),
+        ("ssh.known_hosts", |t, v, base| {
+            set(t, &["ssh"], "known_hosts", format!("{base}/k{v}").into())
+        }),
+        ("ssh.identity_file", |t, v, base| {
+            set(t, &["ssh"], "identity_file", format!("{base}/i{v}").into())
+        }),
+        ("ssh.options", |t, v, _| set(t, &["ssh"], "options", vec![toml::Value::from(v)].into())),
+        ("ssh.options", |t, v, _| {
+            set(
+                t,
+                &["ssh"],
+                "options",
+                vec![toml::Value::from(format!("ConnectTimeout={v}"))].into(),
+            )
+        }),
+        ("servers.n1.username", |t, v, _| set(t, &["servers", "n1"], "username", v.into())),
+        ("servers.n1.addr", |t, v, _| set(t, &["servers", "n1"], "addr", v.into())),
+        ("servers.n1.ssh_options", |t, v, _| {
+            set(t, &["servers", "n1"], "ssh_options", vec![toml::Value::from(v)].into())
+        }),
+        ("servers.n1.ssh_options", |t, v, _| {
+            set(
+                t,
+                &["servers", "n1"],
+                "ssh_options",
+                vec![toml::Value::from(format!("ServerAliveInterval={v}"))].into(),
+            )
+        }),
+        ("servers.n1.identity_file", |t, v, base| {
+            set(t, &["servers", "n1"], "identity_file", format!("{base}/i{v}").into())
+        }),
+        ("servers.n1.vars", |t, v, _| set(t, &["servers", "n1", "vars"], v, "x".into())),
+        ("servers.n1.vars.v", |t, v, _| set(t, &["servers", "n1", "vars"], "v", v.into())),
+        ("servers.", |t, v, _| {
+            let n1 = table(t, &["servers"]).remove("n1").unwrap();
+            table(t, &["servers"]).insert(v.to_owned(), n1);
+            set(t, &["deployment"], "servers", vec![toml::Value::from(v)].into());
+        }),
+    ]
+}
+
 #[test]
 fn hostile_config_strings_never_execute_anything() {
     if !can_run("hostile_config_strings_never_execute_anything") {
@@ -570,77 +699,127 @@ fn hostile_config_strings_never_execute_anything() {
     // Short, so the hostile paths below stay within file name limits; removed on drop.
     let marker_dir = TempDir::new("pwn");
     let marker = format!("{}/PWNED", marker_dir.0.display());
-    let payloads = [
-        format!("$(touch {marker})"),
-        format!("`touch {marker}`"),
-        format!("; touch {marker};"),
-        format!("' ; touch {marker} ; '"),
-        format!("\" ; touch {marker} ; \""),
-        format!("\n touch {marker}\n"),
-        format!("&& touch {marker} ||"),
-    ];
-    let hostile = payloads.concat();
-    // Exclude patterns are one line each.
-    let hostile_line = hostile.replace('\n', " ");
-    let toml_str = |s: &str| toml::Value::from(s).to_string();
-    // Fields that accept free text: every path (they are quoted wherever they go), the
-    // variables, the excludes.
-    let builder_dir = format!("{}/builder {}", f.dir.0.display(), hostile);
-    std::fs::create_dir_all(&builder_dir).unwrap();
+    let corpus = hostile_corpus(&marker);
+    assert!(corpus.len() >= 30);
+    let base_path = f.config("base.toml", "", &f.default_servers()[..1]);
+    let base: toml::Table = std::fs::read_to_string(&base_path).unwrap().parse().unwrap();
     std::fs::create_dir_all(f.path("client")).unwrap();
     std::fs::write(f.path("client/file"), "").unwrap();
-    let port = f.sshd.port;
-    let text_config = format!(
-        "source_path = {:?}\n[builder]\nserver = \"b\"\nsource_path = {}\nlock_dir = {}\nexcludes = [{}]\n\n\
-         [deployment]\nservers = [\"n1\"]\nstaging_dir = {}\n\n\
-         [ssh]\nknown_hosts = {:?}\nidentity_file = {:?}\n\n\
-         [servers.b]\nusername = \"root\"\naddr = \"127.0.0.1\"\nport = {port}\n\n\
-         [servers.n1]\nusername = \"root\"\naddr = \"127.0.0.2\"\nport = {port}\nvars = {{ v = {} }}\n",
-        f.p("client"),
-        toml_str(&builder_dir),
-        toml_str(&format!("{}/lock {hostile}", f.dir.0.display())),
-        toml_str(&hostile_line),
-        toml_str(&format!("{}/staging {hostile}", f.dir.0.display())),
-        f.p("known_hosts"),
-        f.p("id"),
-        toml_str(&hostile),
-    );
     let config = f.path("hostile.toml");
-    std::fs::write(&config, &text_config).unwrap();
+    let refused_marker = |out: &Output, what: &str| {
+        assert!(!Path::new(&marker).exists(), "{what} executed a config string: {}", text(out));
+    };
+    let fields = hostile_fields();
+    let (mut refused, mut accepted) = (0, Vec::new());
+    for value in &corpus {
+        for (index, (field, put)) in fields.iter().enumerate() {
+            let mut table = base.clone();
+            put(&mut table, value, &f.p("h"));
+            std::fs::write(&config, toml::to_string(&table).unwrap()).unwrap();
+            let what = format!("{field} = {value:?}");
+            let out = f.fling(&config, &["--dry-run", "deploy", "install"]);
+            refused_marker(&out, &what);
+            match out.status.code() {
+                Some(1) => {
+                    let err = String::from_utf8_lossy(&out.stderr);
+                    assert!(
+                        err.contains("hostile.toml:") && err.contains(&format!(": {field}")),
+                        "{what}: {err}"
+                    );
+                    assert!(
+                        !err.contains(|c: char| c.is_control() && c != '\n'),
+                        "{what}: {err:?}"
+                    );
+                    refused += 1;
+                }
+                Some(0) => accepted.push((*field, value.clone(), index)),
+                _ => panic!("{what}: {}", text(&out)),
+            }
+        }
+    }
+    // What is accepted is data: the variables, the exclude patterns and the client's own
+    // path, which only local programs read as one argument.
+    // Elsewhere, only values of plain characters, such as a path component `--`.
+    let data_fields = ["servers.n1.vars.v", "builder.excludes", "source_path"];
+    for (field, value, _) in &accepted {
+        assert!(
+            data_fields.contains(field)
+                || value.chars().all(|c| c.is_ascii_alphanumeric() || "-_.,+@=%".contains(c)),
+            "{field} accepted {value:?}"
+        );
+    }
+    let mut by_field = std::collections::BTreeMap::<&str, usize>::new();
+    for (field, ..) in &accepted {
+        *by_field.entry(field).or_default() += 1;
+    }
+    eprintln!(
+        "hostile corpus: {} values through {} fields: {refused} refused, accepted as data: \
+         {by_field:?}",
+        corpus.len(),
+        fields.len()
+    );
+
+    // Every accepted value in a real run: the variables and excludes all at once, through
+    // every command; each client path through a real sync.
+    let mut table = base.clone();
+    let mut vars = toml::Table::new();
+    let mut excludes = Vec::new();
+    for (i, (field, value, _)) in accepted.iter().enumerate() {
+        match *field {
+            "servers.n1.vars.v" => drop(vars.insert(format!("v{i}"), value.as_str().into())),
+            "builder.excludes" => excludes.push(toml::Value::from(value.as_str())),
+            _ => {}
+        }
+    }
+    assert!(!vars.is_empty() && !excludes.is_empty());
+    table["servers"]["n1"].as_table_mut().unwrap().insert("vars".into(), vars.into());
+    table["builder"].as_table_mut().unwrap().insert("excludes".into(), excludes.into());
+    table.insert("source_path".into(), f.p("client").into());
+    std::fs::write(&config, toml::to_string(&table).unwrap()).unwrap();
+    f.generate_overlay(&config);
+    std::fs::write(f.path("builder/.flotilla-source"), "").unwrap();
     for args in [
         &["sync"][..],
         &["deploy", "install"],
         &["deploy", "status"],
+        &["exec", "--", "true"],
         &["deploy", "uninstall"],
         &["lock", "status"],
         &["install-prereqs"],
-        &["exec", "--", "true"],
-        &["--dry-run", "deploy", "install"],
     ] {
         let out = f.fling(&config, args);
         assert!(out.status.code().is_some(), "{args:?}: {}", text(&out));
-        assert!(!Path::new(&marker).exists(), "{args:?} executed a config string: {}", text(&out));
+        refused_marker(&out, &format!("{args:?}"));
     }
-    // The hostile staging directory was created literally on the server, then removed by
-    // uninstall; the lock directory literally on the builder, then released.
-    assert!(!Path::new(&format!("{}/lock {hostile}", f.dir.0.display())).exists());
+    for (field, value, index) in accepted.iter().filter(|(f, ..)| !data_fields.contains(f)) {
+        let put = fields[*index].1;
+        let mut table = base.clone();
+        put(&mut table, value, &f.p("h"));
+        std::fs::write(&config, toml::to_string(&table).unwrap()).unwrap();
+        for args in [&["deploy", "install"][..], &["deploy", "uninstall"]] {
+            let out = f.fling(&config, args);
+            assert!(out.status.code().is_some(), "{field} = {value:?}: {}", text(&out));
+            refused_marker(&out, &format!("{args:?} with {field} = {value:?}"));
+        }
+    }
+    for (field, value, _) in accepted.iter().filter(|(field, ..)| *field == "source_path") {
+        let link = f.path(&format!("h/src/{value}"));
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(f.path("client"), &link).unwrap();
+        let mut table = base.clone();
+        put_source(&mut table, &link);
+        std::fs::write(&config, toml::to_string(&table).unwrap()).unwrap();
+        let out = f.fling(&config, &["sync"]);
+        assert_eq!(out.status.code(), Some(0), "{field} = {value:?}: {}", text(&out));
+        assert!(f.path("builder/file").exists(), "{value:?}: the client's file did not arrive");
+        std::fs::remove_file(f.path("builder/file")).unwrap();
+        refused_marker(&out, &format!("sync from {value:?}"));
+    }
+}
 
-    // Names, users and addresses are refused before anything runs.
-    for (field, value) in [("username", hostile.as_str()), ("addr", hostile.as_str())] {
-        let bad = text_config.replace(
-            "[servers.n1]\nusername = \"root\"\naddr = \"127.0.0.2\"",
-            &if field == "username" {
-                format!("[servers.n1]\nusername = {}\naddr = \"127.0.0.2\"", toml_str(value))
-            } else {
-                format!("[servers.n1]\nusername = \"root\"\naddr = {}", toml_str(value))
-            },
-        );
-        std::fs::write(&config, bad).unwrap();
-        let out = f.fling(&config, &["exec", "--", "true"]);
-        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-        assert!(text(&out).contains(&format!("servers.n1.{field}")), "{}", text(&out));
-    }
-    assert!(!Path::new(&marker).exists());
+fn put_source(table: &mut toml::Table, path: &Path) {
+    table.insert("source_path".into(), path.to_str().unwrap().into());
 }
 
 #[test]
@@ -935,6 +1114,11 @@ fn full_flow_and_faults_on_a_three_node_testbed() {
     }
     let tb = flotilla_testbed::test_support::Testbed::up(&workspace(), "fling", 3);
     let bed = Bed { config: tb.deployment.clone(), tb: &tb };
+    // Every server carries the whole hostile corpus in its variables, as data, through the
+    // real deploy below: nothing it spells runs anywhere.
+    let marker = format!("/tmp/fling-pwned-flow-{}", std::process::id());
+    let _ = std::fs::remove_file(&marker);
+    add_hostile_vars(&bed.config, &bed.tb.nodes, &marker);
 
     // The third node has no rsync (and no route to a mirror): install-prereqs carries the
     // builder's there, every deploy below uses it, and uninstall removes it.
@@ -1108,7 +1292,10 @@ fn full_flow_and_faults_on_a_three_node_testbed() {
              /etc/systemd/system/control-plane.service 2>/dev/null || true",
         );
         assert_eq!(left, "", "uninstall left on {node}:\n{left}");
+        let found = bed.ssh_ok(node, &format!("test -e {marker} && echo found || echo absent"));
+        assert_eq!(found, "absent", "a hostile variable ran on {node}");
     }
+    assert!(!Path::new(&marker).exists(), "a hostile variable ran on the client or builder");
 }
 
 /// The process id of a node's init: the child of its systemd-nspawn.
@@ -1187,34 +1374,29 @@ fn host_keys_and_hostile_strings_on_a_three_node_testbed() {
     assert_eq!(out.status.code(), Some(4), "{}", text(&out));
     assert!(text(&out).contains("REMOTE HOST IDENTIFICATION HAS CHANGED"), "{}", text(&out));
 
-    // Hostile strings in the staging directory, the lock directory, the excludes and the
-    // variables: nothing they spell runs, on the builder or on any node.
+    // The hostile corpus in every server's variables and in the builder's excludes, all that
+    // the config accepts of it: nothing it spells runs, on the builder or on any node.
     let marker = format!("/tmp/fling-pwned-{}", std::process::id());
     let _ = std::fs::remove_file(&marker);
-    let hostile = format!(
-        "$(touch {marker})`touch {marker}`; touch {marker}; ' ; touch {marker} ; \" ; touch {marker}"
-    );
-    let q = |s: &str| toml::Value::from(s).to_string();
-    let text_config = config_text
-        .replace(
-            "staging_dir = \"/var/tmp/flotilla-staging\"",
-            &format!("staging_dir = {}", q(&format!("/var/tmp/st {hostile}"))),
-        )
-        .replace(
-            "[builder]\n",
-            &format!(
-                "[builder]\nlock_dir = {}\nexcludes = [{}]\n",
-                q(&format!("{}/lock {hostile}", dir.0.display())),
-                q(&hostile)
-            ),
-        )
-        .replace("port = 22\n", &format!("port = 22\nvars = {{ v = {} }}\n", q(&hostile)));
     let config = dir.0.join("hostile.toml");
-    std::fs::write(&config, &text_config).unwrap();
+    std::fs::write(&config, &config_text).unwrap();
+    add_hostile_vars(&config, &tb.nodes, &marker);
+    let mut table: toml::Table = std::fs::read_to_string(&config).unwrap().parse().unwrap();
+    let excludes: Vec<toml::Value> = hostile_corpus(&marker)
+        .into_iter()
+        .filter(|v| !v.contains(char::is_control))
+        .map(toml::Value::from)
+        .collect();
+    table["builder"].as_table_mut().unwrap().insert("excludes".into(), excludes.into());
+    std::fs::write(&config, toml::to_string(&table).unwrap()).unwrap();
     let bed = Bed { config, tb: &tb };
-    for args in
-        [&["exec", "--", "true"][..], &["deploy", "status"], &["uninstall"], &["install-prereqs"]]
-    {
+    for args in [
+        &["sync"][..],
+        &["exec", "--", "true"],
+        &["deploy", "status"],
+        &["uninstall"],
+        &["install-prereqs"],
+    ] {
         let out = bed.fling(args);
         assert!(out.status.code().is_some(), "{}", text(&out));
         assert!(!Path::new(&marker).exists(), "{args:?} ran a config string here");
@@ -1223,6 +1405,21 @@ fn host_keys_and_hostile_strings_on_a_three_node_testbed() {
         let found = bed.ssh_ok(node, &format!("test -e {marker} && echo found || echo absent"));
         assert_eq!(found, "absent", "a config string ran on {node}");
     }
+}
+
+/// Gives every node of the config at `path` the hostile corpus (what the config accepts of
+/// it: no control characters) as variables `hostile0`, `hostile1`, ...
+fn add_hostile_vars(path: &Path, nodes: &[String], marker: &str) {
+    let mut table: toml::Table = std::fs::read_to_string(path).unwrap().parse().unwrap();
+    let corpus = hostile_corpus(marker);
+    for node in nodes {
+        let server = table["servers"][node.as_str()].as_table_mut().unwrap();
+        let vars = server.entry("vars").or_insert(toml::Table::new().into());
+        for (i, value) in corpus.iter().filter(|v| !v.contains(char::is_control)).enumerate() {
+            vars.as_table_mut().unwrap().insert(format!("hostile{i}"), value.as_str().into());
+        }
+    }
+    std::fs::write(path, toml::to_string(&table).unwrap()).unwrap();
 }
 
 /// The root of this repository's workspace.
