@@ -346,8 +346,7 @@ impl Installer {
         if let Some(info) = releases.iter().find(|r| Some(&r.id) == active.as_ref()) {
             let dir = self.layout.release(&info.id);
             for (service, spec) in info.service_refs(&dir).iter().zip(&info.services) {
-                let out = self.runner.output(&self.manager.state_command(service))?;
-                let (state, running) = self.manager.parse_state(&out);
+                let (state, running) = self.state_of(service)?;
                 let (healthy, health_detail) = match &spec.health {
                     None => (None, None),
                     Some(check) => match health::probe(&check.probe) {
@@ -892,6 +891,9 @@ impl Installer {
     /// The state of each service, and whether it runs: one command for all of them when the
     /// manager has one, else one per service. An error is why the state is not known.
     fn observe(&self, services: &[ServiceRef]) -> Vec<Result<(String, bool), String>> {
+        if services.is_empty() {
+            return Vec::new();
+        }
         let Some(cmd) = self.manager.states_command(services) else {
             return services.iter().map(|s| self.observe_one(s)).collect();
         };
@@ -904,10 +906,25 @@ impl Installer {
     }
 
     fn observe_one(&self, service: &ServiceRef) -> Result<(String, bool), String> {
-        self.runner
-            .output(&self.manager.state_command(service))
-            .map(|out| self.manager.parse_state(&out))
-            .map_err(|e| e.to_string())
+        self.state_of(service).map_err(|e| e.to_string())
+    }
+
+    /// A service's state as its manager reports it. A state command exits non-zero for a
+    /// service that is not running (`systemctl is-active` prints `inactive` and exits 3), but
+    /// one that prints no state is a manager that could not answer (PID 1 is not systemd, no
+    /// bus): an error, never a state.
+    fn state_of(&self, service: &ServiceRef) -> Result<(String, bool)> {
+        let cmd = self.manager.state_command(service);
+        let out = self.runner.output(&cmd)?;
+        if !out.success && out.stdout.trim().is_empty() {
+            return Err(Error::Command {
+                description: cmd.description.clone(),
+                command: cmd.to_string(),
+                status: out.status,
+                stderr: out.stderr.trim().to_owned(),
+            });
+        }
+        Ok(self.manager.parse_state(&out))
     }
 
     fn logs(&self, service: &ServiceRef) -> String {

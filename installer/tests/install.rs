@@ -858,3 +858,72 @@ fn a_missing_user_is_refused_before_anything_is_activated() {
     assert!(err.contains("service b: group flotilla-no-group (declared in"), "{err}");
     assert_previous_active(root, &good.release);
 }
+
+/// A runner where the service manager cannot be asked anything: `systemctl` fails the way it
+/// does when PID 1 is not systemd. Every other command succeeds.
+fn no_systemd() -> Arc<RecordingRunner> {
+    Arc::new(RecordingRunner::with(|cmd| {
+        if cmd.program == "systemctl" && cmd.args.first().map(String::as_str) != Some("--version") {
+            return Output {
+                success: false,
+                status: "exit status: 1".into(),
+                stdout: String::new(),
+                stderr: "System has not been booted with systemd as init system (PID 1). Can't \
+                         operate.\nFailed to connect to bus: Host is down\n"
+                    .into(),
+            };
+        }
+        Output {
+            success: true,
+            status: "exit status: 0".into(),
+            stdout: String::new(),
+            stderr: String::new(),
+        }
+    }))
+}
+
+#[test]
+fn a_failing_service_manager_is_an_error_never_active_and_healthy() {
+    let tmp = TempDir::new("no-systemd");
+    let root = tmp.path();
+    let v1 = two_services(root, "v1", "v = 1\n", None);
+    // A first install: activation itself fails, nothing is left active.
+    let err = installer(root, ManagerKind::Systemd, &no_systemd()).install(&v1, None).unwrap_err();
+    assert!(err.to_string().contains("System has not been booted with systemd"), "{err}");
+    assert!(!root.join("prefix/current").exists(), "a failed install left a release active");
+
+    // Installed once with a working systemd; asked again when systemd cannot answer, the
+    // no-op path must not call the release active and healthy.
+    let first = installer(root, ManagerKind::Systemd, &running()).install(&v1, None).unwrap();
+    let err = installer(root, ManagerKind::Systemd, &no_systemd()).install(&v1, None).unwrap_err();
+    assert!(err.to_string().contains("System has not been booted with systemd"), "{err}");
+    assert_eq!(
+        fs::read_link(root.join("prefix/current")).unwrap().display().to_string(),
+        format!("releases/{}", first.release),
+        "the previous release stays active"
+    );
+
+    // status reports the error instead of a state.
+    let err = installer(root, ManagerKind::Systemd, &no_systemd()).status().unwrap_err();
+    assert!(err.to_string().contains("System has not been booted with systemd"), "{err}");
+}
+
+#[test]
+fn a_release_without_services_makes_no_service_manager_calls() {
+    let tmp = TempDir::new("no-services");
+    let root = tmp.path();
+    let plain = tar_bytes(&[Entry::file("tool/README", "a plain tarball\n")]);
+    let dir = packages_dir(root, "plain", &[("tool.tar", plain)]);
+    let runner = no_systemd();
+    let outcome = installer(root, ManagerKind::Systemd, &runner).install(&dir, None).unwrap();
+    assert!(
+        root.join(format!("prefix/releases/{}/tool/tool/README", outcome.release)).is_file()
+            || root.join(format!("prefix/releases/{}/tool/README", outcome.release)).is_file()
+    );
+    assert_eq!(runner.take(), Vec::<String>::new(), "a release without services");
+    installer(root, ManagerKind::Systemd, &runner).install(&dir, None).unwrap();
+    let status = installer(root, ManagerKind::Systemd, &runner).status().unwrap();
+    assert!(status.services.is_empty());
+    installer(root, ManagerKind::Systemd, &runner).uninstall(false).unwrap();
+    assert_eq!(runner.take(), Vec::<String>::new(), "reinstall, status and uninstall");
+}

@@ -84,6 +84,14 @@ pub fn ensure(sh: &Shell, tb: &super::Testbeds<'_>) -> anyhow::Result<Utf8PathBu
     if dir.join("recipe.txt").is_file() && rootfs.is_dir() {
         return Ok(rootfs);
     }
+    // Testbeds of one process (tests running in parallel) build the image once: the build
+    // directory is named by the process, so two builds in one process would share it. The
+    // first builds; the others wait and use its image.
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_build = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    if dir.join("recipe.txt").is_file() && rootfs.is_dir() {
+        return Ok(rootfs);
+    }
     remove_abandoned_builds(root);
     let mirror = mirror()?;
     let tmp = images_dir(root).join(format!(".build-{}-{}", recipe_hash(), std::process::id()));
