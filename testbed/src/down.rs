@@ -139,7 +139,33 @@ fn stop(tb: &Testbeds<'_>, processes: &[(u32, String)]) {
             signal(*pid, Signal::Kill);
         }
     }
+    // `down` returns only once every process is gone, not merely finished: a finished child
+    // of this process is reaped here, and one that another process started (`testbed up` from
+    // the command line) is waited for until its parent or init has reaped it.
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    for (pid, marker) in &ours {
+        while Utf8Path::new("/proc").join(pid.to_string()).exists() && Instant::now() < deadline {
+            if reap(*pid) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if Utf8Path::new("/proc").join(pid.to_string()).exists() {
+            (tb.log)(&format!("testbed: process {pid} ({marker}) has not been reaped yet"));
+        }
+    }
 }
+
+/// Reaps `pid` if it is a finished child of this process; whether it is gone now.
+fn reap(pid: u32) -> bool {
+    let mut status = 0;
+    // SAFETY: waitpid writes only the status integer it is given; WNOHANG keeps it from
+    // blocking, and a pid that is not our child fails with ECHILD, which is left alone.
+    let reaped = unsafe { waitpid(pid as i32, &mut status, WNOHANG) };
+    reaped == pid as i32
+}
+
+const WNOHANG: i32 = 1;
 
 /// Removes namespaces (after killing any process still inside one, found by the namespace,
 /// not by name), veths and bridges, in that order.
@@ -216,6 +242,7 @@ fn signal(pid: u32, signal: Signal) {
 
 extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
+    fn waitpid(pid: i32, status: *mut i32, options: i32) -> i32;
 }
 
 fn list_dir(dir: &str) -> Vec<String> {

@@ -146,8 +146,9 @@ fn create(
     state.builder = Some(state::Builder { port, pid: builder_child.id() });
     state.save(&paths.state)?;
 
+    // Not created here: fling creates the builder's copy of the workspace itself, with the
+    // marker that lets `sync` fill it.
     let source_path = paths.builder.join("flotilla");
-    std::fs::create_dir_all(&source_path)?;
     let builder =
         BuilderEntry { port, username: "root", host_key: &builder_key, source_path: &source_path };
     let files = Files {

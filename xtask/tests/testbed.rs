@@ -267,6 +267,14 @@ impl Leftovers {
 
     fn assert_none_remain(&self) {
         assert_eq!(self.live_processes(), Vec::<u32>::new(), "processes left running");
+        // Not merely finished: gone, reaped, the moment `down` returns.
+        let present: Vec<u32> = self
+            .pids
+            .iter()
+            .copied()
+            .filter(|p| Path::new(&format!("/proc/{p}")).exists())
+            .collect();
+        assert_eq!(present, Vec::<u32>::new(), "processes not yet gone after down");
         assert_eq!(self.system_names(), Vec::<String>::new(), "namespaces or interfaces left");
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         let dir = self.dir.to_str().unwrap();
@@ -286,10 +294,8 @@ impl Leftovers {
         assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
         let ps = Command::new("ps").args(["-eo", "pid,stat,args"]).output().unwrap();
         let ps = String::from_utf8_lossy(&ps.stdout);
-        let stray: Vec<&str> = ps
-            .lines()
-            .filter(|l| l.contains(&format!("flt-{}", self.tag)) && !l.contains(" Z"))
-            .collect();
+        let stray: Vec<&str> =
+            ps.lines().filter(|l| l.contains(&format!("flt-{}", self.tag))).collect();
         assert!(stray.is_empty(), "container processes left: {stray:?}");
     }
 }
