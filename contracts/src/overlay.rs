@@ -34,9 +34,12 @@ pub struct Request {
     pub identities: Identities,
     /// The services that receive the node's key, certificate and the cluster CA.
     pub tls_services: Vec<String>,
-    /// The service that receives the node's share of the rack secret.
-    pub share_service: String,
-    /// The templates: `<dir>/<service>/<path>` renders to `opt/flotilla/<service>/pkg/<path>`.
+    /// The services that receive the node's share of the rack secret.
+    pub secret_services: Vec<String>,
+    /// The install prefix relative to `/` (`opt/flotilla`, `opt/oxide`): a service's files sit
+    /// under `<prefix>/<service>/pkg/` in a server's overlay.
+    pub prefix: String,
+    /// The templates: `<dir>/<service>/<path>` renders to `<prefix>/<service>/pkg/<path>`.
     /// A missing directory means no templates.
     pub templates_dir: Utf8PathBuf,
     /// Where the overlays go, one directory per server; replaced as a whole.

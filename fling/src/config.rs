@@ -40,6 +40,8 @@ pub struct Config {
     pub builder: Builder,
     pub deployment: Deployment,
     pub ssh: SshSettings,
+    /// What the overlay generators make for the servers.
+    pub overlay: OverlaySettings,
     /// Every server of the topology, by name.
     pub servers: BTreeMap<ServerName, Server>,
 }
@@ -74,7 +76,26 @@ pub struct Deployment {
     pub connect_parallel: usize,
     /// How many servers' shares unlock the rack (k of n); a majority when not given.
     pub rack_threshold: u8,
+    /// Where the servers install releases, and the prefix the packages were built for.
+    pub prefix: flotilla_contracts::layout::Prefix,
 }
+
+/// The overlay generators' part of the config: which services receive what. Nothing is
+/// generated for a service no list names, so a workspace declares its own.
+#[derive(Debug, Clone, Default)]
+pub struct OverlaySettings {
+    /// The services that receive the node's TLS key and certificate and the cluster CA.
+    pub tls_services: Vec<String>,
+    /// The services that receive the node's share of the rack secret.
+    pub secret_services: Vec<String>,
+    /// The services that receive `identity.toml`: the node's name, address and variables.
+    pub identity_services: Vec<String>,
+    /// The templates' directory, relative to the workspace root.
+    pub templates: String,
+}
+
+/// The templates' directory when `[overlay] templates` does not say.
+pub const DEFAULT_TEMPLATES: &str = "overlay-templates";
 
 /// How every hop connects. The testbed writes this table.
 #[derive(Debug, Clone, Default)]
@@ -324,7 +345,21 @@ struct RawConfig {
     deployment: RawDeployment,
     #[serde(default)]
     ssh: RawSsh,
+    #[serde(default)]
+    overlay: RawOverlay,
     servers: BTreeMap<Spanned<String>, RawServer>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawOverlay {
+    #[serde(default)]
+    tls_services: Vec<Spanned<String>>,
+    #[serde(default)]
+    secret_services: Vec<Spanned<String>>,
+    #[serde(default)]
+    identity_services: Vec<Spanned<String>>,
+    templates: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -349,6 +384,7 @@ struct RawDeployment {
     parallel: Option<Spanned<usize>>,
     connect_parallel: Option<Spanned<usize>>,
     rack_threshold: Option<Spanned<usize>>,
+    prefix: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -658,7 +694,12 @@ fn validate(errors: &Errors<'_>, raw: RawConfig, text: &str) -> Result<Config, C
     // The builder may be one of the servers, so its directories and the staging directory
     // must not overlap either; nor may the staging directory and the install prefix, which
     // the installer replaces release by release.
-    let prefix = RemotePath::Absolute(flotilla_contracts::layout::DEFAULT_PREFIX.to_owned());
+    let install_prefix = match &d.prefix {
+        Some(p) => flotilla_contracts::layout::Prefix::new(p.get_ref())
+            .map_err(|m| errors.at(p.span(), "deployment.prefix", m))?,
+        None => flotilla_contracts::layout::Prefix::default(),
+    };
+    let prefix = RemotePath::Absolute(install_prefix.as_str().to_owned());
     for (other, what) in [
         (&builder.source_path, "builder.source_path"),
         (&builder.lock_dir, "builder.lock_dir"),
@@ -705,7 +746,9 @@ fn validate(errors: &Errors<'_>, raw: RawConfig, text: &str) -> Result<Config, C
             Some(v) => *v.get_ref() as u8,
             None => (deployment_servers_len / 2 + 1) as u8,
         },
+        prefix: install_prefix,
     };
+    let overlay = validate_overlay(errors, raw.overlay)?;
     let ssh = SshSettings {
         config: raw.ssh.config.as_ref().map(|p| ssh_file(errors, p, "ssh.config")).transpose()?,
         known_hosts: raw
@@ -739,7 +782,66 @@ fn validate(errors: &Errors<'_>, raw: RawConfig, text: &str) -> Result<Config, C
         builder,
         deployment,
         ssh,
+        overlay,
         servers,
+    })
+}
+
+fn validate_overlay(errors: &Errors<'_>, raw: RawOverlay) -> Result<OverlaySettings, ConfigError> {
+    let services = |list: Vec<Spanned<String>>, field: &str| -> Result<Vec<String>, ConfigError> {
+        let mut names = Vec::new();
+        for name in list {
+            let ok = name.get_ref().starts_with(|c: char| c.is_ascii_alphanumeric())
+                && name.get_ref().len() <= 64
+                && name.get_ref().chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            if !ok {
+                return Err(errors.at(
+                    name.span(),
+                    field,
+                    format!(
+                        "{:?} is not a service name: use ASCII letters, digits, '-', '_' and \
+                         '.', starting with a letter or digit",
+                        name.get_ref()
+                    ),
+                ));
+            }
+            if names.contains(name.get_ref()) {
+                return Err(errors.at(
+                    name.span(),
+                    field,
+                    format!("{} is listed twice", name.get_ref()),
+                ));
+            }
+            names.push(name.into_inner());
+        }
+        Ok(names)
+    };
+    let templates = match raw.templates {
+        Some(dir) => {
+            let text = dir.get_ref();
+            let plain = flotilla_contracts::layout::check_plain_path(text);
+            if let Err(m) = plain {
+                return Err(errors.at(dir.span(), "overlay.templates", m));
+            }
+            if text.starts_with('/') || !remote_path_chars_ok(text) {
+                return Err(errors.at(
+                    dir.span(),
+                    "overlay.templates",
+                    format!(
+                        "{text:?}: name a directory of the workspace, relative to its root, of \
+                         ASCII letters, digits and / . _ - + @ , = %"
+                    ),
+                ));
+            }
+            dir.into_inner()
+        }
+        None => DEFAULT_TEMPLATES.to_owned(),
+    };
+    Ok(OverlaySettings {
+        tls_services: services(raw.tls_services, "overlay.tls_services")?,
+        secret_services: services(raw.secret_services, "overlay.secret_services")?,
+        identity_services: services(raw.identity_services, "overlay.identity_services")?,
+        templates,
     })
 }
 

@@ -18,16 +18,10 @@ use xshell::{cmd, Shell};
 
 use super::config::{Config, Server};
 
-/// The directory of the config templates, relative to the workspace root.
-pub const TEMPLATES_DIR: &str = "overlay-templates";
 /// The builder-only directory of the kept identities, relative to the workspace root.
 pub const STATE_DIR: &str = "out/overlay-state";
 /// The directory of the overlays, one per server, relative to the workspace root.
 pub const OUT_DIR: &str = "out/overlay";
-/// The services that get the node's key, certificate and the cluster CA.
-pub const TLS_SERVICES: &[&str] = &["node-agent", "control-plane", "etcd"];
-/// The service that gets the node's share of the rack secret.
-pub const SHARE_SERVICE: &str = "node-agent";
 
 pub use flotilla_contracts::overlay::{Identities, OverlayFile, Request, ServerRequest};
 
@@ -65,9 +59,10 @@ pub fn request(config: &Config, root: &Utf8Path, identities: Identities) -> Requ
         vars: Default::default(),
         state_dir: root.join(STATE_DIR),
         identities,
-        tls_services: TLS_SERVICES.iter().map(|s| s.to_string()).collect(),
-        share_service: SHARE_SERVICE.to_owned(),
-        templates_dir: root.join(TEMPLATES_DIR),
+        tls_services: config.overlay.tls_services.clone(),
+        secret_services: config.overlay.secret_services.clone(),
+        prefix: config.deployment.prefix.relative().to_owned(),
+        templates_dir: root.join(&config.overlay.templates),
         out_dir: root.join(OUT_DIR),
     }
 }
@@ -115,15 +110,21 @@ fn node_identity(config: &Config, server: &Server) -> Vec<OverlayFile> {
     node.insert("vars".into(), vars.into());
     let mut doc = toml::Table::new();
     doc.insert("node".into(), node.into());
-    vec![OverlayFile {
-        path: "opt/flotilla/node-agent/pkg/identity.toml".into(),
-        contents: format!(
-            "# Written by `cargo xtask fling overlay` for {}.\n{}",
-            server.name,
-            toml::to_string(&doc).expect("a table serializes")
-        )
-        .into_bytes(),
-    }]
+    let contents = format!(
+        "# Written by `cargo xtask fling overlay` for {}.\n{}",
+        server.name,
+        toml::to_string(&doc).expect("a table serializes")
+    )
+    .into_bytes();
+    config
+        .overlay
+        .identity_services
+        .iter()
+        .map(|service| OverlayFile {
+            path: config.deployment.prefix.overlay_service_dir(service).join("pkg/identity.toml"),
+            contents: contents.clone(),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -143,6 +144,10 @@ source_path = "/src"
 servers = ["n1", "n2"]
 staging_dir = "/var/tmp/staging"
 rss_server = "n2"
+[overlay]
+tls_services = ["node-agent", "control-plane", "etcd"]
+secret_services = ["node-agent"]
+identity_services = ["node-agent"]
 [servers.b]
 username = "root"
 addr = "127.0.0.1"
@@ -181,7 +186,55 @@ addr = "fd00::2"
         assert_eq!(request.out_dir, "/w/out/overlay");
         let json: serde_json::Value = serde_json::to_value(&request).unwrap();
         assert_eq!(json["identities"], "rotate");
-        assert_eq!(json["share_service"], SHARE_SERVICE);
+        assert_eq!(json["secret_services"], serde_json::json!(["node-agent"]));
+        assert_eq!(json["prefix"], "opt/flotilla");
+    }
+
+    #[test]
+    fn a_workspace_declares_its_own_services_templates_and_prefix() {
+        let text = CONFIG
+            .replace(
+                "tls_services = [\"node-agent\", \"control-plane\", \"etcd\"]",
+                "tls_services = [\"ledger\"]\ntemplates = \"deploy/templates\"",
+            )
+            .replace("secret_services = [\"node-agent\"]", "secret_services = []")
+            .replace("identity_services = [\"node-agent\"]", "identity_services = [\"greeter\"]")
+            .replace("rss_server = \"n2\"", "rss_server = \"n2\"\nprefix = \"/opt/acme\"");
+        let config = Config::parse(Utf8Path::new("t.toml"), &text).unwrap();
+        let asked = request(&config, Utf8Path::new("/w"), Identities::Keep);
+        assert_eq!(asked.tls_services, ["ledger"]);
+        assert!(asked.secret_services.is_empty());
+        assert_eq!(asked.prefix, "opt/acme");
+        assert_eq!(asked.templates_dir, "/w/deploy/templates");
+        let paths: Vec<&str> = asked.servers[0].files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(paths, ["opt/acme/greeter/pkg/identity.toml"]);
+        // Without an [overlay] table nothing is generated for any service.
+        let bare = CONFIG.split("[overlay]").next().unwrap().to_owned()
+            + &CONFIG[CONFIG.find("[servers.b]").unwrap()..];
+        let config = Config::parse(Utf8Path::new("t.toml"), &bare).unwrap();
+        let bare = request(&config, Utf8Path::new("/w"), Identities::Keep);
+        assert!(bare.tls_services.is_empty() && bare.secret_services.is_empty());
+        assert!(bare.servers.iter().all(|s| s.files.is_empty()));
+        for (bad, field) in [
+            ("tls_services = [\"a/b\"]", "overlay.tls_services"),
+            ("secret_services = [\"x\", \"x\"]", "overlay.secret_services"),
+            ("templates = \"/etc\"", "overlay.templates"),
+            ("templates = \"../up\"", "overlay.templates"),
+        ] {
+            let text = CONFIG.replace("[overlay]", &format!("[overlay]\n{bad}"));
+            let text = if bad.starts_with("tls") {
+                text.replace("tls_services = [\"node-agent\", \"control-plane\", \"etcd\"]\n", "")
+            } else if bad.starts_with("secret") {
+                text.replace("secret_services = [\"node-agent\"]\n", "")
+            } else {
+                text
+            };
+            let err = Config::parse(Utf8Path::new("t.toml"), &text).unwrap_err().to_string();
+            assert!(err.contains(&format!(": {field}: ")), "{bad}: {err}");
+        }
+        let text = CONFIG.replace("rss_server = \"n2\"", "rss_server = \"n2\"\nprefix = \"/usr\"");
+        let err = Config::parse(Utf8Path::new("t.toml"), &text).unwrap_err().to_string();
+        assert!(err.contains(": deployment.prefix: "), "{err}");
     }
 
     #[test]

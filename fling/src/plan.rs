@@ -225,8 +225,17 @@ impl Context<'_> {
         let lock = self.config.builder.lock_dir.shell_word();
         let record =
             format!("run={}\nwho={}\nwhat=cargo xtask fling {command}\n", self.run_id, self.who);
+        // The default lock lives in the builder's copy of the workspace: creating it creates
+        // that directory, which then gets its marker as if `sync` had created it.
+        let source = &self.config.builder.source_path;
+        let claim = if self.config.builder.lock_dir == source.join(super::config::DEFAULT_LOCK_DIR)
+        {
+            format!("{}; ", claim_if_new(source, SOURCE_MARKER))
+        } else {
+            String::new()
+        };
         format!(
-            "l={lock}; mkdir -p -- \"$(dirname -- \"$l\")\" || exit 1; n=0; \
+            "{claim}l={lock}; mkdir -p -- \"$(dirname -- \"$l\")\" || exit 1; n=0; \
              while ! mkdir -- \"$l\" 2>/dev/null; do \
              if [ \"$n\" -ge {wait} ]; then echo \"the deploy lock $l is held: \
              $(tr '\\n' ' ' < \"$l/info\" 2>/dev/null)\" >&2; exit {held}; fi; \
@@ -281,10 +290,12 @@ impl Context<'_> {
         })
     }
 
-    /// The installer in the staging directory with `words`, each already one shell word.
+    /// The installer in the staging directory with `words`, each already one shell word,
+    /// after the install prefix (the packages are built for the same one).
     fn installer(&self, words: &[String]) -> String {
         let bin = self.staging().join("bin").join(INSTALLER).shell_word();
-        format!("{bin} {}", words.join(" "))
+        let prefix = quote(self.config.deployment.prefix.as_str());
+        format!("{bin} --prefix {prefix} --packages-prefix {prefix} {}", words.join(" "))
     }
 }
 

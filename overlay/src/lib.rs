@@ -17,7 +17,7 @@
 //! Identities (the CA, each server's key and certificate, the shares) live in a builder-only
 //! state directory (0700 directories, 0600 files) so that regenerating the overlays keeps them;
 //! [`Identities::Rotate`] replaces them. The overlay of one server holds only that server's
-//! secrets and mirrors the install paths (`opt/flotilla/<service>/pkg/...`), so the installer can
+//! secrets and mirrors the install paths (`<prefix>/<service>/pkg/...`), so the installer can
 //! place it into the release before the services start. Nothing here logs secret bytes: the
 //! [`Summary`] only says what was created or kept.
 
@@ -78,10 +78,12 @@ pub struct Config {
     pub state_dir: Utf8PathBuf,
     pub identities: Identities,
     /// The services that receive the node's key, certificate and the cluster CA under
-    /// `opt/flotilla/<service>/pkg/tls/`.
+    /// `<prefix>/<service>/pkg/tls/`.
     pub tls_services: Vec<String>,
-    /// The service that receives the node's share under `opt/flotilla/<service>/pkg/secret/`.
-    pub share_service: String,
+    /// The services that receive the node's share under `<prefix>/<service>/pkg/secret/`.
+    pub secret_services: Vec<String>,
+    /// The install prefix relative to `/`: `opt/flotilla`, `opt/oxide`.
+    pub prefix: String,
     pub templates: Vec<Template>,
 }
 
@@ -154,7 +156,7 @@ pub fn generate(config: &Config) -> Result<Overlay, OverlayError> {
         nodes.insert(node.name.clone(), identity.fate);
         let files = servers.entry(node.name.clone()).or_default();
         for service in &config.tls_services {
-            let dir = Utf8PathBuf::from(format!("opt/flotilla/{service}/pkg/tls"));
+            let dir = Utf8PathBuf::from(format!("{}/{service}/pkg/tls", config.prefix));
             files.push(OverlayFile {
                 path: dir.join("ca.crt"),
                 contents: ca.cert_pem.clone().into(),
@@ -172,9 +174,12 @@ pub fn generate(config: &Config) -> Result<Overlay, OverlayError> {
     let (shares, shares_fate) =
         secret::ensure_shares(&config.state_dir, &config.cluster, config.identities)?;
     for (name, share) in &shares {
-        let path = format!("opt/flotilla/{}/pkg/secret/share.json", config.share_service);
-        let contents = serde_json::to_vec_pretty(share).expect("a share serializes");
-        servers.entry(name.clone()).or_default().push(OverlayFile { path: path.into(), contents });
+        for service in &config.secret_services {
+            let path = format!("{}/{service}/pkg/secret/share.json", config.prefix);
+            let contents = serde_json::to_vec_pretty(share).expect("a share serializes");
+            let files = servers.entry(name.clone()).or_default();
+            files.push(OverlayFile { path: path.into(), contents });
+        }
     }
     for (index, node) in config.cluster.nodes.iter().enumerate() {
         let files = servers.entry(node.name.clone()).or_default();
@@ -242,8 +247,17 @@ fn validate(config: &Config) -> Result<(), OverlayError> {
             return Err(OverlayError::Invalid(format!("server `{}` has no address", node.name)));
         }
     }
-    for service in config.tls_services.iter().chain([&config.share_service]) {
+    for service in config.tls_services.iter().chain(&config.secret_services) {
         check_name("service", service)?;
+    }
+    let prefix_ok = !config.prefix.is_empty()
+        && !config.prefix.starts_with('/')
+        && config.prefix.split('/').all(|part| check_name("prefix component", part).is_ok());
+    if !prefix_ok {
+        return Err(OverlayError::Invalid(format!(
+            "the prefix `{}` must be a relative path of plain components, like opt/flotilla",
+            config.prefix
+        )));
     }
     Ok(())
 }

@@ -43,8 +43,9 @@ pub fn config_of(request: &Request) -> Result<Config, OverlayError> {
         state_dir: request.state_dir.clone(),
         identities: request.identities,
         tls_services: request.tls_services.clone(),
-        share_service: request.share_service.clone(),
-        templates: template::load_dir(&request.templates_dir)?,
+        secret_services: request.secret_services.clone(),
+        prefix: request.prefix.clone(),
+        templates: template::load_dir(&request.templates_dir, &request.prefix)?,
     })
 }
 

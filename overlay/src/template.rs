@@ -83,9 +83,9 @@ impl Template {
 }
 
 /// Reads every template under `dir`: the file `<dir>/<service>/<path>` renders to
-/// `opt/flotilla/<service>/pkg/<path>` in each server's overlay. A missing directory means no
+/// `<prefix>/<service>/pkg/<path>` in each server's overlay. A missing directory means no
 /// templates.
-pub fn load_dir(dir: &Utf8Path) -> Result<Vec<Template>, OverlayError> {
+pub fn load_dir(dir: &Utf8Path, prefix: &str) -> Result<Vec<Template>, OverlayError> {
     let mut templates = Vec::new();
     if !dir.exists() {
         return Ok(templates);
@@ -122,7 +122,7 @@ pub fn load_dir(dir: &Utf8Path) -> Result<Vec<Template>, OverlayError> {
                 path: path.clone(),
                 source,
             })?;
-            let dest = Utf8PathBuf::from(format!("opt/flotilla/{service}/pkg")).join(rest);
+            let dest = Utf8PathBuf::from(format!("{prefix}/{service}/pkg")).join(rest);
             templates.push(Template { source: path, dest, text });
         }
     }

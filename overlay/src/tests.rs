@@ -29,7 +29,8 @@ fn config(state: &Utf8Path, identities: Identities) -> Config {
         state_dir: state.to_owned(),
         identities,
         tls_services: vec!["node-agent".into(), "control-plane".into()],
-        share_service: "node-agent".into(),
+        secret_services: vec!["node-agent".into()],
+        prefix: "opt/flotilla".into(),
         templates: vec![Template {
             source: "templates/node-agent/node.toml".into(),
             dest: "opt/flotilla/node-agent/pkg/node.toml".into(),
@@ -299,12 +300,12 @@ fn templates_load_from_a_directory_per_service() {
     std::fs::create_dir_all(dir.join("etcd/sub")).unwrap();
     std::fs::write(dir.join("etcd/etcd.conf.yml"), "name: {{ node.name }}\n").unwrap();
     std::fs::write(dir.join("etcd/sub/x"), "x").unwrap();
-    let templates = template::load_dir(&dir).unwrap();
+    let templates = template::load_dir(&dir, "opt/flotilla").unwrap();
     let dests: Vec<&str> = templates.iter().map(|t| t.dest.as_str()).collect();
     assert_eq!(dests, ["opt/flotilla/etcd/pkg/etcd.conf.yml", "opt/flotilla/etcd/pkg/sub/x"]);
-    assert!(template::load_dir(&dir.join("missing")).unwrap().is_empty());
+    assert!(template::load_dir(&dir.join("missing"), "opt/flotilla").unwrap().is_empty());
     std::fs::write(dir.join("loose"), "x").unwrap();
-    let err = template::load_dir(&dir).unwrap_err().to_string();
+    let err = template::load_dir(&dir, "opt/flotilla").unwrap_err().to_string();
     assert!(err.contains("directory named after their service"), "{err}");
 }
 
@@ -321,7 +322,7 @@ fn bad_clusters_are_refused_with_the_reason() {
         (Box::new(|c: &mut Config| c.cluster.nodes[1].name = "node1".into()), "listed twice"),
         (Box::new(|c: &mut Config| c.cluster.nodes[0].name = "../x".into()), "server name `../x`"),
         (Box::new(|c: &mut Config| c.cluster.nodes[0].addresses.clear()), "has no address"),
-        (Box::new(|c: &mut Config| c.share_service = "a/b".into()), "service name `a/b`"),
+        (Box::new(|c: &mut Config| c.secret_services = vec!["a/b".into()]), "service name `a/b`"),
         (Box::new(|c: &mut Config| c.cluster.nodes.clear()), "no servers"),
     ] {
         let mut config = config(&state, Identities::Keep);
@@ -360,7 +361,8 @@ fn request(dir: &Utf8Path, identities: Identities) -> Request {
         state_dir: dir.join("out/overlay-state"),
         identities,
         tls_services: vec!["node-agent".into()],
-        share_service: "node-agent".into(),
+        secret_services: vec!["node-agent".into()],
+        prefix: "opt/flotilla".into(),
         templates_dir,
         out_dir: dir.join("out/overlay"),
     }

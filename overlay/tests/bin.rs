@@ -30,7 +30,8 @@ fn request(dir: &std::path::Path, threshold: u8) -> String {
         "state_dir": dir.join("out/overlay-state"),
         "identities": "keep",
         "tls_services": ["node-agent"],
-        "share_service": "node-agent",
+        "secret_services": ["node-agent"],
+        "prefix": "opt/flotilla",
         "templates_dir": dir.join("no-templates"),
         "out_dir": dir.join("out/overlay"),
     })

@@ -136,6 +136,44 @@ pub fn deployment(
     out
 }
 
+/// What a workspace's example config says of its own system: `[deployment] prefix` and the
+/// `[overlay]` table of `<workspace>/deployment-example.toml`, when it has them.
+#[derive(Debug, Default)]
+pub struct System {
+    pub prefix: Option<toml::Value>,
+    pub overlay: Option<toml::Value>,
+}
+
+pub fn system_tables(workspace: &Utf8Path) -> anyhow::Result<System> {
+    let path = workspace.join("deployment-example.toml");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(System::default()),
+        Err(e) => anyhow::bail!("read {path}: {e}"),
+    };
+    let doc: toml::Table = text.parse().map_err(|e| anyhow::anyhow!("parse {path}: {e}"))?;
+    Ok(System {
+        prefix: doc.get("deployment").and_then(|d| d.get("prefix")).cloned(),
+        overlay: doc.get("overlay").cloned(),
+    })
+}
+
+/// `deployment` (the text [`deployment`] rendered) with the workspace's system tables: the
+/// prefix in the `[deployment]` table, the `[overlay]` table at the end.
+pub fn with_system(deployment: &str, system: &System) -> String {
+    let mut text = deployment.to_owned();
+    if let Some(prefix) = &system.prefix {
+        text = text.replacen("[deployment]\n", &format!("[deployment]\nprefix = {prefix}\n"), 1);
+    }
+    if let Some(overlay) = &system.overlay {
+        let mut table = toml::Table::new();
+        table.insert("overlay".into(), overlay.clone());
+        text.push_str("\n# From the workspace's deployment-example.toml.\n");
+        text.push_str(&toml::to_string(&table).expect("a table serializes"));
+    }
+    text
+}
+
 /// Which address of each node a deployment config uses as `addr`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AddressFamily {
@@ -254,5 +292,29 @@ mod tests {
             assert_eq!(config.deployment.servers.len(), 2);
             assert_eq!(config.builder_server().port, 40022);
         }
+    }
+
+    #[test]
+    fn the_workspaces_system_tables_are_copied_from_its_example_config() {
+        let workspace = Utf8Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+        let system = system_tables(workspace).unwrap();
+        let text = with_system(
+            &deployment(
+                "t",
+                Utf8Path::new("/src"),
+                &nodes(),
+                &builder(),
+                &files(),
+                AddressFamily::V4,
+            ),
+            &system,
+        );
+        let config = flotilla_fling::config::Config::parse(Utf8Path::new("d.toml"), &text)
+            .unwrap_or_else(|err| panic!("{err}\n{text}"));
+        assert_eq!(config.overlay.secret_services, ["node-agent"]);
+        assert_eq!(config.overlay.identity_services, ["node-agent"]);
+        assert_eq!(config.deployment.prefix.as_str(), "/opt/flotilla");
+        let none = system_tables(Utf8Path::new("/nonexistent")).unwrap();
+        assert!(none.prefix.is_none() && none.overlay.is_none());
     }
 }

@@ -163,10 +163,16 @@ fn create(
         0o644,
     )?;
     let root = &tb.workspace;
+    // What the workspace says of its own system (its overlay services, its install prefix)
+    // comes from its example config, so the testbed deploys any workspace as that one would.
+    let system = render::system_tables(root)?;
     for (file, family) in
         [(&paths.deployment, AddressFamily::V4), (&paths.deployment_v6, AddressFamily::V6)]
     {
-        let text = render::deployment(name.as_str(), root, &entries, &builder, &files, family);
+        let text = render::with_system(
+            &render::deployment(name.as_str(), root, &entries, &builder, &files, family),
+            &system,
+        );
         write_mode(file, &text, 0o644)?;
     }
 

@@ -361,7 +361,8 @@ impl ForeignIdentity {
             state_dir: state,
             identities: gen::Identities::Rotate,
             tls_services: vec!["etcd".to_owned()],
-            share_service: "etcd".to_owned(),
+            secret_services: vec!["etcd".to_owned()],
+            prefix: "opt/flotilla".to_owned(),
             templates: Vec::new(),
         };
         let overlay = gen::generate(&config).expect("generate a foreign CA and identity");

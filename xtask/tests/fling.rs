@@ -200,6 +200,7 @@ impl Fixture {
             "[builder]\nserver = \"b\"\nsource_path = {builder:?}\nlock_dir = {lock:?}\n\n\
              [deployment]\nservers = [{names}]\nstaging_dir = {staging:?}\n{deployment_extra}\n\n\
              [ssh]\nknown_hosts = {kh:?}\nidentity_file = {id:?}\n\n\
+             [overlay]\nidentity_services = [\"node-agent\"]\n\n\
              [servers.b]\nusername = \"root\"\naddr = \"127.0.0.1\"\nport = {port}\n",
             builder = self.p("builder"),
             lock = self.p("lock"),
@@ -436,7 +437,8 @@ fn deploy_pushes_each_server_only_its_own_overlay_and_a_rerun_sends_no_payload()
         assert!(last.contains(&format!(" {addr} ")), "the installer ran elsewhere: {last}");
         assert!(
             last.ends_with(&format!(
-                "| --service-manager systemd install {0}/packages --overlay {0}/overlay",
+                "| --prefix /opt/flotilla --packages-prefix /opt/flotilla --service-manager systemd \
+                 install {0}/packages --overlay {0}/overlay",
                 staging.display()
             )),
             "{last}"

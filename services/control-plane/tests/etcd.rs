@@ -83,7 +83,8 @@ fn the_recorder_puts_the_unlock_into_a_real_etcd_over_mutual_tls() {
         state_dir: dir.path().join("state"),
         identities: Identities::Keep,
         tls_services: vec!["control-plane".into()],
-        share_service: "control-plane".into(),
+        secret_services: vec!["control-plane".into()],
+        prefix: "opt/flotilla".into(),
         templates: Vec::new(),
     };
     overlay::write(&overlay::generate(&config).unwrap(), &dir.path().join("overlay")).unwrap();

@@ -46,7 +46,8 @@ fn generate_with(dir: &Utf8Path, templates: Vec<overlay::Template>, addresses: &
         state_dir: dir.join("state"),
         identities: Identities::Keep,
         tls_services: vec!["node-agent".into(), "control-plane".into()],
-        share_service: "node-agent".into(),
+        secret_services: vec!["node-agent".into()],
+        prefix: "opt/flotilla".into(),
         templates,
     };
     let generated = overlay::generate(&config).unwrap();
@@ -250,7 +251,8 @@ fn certificates_from_another_ca_are_refused_both_ways() {
 #[test]
 fn the_repositorys_templates_make_configs_the_services_load() {
     let dir = TempDir::new("unlock-templates");
-    let templates = overlay::template::load_dir(&repo().join("overlay-templates")).unwrap();
+    let templates =
+        overlay::template::load_dir(&repo().join("overlay-templates"), "opt/flotilla").unwrap();
     assert!(templates.len() >= 2, "{templates:?}");
     generate_with(dir.path(), templates, &["fd00::11", "10.0.0.12", "node3.example"]);
     for node in NODES {
