@@ -68,14 +68,14 @@ pub fn run(
         let servers: Vec<&Server> =
             config.deployment.servers[..n].iter().map(|s| config.server(s)).collect();
         let names = servers.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(",");
-        // The first n servers are a cluster of their own (etcd's members, the rack secret's
-        // shares): a config that names only them, and their overlay generated from it.
+        // The first n servers are a cluster of their own (a database's members, the rack
+        // secret's shares): a config that names only them, and their overlay generated from it.
         let config_path = &first_servers_config(config, n, &scratch.0)?;
         overlay(sh, &xtask, config_path)?;
         let mut samples = Vec::new();
         for _ in 0..runs {
             // Start from nothing installed: fling's releases and the baseline's files gone,
-            // and no etcd data of a cluster with other members.
+            // and no service data of a cluster with other members.
             let _ = fling(sh, &xtask, config_path, &names, "uninstall");
             baseline_clean(sh, config, &servers);
 
@@ -286,7 +286,7 @@ fn baseline_clean(sh: &Shell, config: &Config, servers: &[&Server]) {
             for u in /opt/flotilla/current/*/pkg/*.service; do [ -e \"$u\" ] || continue; \
             n=$(basename \"$u\"); systemctl stop \"$n\" || true; rm -f /etc/systemd/system/\"$n\"; \
             done; rm -rf /opt/flotilla; systemctl daemon-reload; fi; rm -rf /var/tmp/baseline \
-            /var/lib/flotilla/etcd";
+            /var/lib/flotilla";
         let _ = cmd!(sh, "ssh {opts...} {dest} {script}").quiet().ignore_status().output();
     }
 }

@@ -29,6 +29,9 @@ use xshell::Shell;
 pub struct Workspace {
     /// Its root: the directory of its `Cargo.toml`, where `package-manifest.toml` is by default.
     pub root: Utf8PathBuf,
+    /// Commands the workspace's own tests need beside the testbed (command, Debian package):
+    /// `testbed prereqs` and `ci` install them.
+    pub test_tools: Vec<(String, String)>,
 }
 
 impl Workspace {
@@ -36,7 +39,13 @@ impl Workspace {
     /// the xtask convention has it: pass `env!("CARGO_MANIFEST_DIR")`.
     pub fn of_xtask(manifest_dir: &str) -> Workspace {
         let dir = Utf8Path::new(manifest_dir);
-        Workspace { root: dir.parent().unwrap_or(dir).to_owned() }
+        Workspace { root: dir.parent().unwrap_or(dir).to_owned(), test_tools: Vec::new() }
+    }
+
+    /// The workspace, whose tests also need `tools` (command, Debian package).
+    pub fn with_test_tools(mut self, tools: &[(&str, &str)]) -> Workspace {
+        self.test_tools.extend(tools.iter().map(|(b, p)| (b.to_string(), p.to_string())));
+        self
     }
 }
 

@@ -14,7 +14,9 @@ fn log(line: &str) {
 
 /// The testbeds of the workspace.
 pub fn testbeds(ctx: &Context) -> Testbeds<'static> {
-    Testbeds::new(ctx.root(), &log)
+    let mut tb = Testbeds::new(ctx.root(), &log);
+    tb.extra_tools = ctx.workspace.test_tools.clone();
+    tb
 }
 
 pub fn run(sh: &Shell, ctx: &Context, args: TestbedArgs) -> anyhow::Result<()> {

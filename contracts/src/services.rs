@@ -61,9 +61,9 @@ pub fn unit_user(text: &str) -> Option<ServiceUser> {
 /// What the installer needs from an SMF manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SmfManifest {
-    /// The service FMRI without instance, for example `svc:/oxide/node-agent`.
+    /// The service FMRI without instance, for example `svc:/oxide/nexus`.
     pub service_fmri: String,
-    /// The instance FMRI, for example `svc:/oxide/node-agent:default`.
+    /// The instance FMRI, for example `svc:/oxide/nexus:default`.
     pub fmri: String,
     /// The service FMRIs (without instance) of the manifest's dependencies.
     pub dependencies: Vec<String>,

@@ -26,7 +26,7 @@ pub fn file_digest(path: &Utf8Path) -> Result<Digest> {
 /// One package of a packages directory, verified against the digest list.
 #[derive(Debug, Clone)]
 pub struct VerifiedPackage {
-    /// The file name, for example `node-agent.tar.gz`.
+    /// The file name, for example `nexus.tar.gz`.
     pub file: String,
     /// The full path of the archive.
     pub path: Utf8PathBuf,

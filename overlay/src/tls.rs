@@ -17,7 +17,7 @@ use super::{read_state, write_state, Fate, Identities, Node, OverlayError};
 pub const CA_NAME: &str = "flotilla cluster CA";
 
 /// Names every server certificate carries besides the server's own, so that a service on the
-/// server can be reached (health checks, `etcdctl`) over loopback with the same certificate.
+/// server can be reached (health checks, a database client) over loopback with the same certificate.
 pub const LOOPBACK_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 
 /// The cluster CA: its key stays in the state directory, its certificate goes everywhere.

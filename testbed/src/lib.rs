@@ -54,13 +54,21 @@ pub struct Testbeds<'a> {
     pub workspace: Utf8PathBuf,
     /// Where the commands say what they are doing (`testbed: building the node image ...`).
     pub log: &'a (dyn Fn(&str) + Sync),
+    /// Commands the workspace's own tests run beside the testbed, each with the Debian package
+    /// that provides it: `prereqs` installs them with the testbed's own.
+    pub extra_tools: Vec<(String, String)>,
 }
 
 impl<'a> Testbeds<'a> {
     /// The testbeds of `workspace`: under `FLOTILLA_TESTBED_DIR` when it is set, else under
     /// the workspace's `target/testbed/`.
     pub fn new(workspace: &Utf8Path, log: &'a (dyn Fn(&str) + Sync)) -> Testbeds<'a> {
-        Testbeds { root: testbed_root(workspace), workspace: workspace.to_owned(), log }
+        Testbeds {
+            root: testbed_root(workspace),
+            workspace: workspace.to_owned(),
+            log,
+            extra_tools: Vec::new(),
+        }
     }
 
     /// The files of the testbed `name`.
@@ -154,23 +162,26 @@ const REQUIRED: &[(&str, &str)] = &[
     ("sshd", "openssh-server"),
     ("ip", "iproute2"),
     ("rsync", "rsync"),
-    // The cluster test asks the nodes' etcd members for their health from this side.
-    ("etcdctl", "etcd-client"),
 ];
 
 /// debootstrap verifies the Debian archive with this keyring.
 const KEYRING: (&str, &str) =
     ("/usr/share/keyrings/debian-archive-keyring.gpg", "debian-archive-keyring");
 
-fn missing_packages() -> Vec<&'static str> {
-    let mut missing: Vec<&str> = REQUIRED
-        .iter()
+fn missing_packages() -> Vec<String> {
+    missing_of(REQUIRED.iter().map(|(b, p)| (*b, *p)))
+}
+
+/// The packages of `tools` (command, package) whose command is missing, and the keyring's.
+fn missing_of<'t>(tools: impl Iterator<Item = (&'t str, &'t str)>) -> Vec<String> {
+    let mut missing: Vec<String> = tools
         .filter(|(bin, _)| find_command(bin).is_none())
-        .map(|(_, pkg)| *pkg)
+        .map(|(_, pkg)| pkg.to_owned())
         .collect();
     if !Utf8Path::new(KEYRING.0).is_file() {
-        missing.push(KEYRING.1);
+        missing.push(KEYRING.1.to_owned());
     }
+    missing.sort();
     missing.dedup();
     missing
 }
@@ -202,7 +213,11 @@ pub fn prereqs(sh: &Shell, tb: &Testbeds<'_>, manifest: Option<&Utf8Path>) -> an
 }
 
 fn install_packages(sh: &Shell, tb: &Testbeds<'_>) -> anyhow::Result<()> {
-    let missing = missing_packages();
+    let all = || {
+        let extra = tb.extra_tools.iter().map(|(b, p)| (b.as_str(), p.as_str()));
+        missing_of(REQUIRED.iter().map(|(b, p)| (*b, *p)).chain(extra))
+    };
+    let missing = all();
     if missing.is_empty() {
         (tb.log)("testbed: every prerequisite is installed");
         return Ok(());
@@ -219,7 +234,7 @@ fn install_packages(sh: &Shell, tb: &Testbeds<'_>) -> anyhow::Result<()> {
     cmd!(sh, "apt-get install -y --no-install-recommends {missing...}")
         .run()
         .with_context(|| format!("install the testbed's prerequisites ({list})"))?;
-    let still = missing_packages();
+    let still = all();
     if !still.is_empty() {
         bail!("testbed prerequisites still missing after apt-get install: {}", still.join(" "));
     }

@@ -28,7 +28,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let workspace = Workspace::of_xtask(env!("CARGO_MANIFEST_DIR"));
+    // The cluster test asks the nodes' etcd members for their health from this side.
+    let workspace = Workspace::of_xtask(env!("CARGO_MANIFEST_DIR"))
+        .with_test_tools(&[("etcdctl", "etcd-client")]);
     flotilla_cli::exit(flotilla_cli::start(workspace).and_then(|(sh, ctx)| match cli.command {
         Command::Flotilla(command) => flotilla_cli::run(&sh, &ctx, command),
         Command::Demo(args) => demo::run(&sh, &ctx, args).map(|()| ExitCode::SUCCESS),

@@ -104,3 +104,47 @@ fn ci_runs_the_readme_test_command() {
     assert!(readme.contains("cargo xtask ci"), "README.md does not give `cargo xtask ci`");
     assert!(ci.contains("cargo xtask ci"), ".ci/run does not call `cargo xtask ci`");
 }
+
+/// The engine crates know nothing of the example system: no name or path of its services
+/// appears in their code (their tests may use them as examples). A workspace that adopts
+/// flotilla declares its own services in its manifest and deployment config.
+#[test]
+fn engine_crates_name_nothing_of_the_example_system() {
+    const ENGINE: &[&str] =
+        &["contracts", "package", "installer", "overlay", "fling", "testbed", "cli"];
+    const EXAMPLE: &[&str] =
+        &["node-agent", "node_agent", "control-plane", "control_plane", "etcd", "rack-secret"];
+    let mut found = Vec::new();
+    let mut checked = 0;
+    for krate in ENGINE {
+        let mut stack = vec![root().join(krate).join("src")];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+                if path.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                // Test modules in files of their own.
+                if !name.ends_with(".rs") || name == "tests.rs" || name.ends_with("_tests.rs") {
+                    continue;
+                }
+                checked += 1;
+                let text = std::fs::read_to_string(&path).unwrap();
+                for (number, line) in text.lines().enumerate() {
+                    // Inline test modules come last in a file.
+                    if line.trim_start().starts_with("#[cfg(test)]") {
+                        break;
+                    }
+                    if let Some(word) = EXAMPLE.iter().find(|w| line.contains(*w)) {
+                        let rel = path.strip_prefix(root()).unwrap().display().to_string();
+                        found.push(format!("{rel}:{}: {word}: {}", number + 1, line.trim()));
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 50, "only {checked} files checked");
+    assert!(found.is_empty(), "the engine names the example system:\n{}", found.join("\n"));
+}
