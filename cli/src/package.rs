@@ -22,25 +22,32 @@ use crate::{cli, Context};
 /// The manifest, where outputs go and the target, as every command needs them.
 struct Loaded {
     manifest: Manifest,
+    /// The manifest's directory: cargo runs there, so it builds the workspace that holds the
+    /// manifest, whichever workspace's `cargo xtask` reads it.
+    dir: Utf8PathBuf,
     out: Utf8PathBuf,
     target: Target,
     origin: TargetOrigin,
 }
 
 fn load(ctx: &Context, args: &cli::ManifestArgs) -> anyhow::Result<Loaded> {
-    let manifest = Manifest::load(&ctx.user_path(&args.manifest))?;
+    let path = ctx.user_path(&args.manifest);
+    let manifest = Manifest::load(&path)?;
+    let dir = path.parent().map_or_else(|| ctx.user_path(Utf8Path::new(".")), Utf8Path::to_owned);
+    let dir = if dir.as_str().is_empty() { ctx.user_path(Utf8Path::new(".")) } else { dir };
     let out = ctx.user_path(&args.out);
     let name = match &args.target {
         Some(name) => Some(TargetName::new(name.as_str()).map_err(anyhow::Error::msg)?),
         None => None,
     };
     let (target, origin) = TargetStore::new(&out).resolve(&manifest, name.as_ref())?;
-    Ok(Loaded { manifest, out, target, origin })
+    Ok(Loaded { manifest, dir, out, target, origin })
 }
 
 pub fn package(sh: &Shell, ctx: &Context, args: cli::PackageArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let loaded = load(ctx, &args.manifest)?;
+    let _in_workspace = sh.push_dir(&loaded.dir);
     let only = parse_names(&args.only)?;
     // A fresh stamp answers for both `cargo metadata` and the nested `cargo build` (see the
     // library's cargo_stamp module): a no-op run then costs little more than its own start.
@@ -143,6 +150,7 @@ pub fn list_outputs(_sh: &Shell, ctx: &Context, args: cli::ManifestArgs) -> anyh
 
 pub fn check(sh: &Shell, ctx: &Context, args: cli::ManifestArgs) -> anyhow::Result<()> {
     let loaded = load(ctx, &args)?;
+    let _in_workspace = sh.push_dir(&loaded.dir);
     let crates: BTreeSet<String> = loaded
         .manifest
         .packages
@@ -196,6 +204,7 @@ pub fn stamp(sh: &Shell, ctx: &Context, args: cli::StampArgs) -> anyhow::Result<
     let name = PackageName::new(args.package.as_str()).map_err(anyhow::Error::msg)?;
     let version = semver::Version::parse(&args.semver)
         .with_context(|| format!("stamp {name}: `{}` is not a semver version", args.semver))?;
+    let _in_workspace = sh.push_dir(&loaded.dir);
     let (workspace, _) = cargo_metadata(sh)?;
     let plan = plan::plan(&PlanConfig {
         manifest: &loaded.manifest,

@@ -19,9 +19,6 @@ use crate::Error;
 /// Bumped whenever the layout of outputs changes, so old cache records become misses.
 const LAYOUT_VERSION: u32 = 1;
 
-/// The installed prefix of every service inside a zone image.
-pub const INSTALL_PREFIX: &str = "/opt/flotilla";
-
 /// The version written into unstamped packages, as omicron does.
 pub const UNSTAMPED_VERSION: &str = "0.0.0";
 
@@ -379,7 +376,8 @@ impl Planner<'_> {
     fn inputs(&self, format: Format) -> Result<Vec<Input>, Error> {
         let (name, pkg) = (self.name, self.pkg);
         let mut inputs = vec![metadata_input(name, format, UNSTAMPED_VERSION)];
-        let service_dir = Utf8PathBuf::from(INSTALL_PREFIX).join(pkg.service_name.as_str());
+        let service_dir =
+            self.config.manifest.install_prefix.as_path().join(pkg.service_name.as_str());
         match &pkg.source {
             PackageSource::Local { rust, paths, blobs, buildomat_blobs } => {
                 for (i, mapped) in paths.iter().enumerate() {

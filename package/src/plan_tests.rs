@@ -227,6 +227,24 @@ fn local_zone_layout_and_debug_build() {
 }
 
 #[test]
+fn the_manifests_install_prefix_places_every_services_binaries() {
+    let s = Scratch::new(&format!(
+        "install_prefix = \"/opt/oxide\"\n{}",
+        agent(r#"{ from = "smf/agent", to = "/opt/oxide/agent/pkg" }"#, r#""agent""#)
+    ));
+    let plan = s.plan().unwrap();
+    assert_eq!(
+        dests(&plan, "agent"),
+        ["oxide.json", "root/opt/oxide/agent/pkg", "root/opt/oxide/agent/bin/agent"]
+    );
+    for bad in ["/etc", "opt/x", "/opt/../etc"] {
+        let text = format!("install_prefix = {bad:?}\n{}", agent("", r#""agent""#));
+        let err = Manifest::parse(Utf8Path::new("m.toml"), &text).unwrap_err().to_string();
+        assert!(err.contains("m.toml:1:18") && err.contains("install_prefix: "), "{bad}: {err}");
+    }
+}
+
+#[test]
 fn bad_paths_and_binaries_are_refused() {
     let line = "package-manifest.toml:1: package `agent`:";
     let cases = [

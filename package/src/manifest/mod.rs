@@ -31,6 +31,10 @@ pub struct Manifest {
     pub presets: BTreeMap<String, Target>,
     /// The line of each `[package.<name>]` header, so later errors can point at it.
     lines: BTreeMap<PackageName, usize>,
+    /// Where the packages install: zone images hold a service's files under
+    /// `root<install_prefix>/<service>/`, its binaries in `bin/` there. `install_prefix` at the
+    /// top of the manifest; `/opt/flotilla` when not given (`/opt/oxide` for Omicron's layout).
+    pub install_prefix: flotilla_contracts::layout::Prefix,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -250,6 +254,7 @@ impl PackageSource {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawManifest {
+    install_prefix: Option<toml::Spanned<String>>,
     #[serde(default)]
     package: BTreeMap<PackageName, Package>,
     #[serde(default)]
@@ -290,7 +295,25 @@ impl Manifest {
             .into_iter()
             .map(|(name, pairs)| (name, Target::from_pairs(pairs)))
             .collect();
-        let manifest = Manifest { path: path.to_owned(), packages: raw.package, presets, lines };
+        let install_prefix = match &raw.install_prefix {
+            None => flotilla_contracts::layout::Prefix::default(),
+            Some(p) => flotilla_contracts::layout::Prefix::new(p.get_ref()).map_err(|m| {
+                let before = &text[..p.span().start.min(text.len())];
+                Error::Parse {
+                    path: path.to_owned(),
+                    line: before.matches('\n').count() + 1,
+                    column: before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1,
+                    message: format!("install_prefix: {m}"),
+                }
+            })?,
+        };
+        let manifest = Manifest {
+            path: path.to_owned(),
+            packages: raw.package,
+            presets,
+            lines,
+            install_prefix,
+        };
         manifest.validate()?;
         Ok(manifest)
     }
