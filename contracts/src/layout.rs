@@ -218,6 +218,14 @@ pub fn check_dedicated(path: &str, home: Option<&str>) -> Result<(), String> {
     Ok(())
 }
 
+/// The directories every caller's tests refuse as dedicated ones: `/` and the system's own
+/// top-level directories that flotilla is most likely to be pointed at by mistake.
+#[doc(hidden)]
+pub const SYSTEM_EXAMPLES: &[&str] = &[
+    "/", "/etc", "/usr", "/var", "/opt", "/home", "/root", "/tmp", "/boot", "/dev", "/proc",
+    "/sys", "/run", "/lib", "/lib64", "/bin", "/sbin",
+];
+
 /// Whether `inner` is `outer` or lies inside it (both absolute and normalized).
 pub fn overlaps(a: &str, b: &str) -> bool {
     let a = a.trim_end_matches('/');
@@ -257,24 +265,7 @@ mod tests {
 
     #[test]
     fn system_directories_are_refused_and_dedicated_ones_accepted() {
-        for bad in [
-            "/",
-            "/etc",
-            "/usr",
-            "/var",
-            "/opt",
-            "/home",
-            "/root",
-            "/tmp",
-            "/boot",
-            "/dev",
-            "/proc",
-            "/sys",
-            "/run",
-            "/lib",
-            "/lib64",
-            "/bin",
-            "/sbin",
+        for bad in SYSTEM_EXAMPLES.iter().copied().chain([
             "/etc/flotilla",
             "/usr/local",
             "/usr/local/flotilla",
@@ -283,7 +274,7 @@ mod tests {
             "/home/bob",
             "/run/user",
             "/lib/x",
-        ] {
+        ]) {
             assert!(check_dedicated(bad, None).is_err(), "{bad} was accepted");
         }
         for good in [

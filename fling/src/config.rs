@@ -57,6 +57,19 @@ pub struct Builder {
     pub excludes: Vec<String>,
     /// The deploy lock's directory (a path on the builder).
     pub lock_dir: RemotePath,
+    /// The cargo workspace's directory inside `source_path`, when it is not the whole of it (a
+    /// workspace inside a larger repository, whose path dependencies lie beside it).
+    pub workspace: Option<String>,
+}
+
+impl Builder {
+    /// The builder's cargo workspace: `source_path`, or `workspace` inside it.
+    pub fn workspace_path(&self) -> RemotePath {
+        match &self.workspace {
+            Some(dir) => self.source_path.join(dir),
+            None => self.source_path.clone(),
+        }
+    }
 }
 
 /// Where the packages go and how.
@@ -371,6 +384,7 @@ struct RawBuilder {
     #[serde(default)]
     excludes: Vec<Spanned<String>>,
     lock_dir: Option<Spanned<String>>,
+    workspace: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -635,7 +649,27 @@ fn validate(errors: &Errors<'_>, raw: RawConfig, text: &str) -> Result<Config, C
         }
         None => source_path.join(DEFAULT_LOCK_DIR),
     };
-    let builder = Builder { server: builder_server, source_path, excludes, lock_dir };
+    let workspace = match &raw.builder.workspace {
+        Some(dir) => {
+            let text = dir.get_ref();
+            let ok = !text.starts_with('/')
+                && remote_path_chars_ok(text)
+                && flotilla_contracts::layout::check_plain_path(text).is_ok();
+            if !ok {
+                return Err(errors.at(
+                    dir.span(),
+                    "builder.workspace",
+                    format!(
+                        "{text:?}: name the workspace's directory relative to source_path, \
+                         normalized, of ASCII letters, digits and / . _ - + @ , = %"
+                    ),
+                ));
+            }
+            Some(text.trim_end_matches('/').to_owned())
+        }
+        None => None,
+    };
+    let builder = Builder { server: builder_server, source_path, excludes, lock_dir, workspace };
 
     let d = raw.deployment;
     let mut deployment_servers: Vec<ServerName> = Vec::new();
@@ -1255,24 +1289,8 @@ addr = "node2.example.com"
     #[test]
     fn directories_fling_fills_or_empties_must_be_dedicated() {
         let staging = "staging_dir = \"/var/tmp/staging\"";
-        for bad in [
-            "/",
-            "/etc",
-            "/usr",
-            "/var",
-            "/opt",
-            "/home",
-            "/root",
-            "/tmp",
-            "/boot",
-            "/dev",
-            "/proc",
-            "/sys",
-            "/run",
-            "/lib",
-            "/lib64",
-            "/bin",
-            "/sbin",
+        let examples = flotilla_contracts::layout::SYSTEM_EXAMPLES.iter().copied();
+        for bad in examples.chain([
             "/etc/ssh",
             "/var/lib",
             "/usr/local",
@@ -1282,7 +1300,7 @@ addr = "node2.example.com"
             "${HOME}",
             "$HOME/.ssh",
             "$HOME/.cargo/x",
-        ] {
+        ]) {
             for (field, text) in [
                 (
                     "deployment.staging_dir",
@@ -1508,6 +1526,20 @@ addr = "node2.example.com"
         assert_eq!(field_at(text, text.find("2").unwrap()), "x.y.k");
         assert_eq!(field_at(text, text.find("3").unwrap()), "servers.n1.port");
         assert_eq!(field_at(text, text.find("[x").unwrap()), "x.y");
+    }
+
+    #[test]
+    fn the_builders_workspace_may_be_a_directory_of_its_sources() {
+        let config = parse(GOOD).unwrap();
+        assert_eq!(config.builder.workspace_path().as_str(), "$HOME/flotilla");
+        let text = GOOD.replace("[deployment]", "workspace = \"fixtures/adopter/\"\n[deployment]");
+        let config = parse(&text).unwrap();
+        assert_eq!(config.builder.workspace.as_deref(), Some("fixtures/adopter"));
+        assert_eq!(config.builder.workspace_path().as_str(), "$HOME/flotilla/fixtures/adopter");
+        for bad in ["/abs", "../up", "a//b", "a b", "a;b"] {
+            let text = GOOD.replace("[deployment]", &format!("workspace = {bad:?}\n[deployment]"));
+            assert!(error(&text).contains(": builder.workspace: "), "{bad}: {}", error(&text));
+        }
     }
 
     #[test]

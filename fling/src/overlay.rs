@@ -84,15 +84,28 @@ pub fn generate(
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     // From the workspace root, so cargo reads the workspace's own `.cargo/config.toml`.
     let _dir = sh.push_dir(workspace);
-    let mut run =
-        cmd!(sh, "{cargo} run -q -p flotilla-overlay --manifest-path {manifest} -- generate");
+    // Built, then run: `cargo run -p` takes only the workspace's own members, and in a
+    // workspace that adopts flotilla the generators are a dependency (of its xtask), not one.
+    let mut build = cmd!(
+        sh,
+        "{cargo} build -q -p flotilla-overlay --bin flotilla-overlay --manifest-path {manifest} --message-format=json-render-diagnostics"
+    );
     // The variables cargo set for xtask would make the nested cargo rebuild needlessly.
     for (key, _) in std::env::vars_os() {
         if key.to_str().is_some_and(flotilla_package::cargo_stamp::is_set_by_cargo) {
-            run = run.env_remove(key);
+            build = build.env_remove(key);
         }
     }
-    run.stdin(input).quiet().run().with_context(|| {
+    let messages = build.quiet().read().with_context(|| {
+        format!("build flotilla-overlay in {workspace} (a dependency of its xtask)")
+    })?;
+    let binary = messages
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "flotilla-overlay")
+        .find_map(|m| m["executable"].as_str().map(str::to_owned))
+        .with_context(|| format!("cargo built no flotilla-overlay binary in {workspace}"))?;
+    cmd!(sh, "{binary} generate").stdin(input).quiet().run().with_context(|| {
         format!("generate the overlays under {root}/{OUT_DIR} with flotilla-overlay")
     })
 }

@@ -128,12 +128,22 @@ impl DeployAction {
 }
 
 impl Context<'_> {
+    /// The client's cargo workspace: `builder.workspace` of its sources, or all of them.
+    pub fn local_workspace(&self) -> Utf8PathBuf {
+        match &self.config.builder.workspace {
+            Some(dir) => self.local_source.join(dir),
+            None => self.local_source.clone(),
+        }
+    }
+
     fn builder_name(&self) -> String {
         self.config.builder.server.to_string()
     }
 
-    fn source(&self) -> String {
-        self.config.builder.source_path.shell_word()
+    /// The builder's cargo workspace: its copy of the sources, or the directory of it that
+    /// `builder.workspace` names.
+    fn workspace(&self) -> String {
+        self.config.builder.workspace_path().shell_word()
     }
 
     /// A step that runs `remote` in the builder's shell.
@@ -426,7 +436,7 @@ pub fn build(cx: &Context<'_>, kind: BuildKind, args: &[String]) -> Plan {
     let mut script = format!(
         "{} && cd -- {} && PATH=\"$HOME/.cargo/bin:$PATH\" && cargo xtask {command}",
         synced(cx),
-        cx.source()
+        cx.workspace()
     );
     if !args.is_empty() {
         script.push(' ');
@@ -461,7 +471,7 @@ fn synced(cx: &Context<'_>) -> String {
     format!(
         "{{ [ -e {} ] && [ -f {} ] || {{ echo {} >&2; exit 1; }}; }}",
         source.join(SOURCE_MARKER).shell_word(),
-        source.join("Cargo.toml").shell_word(),
+        cx.config.builder.workspace_path().join("Cargo.toml").shell_word(),
         quote(&message)
     )
 }
@@ -474,7 +484,7 @@ pub fn overlay(cx: &Context<'_>, rotate: bool) -> Plan {
         "{} && cd -- {} && PATH=\"$HOME/.cargo/bin:$PATH\" && cargo xtask fling --config - \
          overlay --generate-here{}",
         synced(cx),
-        cx.source(),
+        cx.workspace(),
         if rotate { " --rotate" } else { "" }
     );
     let mut step = cx.on_builder("overlay", StepKind::Work, Agent::NoForward, &script);
@@ -487,7 +497,7 @@ pub fn overlay(cx: &Context<'_>, rotate: bool) -> Plan {
 /// is idempotent. The service users come from the client's own workspace (`User=` of
 /// `smf/*/*.service`), read now, so a bad name is refused before anything runs.
 pub fn install_prereqs(cx: &Context<'_>, servers: &[&Server]) -> anyhow::Result<Plan> {
-    let users = service_users(&cx.local_source)?;
+    let users = service_users(&cx.local_workspace())?;
     let mut plan = cx.plan("install-prereqs".into(), Locking::Lock, true, Agent::Forward);
     let builder_script = format!(
         "PATH=\"$HOME/.cargo/bin:$PATH\"; missing=; for t in cargo rsync ssh; do command -v \
@@ -804,7 +814,7 @@ fn install_body(cx: &Context<'_>, server: &Server, install: &str) -> (Vec<&'stat
          target/release/{INSTALLER} && printf '%s\\n' {command} && ( cd -- {overlay_dir} && \
          find . -type f -exec sha256sum {{}} + | LC_ALL=C sort -k 2 ); }} | sha256sum | \
          cut -c 1-64); fi; case \"$k\" in '' | *[!0-9a-f]*) k=none ;; esac",
-        src = cx.source(),
+        src = cx.workspace(),
         command = quote(install),
     );
     let check = hop.run_with_key(&format!(
@@ -885,7 +895,7 @@ fn push(cx: &Context<'_>, server: &Server) -> String {
          cp -p -- target/release/{INSTALLER} \"$v/bin/\"; \
          cp -al -- {od} \"$v/overlay\" 2>/dev/null || cp -a -- {od} \"$v/overlay\"; \
          rc=0; {rsync} || rc=$?; rm -rf -- \"$v\"; exit $rc",
-        src = cx.source(),
+        src = cx.workspace(),
         od = quote(&overlay_dir),
         view = quote(&view),
         missing = quote(&format!("no {overlay_dir} on the builder: run `fling overlay` first")),

@@ -244,16 +244,13 @@ mod tests {
         assert!(!text.to_lowercase().contains("stricthostkeychecking no"));
     }
 
+    fn v4_deployment() -> String {
+        deployment("t", Utf8Path::new("/src"), &nodes(), &builder(), &files(), AddressFamily::V4)
+    }
+
     #[test]
     fn deployment_config_parses_and_names_every_server() {
-        let text = deployment(
-            "t",
-            Utf8Path::new("/src"),
-            &nodes(),
-            &builder(),
-            &files(),
-            AddressFamily::V4,
-        );
+        let text = v4_deployment();
         let doc: toml::Table = text.parse().expect(&text);
         assert_eq!(doc["source_path"].as_str(), Some("/src"));
         assert_eq!(doc["builder"]["server"].as_str(), Some("builder"));
@@ -298,17 +295,7 @@ mod tests {
     fn the_workspaces_system_tables_are_copied_from_its_example_config() {
         let workspace = Utf8Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
         let system = system_tables(workspace).unwrap();
-        let text = with_system(
-            &deployment(
-                "t",
-                Utf8Path::new("/src"),
-                &nodes(),
-                &builder(),
-                &files(),
-                AddressFamily::V4,
-            ),
-            &system,
-        );
+        let text = with_system(&v4_deployment(), &system);
         let config = flotilla_fling::config::Config::parse(Utf8Path::new("d.toml"), &text)
             .unwrap_or_else(|err| panic!("{err}\n{text}"));
         assert_eq!(config.overlay.secret_services, ["node-agent"]);
