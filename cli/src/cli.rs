@@ -263,9 +263,12 @@ pub struct FlingArgs {
     /// Only these deployment servers (comma-separated), instead of all of them.
     #[arg(long, global = true, value_delimiter = ',', value_name = "NAME,...")]
     pub servers: Vec<String>,
-    /// Print every command for every host, and run none.
+    /// Print, per host, one line per step (where it runs, what it does), and run nothing.
     #[arg(long, global = true)]
     pub dry_run: bool,
+    /// With --dry-run: print every command line and script too.
+    #[arg(long, global = true, requires = "dry_run")]
+    pub show_commands: bool,
     /// Write one JSON event per line and a final summary object to stdout.
     #[arg(long, global = true)]
     pub json: bool,

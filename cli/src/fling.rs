@@ -126,9 +126,15 @@ pub fn run_code(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Resu
                         "argv": argv, "env": {"SSH_AUTH_SOCK": sock},
                     });
                     println!("{event}");
-                } else {
+                } else if args.show_commands {
                     println!("[client] {step} (runs on client):");
                     println!("    SSH_AUTH_SOCK={sock} {}", quote::quote_words(&argv));
+                } else if step == "agent" {
+                    println!(
+                        "[client] agent (client): a private ssh-agent holding the config's {} \
+                         key(s), forwarded to the builder only",
+                        identities.len()
+                    );
                 }
             }
         }
@@ -159,7 +165,11 @@ pub fn run_code(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Resu
                 println!("{event}");
             }
         } else {
-            print!("{}", plan::render(&plan, session_script.as_deref()));
+            print!("{}", plan::describe(&plan));
+            if args.show_commands {
+                println!();
+                print!("{}", plan::render(&plan, session_script.as_deref()));
+            }
         }
         return Ok(exec::EXIT_OK);
     }

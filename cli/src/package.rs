@@ -53,9 +53,10 @@ pub fn package(sh: &Shell, ctx: &Context, args: cli::PackageArgs) -> anyhow::Res
     // library's cargo_stamp module): a no-op run then costs little more than its own start.
     let env = cargo_stamp::env_digest();
     let stamped = if args.no_rebuild { None } else { cargo_stamp::fresh(&loaded.out, &env) };
+    let has_rust = has_rust(&loaded);
     let (workspace, extra) = match &stamped {
         Some((workspace, _)) => (workspace.clone(), Vec::new()),
-        None => cargo_metadata(sh)?,
+        None => workspace_of(sh, &loaded)?,
     };
     let plan = plan::plan(&PlanConfig {
         manifest: &loaded.manifest,
@@ -97,7 +98,7 @@ pub fn package(sh: &Shell, ctx: &Context, args: cli::PackageArgs) -> anyhow::Res
     }
     let progress = TermProgress::new();
     let report = build::execute(&config, &XshellCargo { sh }, &progress)?;
-    if config.rebuild == Rebuild::Cargo {
+    if config.rebuild == Rebuild::Cargo && has_rust {
         // A stamp is written only from a fresh `cargo metadata` and a successful build.
         let extra = if stamped.is_some() { cargo_metadata(sh)?.1 } else { extra };
         cargo_stamp::record(&loaded.out, &workspace, &plan.cargo_builds, &extra, &env)?;
@@ -205,7 +206,7 @@ pub fn stamp(sh: &Shell, ctx: &Context, args: cli::StampArgs) -> anyhow::Result<
     let version = semver::Version::parse(&args.semver)
         .with_context(|| format!("stamp {name}: `{}` is not a semver version", args.semver))?;
     let _in_workspace = sh.push_dir(&loaded.dir);
-    let (workspace, _) = cargo_metadata(sh)?;
+    let (workspace, _) = workspace_of(sh, &loaded)?;
     let plan = plan::plan(&PlanConfig {
         manifest: &loaded.manifest,
         target: &loaded.target,
@@ -323,6 +324,20 @@ fn scrub(mut cmd: xshell::Cmd<'_>) -> xshell::Cmd<'_> {
     cmd
 }
 
+fn has_rust(loaded: &Loaded) -> bool {
+    loaded.manifest.packages.values().any(|p| p.rust().is_some())
+}
+
+/// The cargo workspace around the manifest (see [`cargo_metadata`]); a manifest that builds
+/// nothing with cargo needs none, and gets an empty one without asking cargo.
+fn workspace_of(sh: &Shell, loaded: &Loaded) -> anyhow::Result<(Workspace, Vec<Utf8PathBuf>)> {
+    if !has_rust(loaded) {
+        let empty = Workspace { target_dir: loaded.dir.join("target"), crates: BTreeMap::new() };
+        return Ok((empty, Vec::new()));
+    }
+    cargo_metadata(sh)
+}
+
 /// The workspace's target directory and each crate's binaries, from `cargo metadata`, with the
 /// files besides sources that a cargo build reads (for the stamp).
 fn cargo_metadata(sh: &Shell) -> anyhow::Result<(Workspace, Vec<Utf8PathBuf>)> {
@@ -347,7 +362,12 @@ fn cargo_metadata(sh: &Shell) -> anyhow::Result<(Workspace, Vec<Utf8PathBuf>)> {
     let json = scrub(cmd!(sh, "{cargo} metadata --format-version 1 --no-deps"))
         .quiet()
         .read()
-        .context("read the workspace layout with cargo metadata")?;
+        .with_context(|| {
+            format!(
+                "read the workspace layout with cargo metadata in {} (the manifest's directory)",
+                sh.current_dir().display()
+            )
+        })?;
     let meta: Metadata = serde_json::from_str(&json).context("parse cargo metadata output")?;
     let root = &meta.workspace_root;
     let mut extra: Vec<Utf8PathBuf> = vec![root.join("Cargo.toml"), root.join("Cargo.lock")];

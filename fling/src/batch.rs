@@ -173,6 +173,7 @@ mod tests {
             kind: StepKind::Work,
             stdin: None,
             phases: Vec::new(),
+            what: Vec::new(),
             script: Some(script.to_owned()),
         }
     }

@@ -837,6 +837,7 @@ mod tests {
             kind: StepKind::Work,
             stdin: None,
             phases: Vec::new(),
+            what: Vec::new(),
             script: None,
         };
         let plan = Plan {

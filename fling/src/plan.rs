@@ -35,6 +35,16 @@ pub struct Step {
     pub phases: Vec<&'static str>,
     /// The builder-side script of a step that runs on the builder.
     pub script: Option<String>,
+    /// What the step does, for people, one line per phase (or one for a step without
+    /// phases): what `--dry-run` prints.
+    pub what: Vec<String>,
+}
+
+impl Step {
+    fn what(mut self, what: impl IntoIterator<Item = String>) -> Step {
+        self.what = what.into_iter().collect();
+        self
+    }
 }
 
 /// What a step's exit status means.
@@ -156,6 +166,7 @@ impl Context<'_> {
             stdin: None,
             phases: Vec::new(),
             script: Some(remote.to_owned()),
+            what: Vec::new(),
         }
     }
 
@@ -171,7 +182,7 @@ impl Context<'_> {
     /// the server connections when servers are involved), take the lock if asked, and undo
     /// both at the end.
     fn plan(&self, command: String, locking: Locking, servers: bool, agent: Agent) -> Plan {
-        self.plan_with(command, locking, servers, agent, None)
+        self.plan_with(command, locking, servers, agent, None, None)
     }
 
     /// `plan`, with `prepare` run on the builder right after connecting. Reaching the
@@ -186,6 +197,7 @@ impl Context<'_> {
         servers: bool,
         agent: Agent,
         prepare: Option<String>,
+        prepare_what: Option<String>,
     ) -> Plan {
         let mut connect = vec!["set -e".to_owned()];
         connect.extend(prepare);
@@ -193,7 +205,16 @@ impl Context<'_> {
             connect.push(self.lock_script(&command));
         }
         let connect = if connect.len() == 1 { "true".to_owned() } else { connect.join("; ") };
-        let setup = vec![self.on_builder("connect", StepKind::Connect, agent, &connect)];
+        let mut reach = "reach the builder".to_owned();
+        if let Some(prepare) = &prepare_what {
+            reach.push_str("; ");
+            reach.push_str(prepare);
+        }
+        if locking == Locking::Lock {
+            reach.push_str(&format!("; take the deploy lock {}", self.config.builder.lock_dir));
+        }
+        let setup =
+            vec![self.on_builder("connect", StepKind::Connect, agent, &connect).what([reach])];
         let mut teardown = Vec::new();
         if locking == Locking::Lock {
             let lock = self.config.builder.lock_dir.shell_word();
@@ -202,7 +223,13 @@ impl Context<'_> {
                 "if grep -qx {} {lock}/info 2>/dev/null; then rm -rf -- {lock}; fi",
                 quote(&format!("run={}", self.run_id))
             );
-            teardown.push(self.on_builder("release", StepKind::Work, Agent::NoForward, &release));
+            let what = format!(
+                "release the deploy lock {} if this run holds it",
+                self.config.builder.lock_dir
+            );
+            teardown.push(
+                self.on_builder("release", StepKind::Work, Agent::NoForward, &release).what([what]),
+            );
         }
         teardown.push(Step {
             name: "disconnect",
@@ -212,6 +239,7 @@ impl Context<'_> {
             stdin: None,
             phases: Vec::new(),
             script: None,
+            what: vec!["close the shared ssh connection to the builder".into()],
         });
         let session = servers.then(|| Session {
             argv: self.builder.run(agent, "exec sh -s"),
@@ -264,19 +292,27 @@ impl Context<'_> {
     /// plan's builder session (`batch::script`), which bounds connection starts with tokens
     /// read from `batch::CONNECT_FD`; the background ssh master gets none of the session's
     /// descriptors beyond its standard ones, which it points at /dev/null.
-    fn server_step(&self, server: &Server, phases: Vec<(&'static str, String)>) -> Step {
+    fn server_step(&self, server: &Server, phases: Vec<(&'static str, String, String)>) -> Step {
         let mut body = Vec::new();
         let mut names = Vec::new();
-        for (name, command) in phases {
+        let mut what = Vec::new();
+        for (name, command, description) in phases {
             body.push(format!("{}; {command}", phase(name)));
             names.push(name);
+            what.push(description);
         }
-        self.server_step_with(server, names, &body.join(" || exit $?; "))
+        self.server_step_with(server, names, &body.join(" || exit $?; "), what)
     }
 
     /// `server_step` with the script that follows the connection as one piece, `body`, which
     /// announces `phases` itself.
-    fn server_step_with(&self, server: &Server, phases: Vec<&'static str>, body: &str) -> Step {
+    fn server_step_with(
+        &self,
+        server: &Server,
+        phases: Vec<&'static str>,
+        body: &str,
+        what: Vec<String>,
+    ) -> Step {
         let hop = self.server_hop(server);
         let fd = super::batch::CONNECT_FD;
         // Each server's shared connection closes with its step, in parallel with the others,
@@ -289,6 +325,11 @@ impl Context<'_> {
         );
         let mut names = vec!["connect"];
         names.extend(phases);
+        let mut descriptions = vec![format!(
+            "open the shared ssh connection to {}@{} port {} (host key checked strictly)",
+            server.username, server.addr, server.port
+        )];
+        descriptions.extend(what);
         in_session(Step {
             name: "connect",
             runs_on: format!("builder -> {}", server.name),
@@ -297,6 +338,7 @@ impl Context<'_> {
             stdin: None,
             phases: names,
             script: Some(script),
+            what: descriptions,
         })
     }
 
@@ -382,7 +424,18 @@ fn in_session(mut step: Step) -> Step {
 /// `sync`: the client's workspace to the builder, honouring `.gitignore`.
 pub fn sync(cx: &Context<'_>) -> Plan {
     let claim = claim(&cx.config.builder.source_path, SOURCE_MARKER, "builder.source_path");
-    let mut plan = cx.plan_with("sync".into(), Locking::Lock, false, Agent::NoForward, Some(claim));
+    let claim_what = format!(
+        "create {} with its marker {SOURCE_MARKER}, or check it holds it",
+        cx.config.builder.source_path
+    );
+    let mut plan = cx.plan_with(
+        "sync".into(),
+        Locking::Lock,
+        false,
+        Agent::NoForward,
+        Some(claim),
+        Some(claim_what),
+    );
     let (rsh, target) = cx.builder.rsync_target(&cx.config.builder.source_path);
     // `--protect-args`: the remote path travels inside rsync's protocol, never through the
     // builder's shell, whatever the rsync versions.
@@ -413,6 +466,13 @@ pub fn sync(cx: &Context<'_>) -> Plan {
             stdin: None,
             phases: Vec::new(),
             script: None,
+            what: vec![format!(
+                "rsync {}/ to the builder's {}/ (--delete, --protect-args), leaving out \
+                 .gitignore's files, target/, out/, .git/{}",
+                cx.local_source,
+                cx.config.builder.source_path,
+                cx.config.builder.excludes.iter().map(|e| format!(", {e}")).collect::<String>()
+            )],
         }],
     });
     plan
@@ -452,9 +512,17 @@ pub fn build(cx: &Context<'_>, kind: BuildKind, args: &[String]) -> Plan {
              --package flotilla-overlay --bin flotilla-overlay"
         );
     }
+    let mut what = format!(
+        "in {}: cargo xtask {command}{}",
+        cx.config.builder.workspace_path(),
+        args.iter().map(|a| format!(" {}", quote(a))).collect::<String>()
+    );
+    if kind == BuildKind::Package {
+        what.push_str(&format!(", then build {INSTALLER} (release) and flotilla-overlay"));
+    }
     plan.hosts.push(HostPlan {
         host: cx.builder_name(),
-        steps: vec![cx.on_builder(name, StepKind::Work, Agent::NoForward, &script)],
+        steps: vec![cx.on_builder(name, StepKind::Work, Agent::NoForward, &script).what([what])],
     });
     plan
 }
@@ -487,7 +555,13 @@ pub fn overlay(cx: &Context<'_>, rotate: bool) -> Plan {
         cx.workspace(),
         if rotate { " --rotate" } else { "" }
     );
-    let mut step = cx.on_builder("overlay", StepKind::Work, Agent::NoForward, &script);
+    let what = format!(
+        "in {}: generate each server's files into out/overlay/<server>/ from the config on \
+         standard input ({}identities kept in out/overlay-state/)",
+        cx.config.builder.workspace_path(),
+        if rotate { "new " } else { "" }
+    );
+    let mut step = cx.on_builder("overlay", StepKind::Work, Agent::NoForward, &script).what([what]);
     step.stdin = Some(cx.config.text.clone());
     plan.hosts.push(HostPlan { host: cx.builder_name(), steps: vec![step] });
     plan
@@ -510,12 +584,15 @@ pub fn install_prereqs(cx: &Context<'_>, servers: &[&Server]) -> anyhow::Result<
     );
     plan.hosts.push(HostPlan {
         host: cx.builder_name(),
-        steps: vec![in_session(cx.on_builder(
-            "prereqs",
-            StepKind::Work,
-            Agent::NoForward,
-            &builder_script,
-        ))],
+        steps: vec![in_session(
+            cx.on_builder("prereqs", StepKind::Work, Agent::NoForward, &builder_script).what([
+                format!(
+                    "check cargo, rsync (3.0.0 or later) and ssh; create {} with its marker \
+                     unless it exists",
+                    cx.config.builder.source_path
+                ),
+            ]),
+        )],
     });
     let smf = cx.config.deployment.service_manager == super::config::ServiceManager::Smf;
     let manager = if smf { "svcadm" } else { "systemctl" };
@@ -529,6 +606,16 @@ pub fn install_prereqs(cx: &Context<'_>, servers: &[&Server]) -> anyhow::Result<
                 server,
                 vec!["prereqs"],
                 &server_prereqs(cx, server, manager, &create_users),
+                vec![format!(
+                    "check {manager} and rsync (3.0.0 or later; carry the builder's into {} \
+                     when there is none), create the service users{}",
+                    cx.staging().join(TOOLS),
+                    if users.is_empty() {
+                        " (none)".to_owned()
+                    } else {
+                        format!(" ({})", users.join(", "))
+                    }
+                )],
             )],
         });
     }
@@ -711,9 +798,27 @@ pub fn deploy(cx: &Context<'_>, action: DeployAction, servers: &[&Server]) -> Pl
                     overlay.shell_word(),
                 ]);
                 let (names, body) = install_body(cx, server, &install);
+                let what = vec![
+                    format!(
+                        "when {} already holds what this deploy sends (its staged key), only \
+                         install",
+                        cx.staging()
+                    ),
+                    format!(
+                        "rsync the packages, digests.b3, {INSTALLER} and out/overlay/{}/ to {} \
+                         (--delete, --checksum, --protect-args; refused without its marker)",
+                        server.name,
+                        cx.staging()
+                    ),
+                    format!(
+                        "{INSTALLER} install {packages} --overlay {overlay} (prefix {}, {manager}), \
+                         then record the staged key",
+                        cx.config.deployment.prefix
+                    ),
+                ];
                 plan.hosts.push(HostPlan {
                     host: server.name.to_string(),
-                    steps: vec![cx.server_step_with(server, names, &body)],
+                    steps: vec![cx.server_step_with(server, names, &body, what)],
                 });
                 continue;
             }
@@ -731,17 +836,26 @@ pub fn deploy(cx: &Context<'_>, action: DeployAction, servers: &[&Server]) -> Pl
                     cx.installer(&[quote("--service-manager"), quote(manager), quote("uninstall")]),
                     cx.staging().shell_word()
                 );
-                vec![("uninstall", hop.run(&remote))]
+                let what = format!(
+                    "{INSTALLER} uninstall (prefix {}, {manager}), then remove {} (refused \
+                     without its marker)",
+                    cx.config.deployment.prefix,
+                    cx.staging()
+                );
+                vec![("uninstall", hop.run(&remote), what)]
             }
             DeployAction::Status => {
                 let remote =
                     cx.installer(&[quote("--service-manager"), quote(manager), quote("status")]);
-                vec![("status", hop.run(&remote))]
+                let what =
+                    format!("{INSTALLER} status: the active release and each service's state");
+                vec![("status", hop.run(&remote), what)]
             }
             DeployAction::Rollback => {
                 let remote =
                     cx.installer(&[quote("--service-manager"), quote(manager), quote("rollback")]);
-                vec![("rollback", hop.run(&remote))]
+                let what = format!("{INSTALLER} rollback to the previous release");
+                vec![("rollback", hop.run(&remote), what)]
             }
         };
         let steps = vec![cx.server_step(server, phases)];
@@ -756,7 +870,14 @@ pub fn exec(cx: &Context<'_>, servers: &[&Server], command: &str) -> Plan {
     for server in servers {
         plan.hosts.push(HostPlan {
             host: server.name.to_string(),
-            steps: vec![cx.server_step(server, vec![("exec", cx.server_hop(server).run(command))])],
+            steps: vec![cx.server_step(
+                server,
+                vec![(
+                    "exec",
+                    cx.server_hop(server).run(command),
+                    format!("run {}", quote(command)),
+                )],
+            )],
         });
     }
     plan
@@ -784,7 +905,13 @@ pub fn lock(cx: &Context<'_>, release: bool) -> Plan {
     };
     plan.hosts.push(HostPlan {
         host: cx.builder_name(),
-        steps: vec![cx.on_builder("lock", StepKind::Work, Agent::NoForward, &script)],
+        steps: vec![cx.on_builder("lock", StepKind::Work, Agent::NoForward, &script).what([
+            if release {
+                format!("remove the deploy lock {}, whoever holds it", cx.config.builder.lock_dir)
+            } else {
+                format!("show who holds the deploy lock {}", cx.config.builder.lock_dir)
+            },
+        ])],
     });
     plan
 }
@@ -902,6 +1029,28 @@ fn push(cx: &Context<'_>, server: &Server) -> String {
     );
     // A subshell, so `set -e` and `cd` stay inside this phase.
     format!("( {script} )")
+}
+
+/// A plan for people: per host, one line per step (or phase) saying where it runs and what
+/// it does, in the order a run takes them. `render` has the commands themselves.
+pub fn describe(plan: &Plan) -> String {
+    let mut out = format!("fling {}: what each host would do (nothing runs)\n", plan.command);
+    let mut section = |host: &str, steps: &[Step]| {
+        for step in steps {
+            let names: Vec<&str> =
+                if step.phases.is_empty() { vec![step.name] } else { step.phases.clone() };
+            for (i, name) in names.iter().enumerate() {
+                let what = step.what.get(i).map_or("", String::as_str);
+                let _ = writeln!(out, "[{host}] {name} ({}): {what}", step.runs_on);
+            }
+        }
+    };
+    section(&plan.builder, &plan.setup);
+    for host in &plan.hosts {
+        section(&host.host, &host.steps);
+    }
+    section(&plan.builder, &plan.teardown);
+    out
 }
 
 /// Prints a plan as the commands it would run, host by host, and the builder session that

@@ -60,6 +60,7 @@ pub fn run(sh: &Shell, ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
             config: config_path.clone(),
             servers: Vec::new(),
             dry_run: false,
+            show_commands: false,
             json: false,
             parallel: None,
             connect_parallel: None,

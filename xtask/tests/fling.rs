@@ -956,7 +956,20 @@ fn dry_run_prints_every_command_and_runs_none() {
     }
     let f = Fixture::new("dry");
     let config = f.config("deploy.toml", "", &f.default_servers());
+    // The plan for people: one line per step and host, what runs where.
     let out = f.fling(&config, &["--dry-run", "deploy", "install"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for (name, _) in SERVERS {
+        for phase in ["connect", "check", "push", "install"] {
+            let line = format!("[{name}] {phase} (builder -> {name}): ");
+            assert_eq!(stdout.matches(&line).count(), 1, "{line}: {stdout}");
+        }
+    }
+    assert!(stdout.lines().all(|l| l.len() < 300), "{stdout}");
+    assert!(stdout.contains("[client] agent (client): a private ssh-agent"), "{stdout}");
+    // With every command line and script.
+    let out = f.fling(&config, &["--dry-run", "--show-commands", "deploy", "install"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     for (name, _) in SERVERS {
