@@ -275,11 +275,9 @@ impl std::error::Error for ConfigError {}
 
 impl Config {
     /// Reads and validates a config file.
-    pub fn load(path: &Utf8Path) -> anyhow::Result<Config> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(err) => anyhow::bail!("read deployment config {path}: {err}"),
-        };
+    pub fn load(path: &Utf8Path) -> crate::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| crate::Error::ReadConfig { path: path.to_owned(), source })?;
         Ok(Config::parse(path, &text)?)
     }
 
@@ -307,15 +305,15 @@ impl Config {
     }
 
     /// The deployment servers, or the subset named on the command line.
-    pub fn select_servers(&self, only: &[String]) -> anyhow::Result<Vec<&Server>> {
+    pub fn select_servers(&self, only: &[String]) -> crate::Result<Vec<&Server>> {
         if only.is_empty() {
             return Ok(self.deployment.servers.iter().map(|name| self.server(name)).collect());
         }
         let mut selected = Vec::new();
         for name in only {
             let Some(server) = self.deployment.servers.iter().find(|s| s.as_str() == name) else {
-                anyhow::bail!(
-                    "--servers: {name:?} is not one of the deployment servers of {} ({})",
+                return Err(crate::Error::Select(format!(
+                    "{name:?} is not one of the deployment servers of {} ({})",
                     self.path,
                     self.deployment
                         .servers
@@ -323,10 +321,10 @@ impl Config {
                         .map(|s| s.as_str())
                         .collect::<Vec<_>>()
                         .join(", ")
-                );
+                )));
             };
             if selected.iter().any(|s: &&Server| &s.name == server) {
-                anyhow::bail!("--servers: {name:?} is given twice");
+                return Err(crate::Error::Select(format!("{name:?} is given twice")));
             }
             selected.push(self.server(server));
         }

@@ -12,9 +12,12 @@
 
 pub mod batch;
 pub mod config;
+pub mod error;
 pub mod exec;
 pub mod interrupt;
 pub mod overlay;
 pub mod plan;
 pub mod quote;
 pub mod ssh;
+
+pub use error::{Error, Result};

@@ -12,7 +12,6 @@
 //! installer places an overlay's `opt/flotilla/<service>/...` into the release before any
 //! service starts.
 
-use anyhow::Context as _;
 use camino::Utf8Path;
 use xshell::{cmd, Shell};
 
@@ -77,9 +76,12 @@ pub fn generate(
     root: &Utf8Path,
     workspace: &Utf8Path,
     identities: Identities,
-) -> anyhow::Result<()> {
-    let input = serde_json::to_vec(&request(config, root, identities))
-        .context("serialize the overlay request")?;
+) -> crate::Result<()> {
+    let failed = |what: String| {
+        move |e: xshell::Error| crate::Error::Overlay { what, message: e.to_string() }
+    };
+    let input =
+        serde_json::to_vec(&request(config, root, identities)).expect("a request serializes");
     let manifest = workspace.join("Cargo.toml");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     // From the workspace root, so cargo reads the workspace's own `.cargo/config.toml`.
@@ -96,18 +98,22 @@ pub fn generate(
             build = build.env_remove(key);
         }
     }
-    let messages = build.quiet().read().with_context(|| {
-        format!("build flotilla-overlay in {workspace} (a dependency of its xtask)")
-    })?;
+    let messages = build.quiet().read().map_err(failed(format!(
+        "build flotilla-overlay in {workspace} (a member of the workspace or a dependency of its \
+         xtask)"
+    )))?;
     let binary = messages
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
         .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "flotilla-overlay")
         .find_map(|m| m["executable"].as_str().map(str::to_owned))
-        .with_context(|| format!("cargo built no flotilla-overlay binary in {workspace}"))?;
-    cmd!(sh, "{binary} generate").stdin(input).quiet().run().with_context(|| {
-        format!("generate the overlays under {root}/{OUT_DIR} with flotilla-overlay")
-    })
+        .ok_or_else(|| crate::Error::Overlay {
+            what: format!("build flotilla-overlay in {workspace}"),
+            message: "cargo built no flotilla-overlay binary".into(),
+        })?;
+    cmd!(sh, "{binary} generate").stdin(input).quiet().run().map_err(failed(format!(
+        "generate the overlays under {root}/{OUT_DIR} with flotilla-overlay"
+    )))
 }
 
 /// The node's identity for people and scripts on the server: its name, address, role and

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use camino::Utf8PathBuf;
 
 use super::{
-    config::{Config, Server},
+    config::{Config, Server, ServiceManager},
     quote::{quote, quote_words, RemotePath},
     ssh::{Agent, BuilderHop, ServerHop},
 };
@@ -570,8 +570,8 @@ pub fn overlay(cx: &Context<'_>, rotate: bool) -> Plan {
 /// `install-prereqs`: checks and prepares what the builder and the servers need. Every step
 /// is idempotent. The service users come from the client's own workspace (`User=` of
 /// `smf/*/*.service`), read now, so a bad name is refused before anything runs.
-pub fn install_prereqs(cx: &Context<'_>, servers: &[&Server]) -> anyhow::Result<Plan> {
-    let users = service_users(&cx.local_workspace())?;
+pub fn install_prereqs(cx: &Context<'_>, servers: &[&Server]) -> crate::Result<Plan> {
+    let users = service_users(&cx.local_workspace(), cx.config.deployment.service_manager)?;
     let mut plan = cx.plan("install-prereqs".into(), Locking::Lock, true, Agent::Forward);
     let builder_script = format!(
         "PATH=\"$HOME/.cargo/bin:$PATH\"; missing=; for t in cargo rsync ssh; do command -v \
@@ -622,68 +622,64 @@ pub fn install_prereqs(cx: &Context<'_>, servers: &[&Server]) -> anyhow::Result<
     Ok(plan)
 }
 
-/// The users the services of the workspace at `root` run as: the `User=` lines of
-/// `smf/*/*.service`, sorted and without duplicates. Each must be a portable system user name
-/// (`^[a-z_][a-z0-9_-]{0,31}$`, which `useradd` on Linux and illumos both accept); any other is
-/// refused naming the file and line, since it travels into a root shell on every server.
-pub fn service_users(root: &camino::Utf8Path) -> anyhow::Result<Vec<String>> {
-    use anyhow::Context as _;
+/// The users the services of the workspace at `root` run as, read from their definitions as
+/// the configured service manager reads them (`smf/*/*.service`: `User=` of `[Service]`;
+/// `smf/*/manifest.xml`: the method credential), sorted and without duplicates. Each must be
+/// a portable system user name, which `useradd` on Linux and illumos both accept; any other
+/// is refused naming the file and line, since it travels into a root shell on every server.
+pub fn service_users(
+    root: &camino::Utf8Path,
+    manager: ServiceManager,
+) -> crate::Result<Vec<String>> {
+    use flotilla_contracts::manager::ManagerKind;
+    let err = crate::Error::ServiceUsers;
+    let list = |dir: &camino::Utf8Path| -> crate::Result<Vec<camino::Utf8PathBuf>> {
+        let entries = dir.read_dir_utf8().map_err(|e| err(format!("list {dir}: {e}")))?;
+        let mut paths = Vec::new();
+        for entry in entries {
+            paths.push(entry.map_err(|e| err(format!("list {dir}: {e}")))?.path().to_owned());
+        }
+        paths.sort();
+        Ok(paths)
+    };
     let smf = root.join("smf");
-    let mut units = Vec::new();
     // A workspace without service definitions has no services, so no users to create; the
     // installer still refuses any user a package declares that a server lacks.
-    let entries = match smf.read_dir_utf8() {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        entries => entries.with_context(|| format!("read the service users: list {smf}"))?,
-    };
-    for entry in entries {
-        let dir =
-            entry.with_context(|| format!("read the service users: list {smf}"))?.path().to_owned();
-        if !dir.is_dir() {
-            continue;
-        }
-        for file in
-            dir.read_dir_utf8().with_context(|| format!("read the service users: list {dir}"))?
-        {
-            let path = file
-                .with_context(|| format!("read the service users: list {dir}"))?
-                .path()
-                .to_owned();
-            if path.extension() == Some("service") {
-                units.push(path);
-            }
-        }
+    if !smf.is_dir() {
+        return Ok(Vec::new());
     }
-    units.sort();
+    let kind = match manager {
+        ServiceManager::Systemd => ManagerKind::Systemd,
+        ServiceManager::Smf => ManagerKind::Smf,
+    };
     let mut users = Vec::new();
-    for unit in units {
-        let text = std::fs::read_to_string(&unit)
-            .with_context(|| format!("read the service users: read {unit}"))?;
-        for (index, line) in text.lines().enumerate() {
-            let Some(name) = line.trim().strip_prefix("User=") else { continue };
-            let name = name.trim();
-            if !valid_user_name(name) {
-                anyhow::bail!(
-                    "read the service users: {unit}: line {}: `User={name}` is not a system user \
-                     name (^[a-z_][a-z0-9_-]{{0,31}}$)",
-                    index + 1
-                );
+    for dir in list(&smf)?.into_iter().filter(|d| d.is_dir()) {
+        let definitions: Vec<camino::Utf8PathBuf> = match manager {
+            ServiceManager::Systemd => {
+                list(&dir)?.into_iter().filter(|p| p.extension() == Some("service")).collect()
             }
-            users.push(name.to_owned());
+            ServiceManager::Smf => {
+                let manifest = dir.join(flotilla_contracts::services::SMF_MANIFEST);
+                if manifest.is_file() {
+                    vec![manifest]
+                } else {
+                    Vec::new()
+                }
+            }
+        };
+        for path in definitions {
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| err(format!("read {path}: {e}")))?;
+            if let Some(user) =
+                flotilla_contracts::services::declared_user(kind, &path, &text).map_err(err)?
+            {
+                users.push(user.user);
+            }
         }
     }
     users.sort();
     users.dedup();
     Ok(users)
-}
-
-/// Whether `name` matches `^[a-z_][a-z0-9_-]{0,31}$`.
-fn valid_user_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_');
-    first_ok
-        && name.len() <= 32
-        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
 }
 
 /// The server-side script that creates each service user (with a group of the same name) when
@@ -1125,30 +1121,31 @@ mod tests {
                 ("d", "[Service]\nUser=flotilla-a\n"),
             ],
         );
-        assert_eq!(service_users(&ws.0).unwrap(), ["flotilla-a", "flotilla-b"]);
-        assert!(service_users(&ws.0.join("no-such-workspace")).unwrap().is_empty());
+        let systemd = ServiceManager::Systemd;
+        assert_eq!(service_users(&ws.0, systemd).unwrap(), ["flotilla-a", "flotilla-b"]);
+        assert!(service_users(&ws.0.join("no-such-workspace"), systemd).unwrap().is_empty());
     }
 
     #[test]
     fn the_workspaces_own_services_run_as_their_users() {
-        let users =
-            service_users(camino::Utf8Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/..")))
-                .unwrap();
-        assert_eq!(users, ["flotilla-control-plane", "flotilla-etcd", "flotilla-node-agent"]);
+        // Read as each service manager reads them: the units' `User=` and the SMF manifests'
+        // method credentials name the same users.
+        let root = camino::Utf8Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+        for manager in [ServiceManager::Systemd, ServiceManager::Smf] {
+            let users = service_users(root, manager).unwrap();
+            assert_eq!(users, ["flotilla-control-plane", "flotilla-etcd", "flotilla-node-agent"]);
+        }
     }
 
     #[test]
     fn a_bad_user_name_is_refused_with_its_file_and_line() {
-        for bad in ["Root", "a b", "x;reboot", "1abc", "$(id)", &"a".repeat(33), ""] {
+        for bad in ["Root", "a b", "x;reboot", "1abc", "$(id)", &"a".repeat(33)] {
             let ws =
                 Workspace::new("bad", &[("s", &format!("[Service]\nType=exec\nUser={bad}\n"))]);
-            let err = service_users(&ws.0).unwrap_err().to_string();
+            let err = service_users(&ws.0, ServiceManager::Systemd).unwrap_err().to_string();
             let expected =
-                format!("read the service users: {}/smf/s/s.service: line 3: `User={bad}`", ws.0);
+                format!("read the service users: {}/smf/s/s.service: line 3: `{bad}`", ws.0);
             assert!(err.starts_with(&expected), "{err}");
-        }
-        for good in ["_a", "a", "flotilla-node-agent", "a_b-9", &"a".repeat(32)] {
-            assert!(valid_user_name(good), "{good}");
         }
     }
 

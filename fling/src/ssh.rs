@@ -58,7 +58,7 @@ pub struct ServerHop {
 }
 
 impl BuilderHop {
-    pub fn new(config: &Config, control_dir: &Utf8Path) -> anyhow::Result<BuilderHop> {
+    pub fn new(config: &Config, control_dir: &Utf8Path) -> crate::Result<BuilderHop> {
         let server = config.builder_server();
         let control_path = control_dir.join("builder");
         let shared = [
@@ -71,7 +71,9 @@ impl BuilderHop {
         // config's, then the defaults they may tune.
         let mut fixed: Vec<String> = FIXED.iter().map(|s| s.to_string()).collect();
         if let Some(kh) = &config.ssh.known_hosts {
-            let kh = kh.local().map_err(|e| anyhow::anyhow!("ssh.known_hosts: {e}"))?;
+            let kh = kh
+                .local()
+                .map_err(|message| crate::Error::Path { field: "ssh.known_hosts", message })?;
             fixed.extend(["-o".into(), format!("UserKnownHostsFile={kh}")]);
         }
         fixed.extend(shared.iter().cloned());
