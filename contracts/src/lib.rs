@@ -8,6 +8,7 @@
 
 pub mod atomic;
 pub mod digests;
+pub mod installer;
 pub mod layout;
 pub mod manager;
 pub mod overlay;

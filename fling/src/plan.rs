@@ -402,16 +402,12 @@ fn refusal(dir: &RemotePath, marker: &str, field: &str, what: &str) -> String {
     format!("{{ echo {} >&2; exit 1; }}", quote(&message))
 }
 
-/// The name of the file in a server's staging directory that holds the key of what was last
-/// pushed there and installed from it.
-const VIEW_KEY: &str = ".fling-view";
+/// The file in a server's staging directory that holds the key of what was last pushed there
+/// and installed from it; the installer writes it.
+const STAGED_KEY: &str = flotilla_contracts::layout::staging::KEY;
 
 /// The directory in a server's staging directory of what `install-prereqs` carried there.
 const TOOLS: &str = ".tools";
-
-/// The exit status of a server's check when its staging directory does not hold what this
-/// deploy would push. The installer never exits with it.
-const NEEDS_PUSH: i32 = 222;
 
 /// A builder step as it runs inside a plan's builder session: the builder's `sh -c` of its
 /// script, which is what `--dry-run` shows.
@@ -917,19 +913,17 @@ pub fn lock(cx: &Context<'_>, release: bool) -> Plan {
 /// A redeploy of what a server already has should cost one session there, not a transfer
 /// session and an install session. The builder computes a key of what it would push: the
 /// digest list (which names every package by its digest), the installer binary's digest, the
-/// server's overlay files and the install command. The server keeps the key of its last
-/// install in its staging directory. `check` runs the installer right away when the keys match
-/// (the installer's own no-op path then decides whether anything changes); otherwise it exits
-/// with `NEEDS_PUSH` and the builder pushes (removing the key before changing anything), then
-/// installs and records the key once the installer succeeded. An install from a matching key
-/// that fails removes the key; when it failed before changing anything (the installer's exit
-/// status 1, say a staged package went missing, or no installer to run), the same deploy
-/// pushes and installs again.
+/// server's overlay files and the install command. `check` runs the installer with that key and
+/// `--if-staged`: it installs at once when the staging directory holds that key (the
+/// installer's own no-op path then decides whether anything changes), and otherwise exits with
+/// `EXIT_NOT_STAGED`, as it does when installing from the staging directory failed before
+/// anything changed (say a staged package went missing); so does a shell that finds no
+/// installer to run (126, 127). Then the builder pushes (the push removes the key before
+/// changing anything) and installs with the key, which the installer records once it
+/// succeeded and removes when it failed.
 fn install_body(cx: &Context<'_>, server: &Server, install: &str) -> (Vec<&'static str>, String) {
     let hop = cx.server_hop(server);
-    let staging = cx.staging();
-    let key_file = staging.join(VIEW_KEY).shell_word();
-    let key_tmp = staging.join(&format!("{VIEW_KEY}.tmp")).shell_word();
+    let staging = cx.staging().shell_word();
     let overlay_dir = quote(&format!("out/overlay/{}", server.name));
     let key = format!(
         "k=none; if cd -- {src} && [ -f out/digests.b3 ] && [ -x target/release/{INSTALLER} ] \
@@ -940,19 +934,19 @@ fn install_body(cx: &Context<'_>, server: &Server, install: &str) -> (Vec<&'stat
         src = cx.workspace(),
         command = quote(install),
     );
-    let check = hop.run_with_key(&format!(
-        "if [ \"$(cat {key_file} 2>/dev/null)\" = \"$k\" ]; then {}; {install} || \
-         {{ rc=$?; rm -f -- {key_file}; case $rc in 1 | 126 | 127) exit {NEEDS_PUSH} ;; esac; \
-         exit $rc; }}; exit 0; fi; exit {NEEDS_PUSH}",
-        phase("install"),
-    ));
-    let install_and_record = hop.run_with_key(&format!(
-        "{install} && {{ printf '%s\\n' \"$k\" > {key_tmp} && mv -f -- {key_tmp} {key_file} || true; }}"
-    ));
+    // `$k` is lowercase hex, set in the server's shell by `run_with_key`.
+    let with_key = format!("{install} --staging {staging} --staged-key \"$k\"");
+    let check = hop.run_with_key(&format!("{with_key} --if-staged"));
+    let install_and_record = format!(
+        "if [ \"$k\" = none ]; then {}; else {}; fi",
+        hop.run(install),
+        hop.run_with_key(&with_key)
+    );
     let body = format!(
-        "( {key}; if [ \"$k\" != none ]; then {check_phase}; {check}; rc=$?; \
-         [ \"$rc\" -eq {NEEDS_PUSH} ] || exit \"$rc\"; fi; {push_phase}; {push} || exit $?; \
-         {install_phase}; {install_and_record} )",
+        "( {key}; if [ \"$k\" != none ]; then {check_phase}; {check}; rc=$?; case $rc in \
+         {not_staged} | 126 | 127) ;; *) exit \"$rc\" ;; esac; fi; {push_phase}; {push} || \
+         exit $?; {install_phase}; {install_and_record} )",
+        not_staged = flotilla_contracts::installer::EXIT_NOT_STAGED,
         check_phase = phase("check"),
         push_phase = phase("push"),
         push = push(cx, server),
@@ -982,7 +976,7 @@ fn push(cx: &Context<'_>, server: &Server) -> String {
          then R=rsync; elif [ -x {carried} ]; then R={carried}; else echo 'this server has no \
          rsync: run `cargo xtask fling install-prereqs`' >&2; exit 127; fi && exec \"$R\"",
         claim(cx.staging(), STAGING_MARKER, "deployment.staging_dir"),
-        cx.staging().join(VIEW_KEY).shell_word()
+        cx.staging().join(STAGED_KEY).shell_word()
     );
     let rsync = quote_words(&[
         "rsync",

@@ -15,6 +15,7 @@ pub mod lock;
 pub mod manager;
 pub mod release;
 pub mod runner;
+pub mod staging;
 pub mod unpack;
 
 pub use digests::DIGEST_LIST;

@@ -12,6 +12,9 @@ use std::time::Duration;
 use anyhow::Context;
 use camino::Utf8PathBuf;
 use clap::{Parser, Subcommand};
+use flotilla_contracts::installer::{
+    EXIT_FAILED, EXIT_LOCKED, EXIT_NOT_STAGED, EXIT_OK, EXIT_UNHEALTHY,
+};
 use installer::runner::SystemRunner;
 use installer::{detect, Config, Error, Installer, ManagerKind, Prefix, DEFAULT_PREFIX};
 
@@ -48,10 +51,22 @@ enum Command {
     Install {
         /// The directory with the `*.tar.gz`/`*.tar` packages and `digests.b3`.
         packages: Utf8PathBuf,
-        /// This server's overlay: files under `opt/flotilla/<service>/` placed into the
-        /// release before any service starts.
+        /// This server's overlay: files under `<packages prefix>/<service>/` placed into
+        /// the release before any service starts.
         #[arg(long)]
         overlay: Option<Utf8PathBuf>,
+        /// The staging directory fling filled: with `--staged-key`, where the key of what it
+        /// holds is recorded.
+        #[arg(long, requires = "staged_key")]
+        staging: Option<Utf8PathBuf>,
+        /// Record this key (64 hex digits, fling's digest of what it pushed) in the staging
+        /// directory once the install succeeded; remove it when the install fails.
+        #[arg(long, requires = "staging")]
+        staged_key: Option<installer::staging::StagedKey>,
+        /// Install only when the staging directory holds `--staged-key`; otherwise, or when
+        /// installing from it fails before anything changed, exit with status 4 (push first).
+        #[arg(long, requires = "staged_key")]
+        if_staged: bool,
     },
     /// Activate the previous release, or the one given.
     Rollback {
@@ -80,19 +95,19 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(err) => {
             eprintln!("error: {err:#}");
             match err.downcast_ref::<Error>() {
-                Some(Error::Locked { .. }) => ExitCode::from(2),
-                Some(Error::Unhealthy { .. }) => ExitCode::from(3),
-                _ => ExitCode::FAILURE,
+                Some(Error::Locked { .. }) => ExitCode::from(EXIT_LOCKED),
+                Some(Error::Unhealthy { .. }) => ExitCode::from(EXIT_UNHEALTHY),
+                _ => ExitCode::from(EXIT_FAILED),
             }
         }
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> anyhow::Result<u8> {
     let manager = match cli.service_manager {
         Some(kind) => kind,
         None => detect("/".into())?,
@@ -108,8 +123,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let installer =
         Installer::new(config, Arc::new(SystemRunner)).with_log(|line| eprintln!("{line}"));
     match cli.command {
-        Command::Install { packages, overlay } => {
-            let outcome = installer.install(&packages, overlay.as_deref())?;
+        Command::Install { packages, overlay, staging, staged_key, if_staged } => {
+            let outcome = match (&staging, &staged_key) {
+                (Some(staging), Some(key)) => {
+                    match installer::staging::install_staged(
+                        &installer,
+                        staging,
+                        &packages,
+                        overlay.as_deref(),
+                        key,
+                        if_staged,
+                    )? {
+                        installer::staging::Staged::Installed(outcome) => outcome,
+                        installer::staging::Staged::NotStaged(why) => {
+                            eprintln!("not staged: {why}");
+                            return Ok(EXIT_NOT_STAGED);
+                        }
+                    }
+                }
+                _ => installer.install(&packages, overlay.as_deref())?,
+            };
             println!("{outcome}");
         }
         Command::Rollback { to } => {
@@ -140,5 +173,5 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("removed releases: {}", removed.join(", "));
         }
     }
-    Ok(())
+    Ok(EXIT_OK)
 }

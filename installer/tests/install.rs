@@ -927,3 +927,47 @@ fn a_release_without_services_makes_no_service_manager_calls() {
     installer(root, ManagerKind::Systemd, &runner).uninstall(false).unwrap();
     assert_eq!(runner.take(), Vec::<String>::new(), "reinstall, status and uninstall");
 }
+
+#[test]
+fn a_staged_key_is_recorded_after_an_install_and_checked_by_if_staged() {
+    use installer::staging::{install_staged, Staged, StagedKey};
+    let tmp = TempDir::new("staged");
+    let root = tmp.path();
+    let staging = root.join("staging");
+    fs::create_dir_all(&staging).unwrap();
+    let packages = two_services(root, "v1", "v = 1\n", None);
+    let key = StagedKey::new(&"a".repeat(64)).unwrap();
+    let other = StagedKey::new(&"b".repeat(64)).unwrap();
+    let runner = running();
+    let inst = installer(root, ManagerKind::Systemd, &runner);
+    // Nothing recorded yet: --if-staged asks for a push, and changes nothing.
+    let staged = install_staged(&inst, &staging, &packages, None, &key, true).unwrap();
+    assert!(matches!(staged, Staged::NotStaged(_)), "{staged:?}");
+    assert_eq!(runner.take(), Vec::<String>::new());
+    assert!(!root.join("prefix/current").exists());
+    // After the push: installed, then recorded.
+    let staged = install_staged(&inst, &staging, &packages, None, &key, false).unwrap();
+    assert!(matches!(staged, Staged::Installed(_)), "{staged:?}");
+    assert_eq!(
+        fs::read_to_string(staging.join(".staged-key")).unwrap(),
+        format!("{}\n", "a".repeat(64))
+    );
+    // The same deploy again installs at once; another one asks for a push.
+    assert!(matches!(
+        install_staged(&inst, &staging, &packages, None, &key, true).unwrap(),
+        Staged::Installed(_)
+    ));
+    assert!(matches!(
+        install_staged(&inst, &staging, &packages, None, &other, true).unwrap(),
+        Staged::NotStaged(_)
+    ));
+    // An install from a matching key that fails before changing anything (a staged package
+    // went missing) forgets the key and asks for a push.
+    fs::remove_file(packages.join("a.tar.gz")).unwrap();
+    let staged = install_staged(&inst, &staging, &packages, None, &key, true).unwrap();
+    assert!(matches!(staged, Staged::NotStaged(ref why) if why.contains("failed")), "{staged:?}");
+    assert!(!staging.join(".staged-key").exists());
+    for bad in ["", "A".repeat(64).as_str(), &"a".repeat(63), "none", &"g".repeat(64)] {
+        assert!(StagedKey::new(bad).is_err(), "{bad}");
+    }
+}

@@ -179,14 +179,25 @@ impl Fixture {
         std::fs::write(b.join("out/control-plane.tar.gz"), &payload[..1000]).unwrap();
         std::fs::write(b.join("out/digests.b3"), "0000  node-agent.tar.gz\n").unwrap();
         std::fs::write(b.join("out/unrelated.log"), "not a package").unwrap();
+        // It keeps the installer's staged-key contract: with --if-staged it installs only when
+        // the staging directory holds the key (else exit 4); it records the key after an
+        // install and removes it after a failure.
         let installer = format!(
             "#!/bin/sh\nset -e\nstaging=$(dirname \"$(dirname \"$0\")\")\n\
              [ -e {d}/installer-sleep ] && sleep 4\n\
+             key=; if_staged=; prev=\n\
+             for a in \"$@\"; do [ \"$prev\" = --staged-key ] && key=$a; \
+             [ \"$a\" = --if-staged ] && if_staged=1; prev=$a; done\n\
+             if [ -n \"$if_staged\" ] && [ \"$(cat \"$staging/.staged-key\" 2>/dev/null)\" != \"$key\" ]; \
+             then echo 'not staged' >&2; exit 4; fi\n\
              echo \"$SSH_CONNECTION | $*\" >> {d}/installer.log\n\
              [ -e \"$staging/packages/node-agent.tar.gz\" ] || \
-             {{ echo 'verify node-agent.tar.gz: missing' >&2; exit 1; }}\n\
-             [ -e {d}/installer-fail ] && {{ echo 'health check failed' >&2; exit 3; }}\n\
-             find \"$staging/overlay\" -type f | sort >> {d}/installer.log\nexit 0\n",
+             {{ rm -f \"$staging/.staged-key\"; echo 'verify node-agent.tar.gz: missing' >&2; \
+             [ -n \"$if_staged\" ] && exit 4; exit 1; }}\n\
+             [ -e {d}/installer-fail ] && {{ rm -f \"$staging/.staged-key\"; \
+             echo 'health check failed' >&2; exit 3; }}\n\
+             find \"$staging/overlay\" -type f | sort >> {d}/installer.log\n\
+             if [ -n \"$key\" ]; then printf '%s\\n' \"$key\" > \"$staging/.staged-key\"; fi\nexit 0\n",
             d = self.dir.0.display()
         );
         let bin = b.join("target/release/flotilla-installer");
@@ -436,9 +447,9 @@ fn deploy_pushes_each_server_only_its_own_overlay_and_a_rerun_sends_no_payload()
         let last = log.lines().rev().find(|l| l.contains(" | ")).unwrap();
         assert!(last.contains(&format!(" {addr} ")), "the installer ran elsewhere: {last}");
         assert!(
-            last.ends_with(&format!(
+            last.contains(&format!(
                 "| --prefix /opt/flotilla --packages-prefix /opt/flotilla --service-manager systemd \
-                 install {0}/packages --overlay {0}/overlay",
+                 install {0}/packages --overlay {0}/overlay --staging {0} --staged-key ",
                 staging.display()
             )),
             "{last}"
