@@ -20,8 +20,7 @@ use std::fmt::Write as _;
 
 use super::{plan::Plan, quote::quote};
 
-/// The descriptor of the connection-start tokens inside a host's step.
-pub const CONNECT_FD: u32 = 7;
+pub use super::protocol::{CONNECT_FD, TAG};
 /// The descriptor of the host-slot tokens, used by the dispatcher only.
 const SLOT_FD: u32 = 6;
 /// The descriptor of the session's standard output inside the tagging pipelines.
@@ -29,8 +28,6 @@ const OUT_FD: u32 = 4;
 /// A token pipe holds one byte per token; a pipe's buffer holds at least 4096 of them.
 const MAX_TOKENS: usize = 4096;
 
-/// The prefix of every line the session script writes.
-pub const TAG: &str = "@@fling ";
 /// The tag of the setup step.
 pub const SETUP: &str = "S";
 /// The tag of the release step.

@@ -24,7 +24,8 @@ use xshell::{cmd, Shell};
 
 use super::{
     batch, interrupt,
-    plan::{Plan, Session, Step, StepKind, LOCK_HELD_STATUS},
+    plan::{Plan, Session, Step, StepKind},
+    protocol::LOCK_HELD_STATUS,
 };
 
 /// Every host succeeded.
@@ -511,8 +512,7 @@ impl Status {
     }
 }
 
-/// The line a builder script writes to stderr when a step enters its next phase.
-pub const PHASE_MARKER: &str = "@@fling-phase ";
+pub use super::protocol::PHASE_MARKER;
 
 /// A running step: its phase, output and what it sent, reported to the UI as lines arrive.
 ///

@@ -17,6 +17,7 @@ pub mod exec;
 pub mod interrupt;
 pub mod overlay;
 pub mod plan;
+pub mod protocol;
 pub mod quote;
 pub mod ssh;
 

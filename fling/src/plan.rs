@@ -11,8 +11,7 @@ use super::{
     ssh::{Agent, BuilderHop, ServerHop},
 };
 
-/// The exit status the lock script uses when another run holds the deploy lock.
-pub const LOCK_HELD_STATUS: i32 = 75;
+pub use super::protocol::LOCK_HELD_STATUS;
 
 /// The name of the installer binary on the builder and in each server's staging directory.
 pub const INSTALLER: &str = "flotilla-installer";
@@ -31,7 +30,7 @@ pub struct Step {
     /// Text fed to the command's standard input.
     pub stdin: Option<String>,
     /// The phases of a step that does several things in one session, in order; empty for a
-    /// step that is one thing, `name`. The script announces each with `exec::PHASE_MARKER`.
+    /// step that is one thing, `name`. The script announces each with `protocol::PHASE_MARKER`.
     pub phases: Vec<&'static str>,
     /// The builder-side script of a step that runs on the builder.
     pub script: Option<String>,
@@ -290,7 +289,7 @@ impl Context<'_> {
     /// server (the `connect` phase, whose ssh status 255 means unreachable), then runs each
     /// phase's builder-side command, stopping at the first that fails. It runs inside the
     /// plan's builder session (`batch::script`), which bounds connection starts with tokens
-    /// read from `batch::CONNECT_FD`; the background ssh master gets none of the session's
+    /// read from `protocol::CONNECT_FD`; the background ssh master gets none of the session's
     /// descriptors beyond its standard ones, which it points at /dev/null.
     fn server_step(&self, server: &Server, phases: Vec<(&'static str, String, String)>) -> Step {
         let mut body = Vec::new();
@@ -314,7 +313,7 @@ impl Context<'_> {
         what: Vec<String>,
     ) -> Step {
         let hop = self.server_hop(server);
-        let fd = super::batch::CONNECT_FD;
+        let fd = super::protocol::CONNECT_FD;
         // Each server's shared connection closes with its step, in parallel with the others,
         // rather than one after the other at the end of the run.
         let script = format!(
@@ -351,9 +350,9 @@ impl Context<'_> {
     }
 }
 
-/// The command that announces a phase of a server step (see `exec::PHASE_MARKER`).
+/// The command that announces a phase of a server step (see `protocol::PHASE_MARKER`).
 fn phase(name: &str) -> String {
-    format!("echo {} >&2", quote(&format!("{}{name}", super::exec::PHASE_MARKER)))
+    format!("echo {} >&2", quote(&format!("{}{name}", super::protocol::PHASE_MARKER)))
 }
 
 /// The marker of a staging directory fling created (see `flotilla_contracts::layout`).
