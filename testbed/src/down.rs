@@ -101,10 +101,8 @@ pub fn system_names(tag: Option<&str>) -> Vec<String> {
 /// line; a recycled pid belongs to someone else and is never signalled.
 pub fn is_our_process(pid: u32, marker: &str) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // A zombie has finished; only its parent's wait is missing.
-    let zombie = stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
-    !zombie && mentions(&cmdline, marker.as_bytes())
+    !is_zombie(pid) && mentions(&cmdline, marker.as_bytes())
 }
 
 /// Whether `cmdline` names `marker` as a whole word, between NULs or spaces. sshd rewrites its command line into one
@@ -142,8 +140,16 @@ fn stop(tb: &Testbeds<'_>, processes: &[(u32, String)]) {
     // `down` returns only once every process is gone, not merely finished: a finished child
     // of this process is reaped here, and one that another process started (`testbed up` from
     // the command line) is waited for until its parent or init has reaped it.
+    // Those that had already died (a crash) are waited for too: a finished child of this
+    // process is still in the process table until it is reaped. A recorded pid that now
+    // belongs to a live process of someone else is left alone.
+    let finished: Vec<(u32, &str)> = processes
+        .iter()
+        .filter(|(pid, _)| is_zombie(*pid))
+        .map(|(p, m)| (*p, m.as_str()))
+        .collect();
     let deadline = Instant::now() + STOP_TIMEOUT;
-    for (pid, marker) in &ours {
+    for (pid, marker) in ours.iter().chain(&finished) {
         while Utf8Path::new("/proc").join(pid.to_string()).exists() && Instant::now() < deadline {
             if reap(*pid) {
                 break;
@@ -154,6 +160,12 @@ fn stop(tb: &Testbeds<'_>, processes: &[(u32, String)]) {
             (tb.log)(&format!("testbed: process {pid} ({marker}) has not been reaped yet"));
         }
     }
+}
+
+/// Whether `pid` has finished and waits to be reaped.
+fn is_zombie(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
 }
 
 /// Reaps `pid` if it is a finished child of this process; whether it is gone now.
