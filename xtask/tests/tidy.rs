@@ -74,9 +74,10 @@ fn deployment_example_refers_to_defined_servers() {
         String::from_utf8_lossy(&output.stderr)
     );
     for server in ["node1", "node2", "node3"] {
-        let step =
-            format!("[{server}] connect, check, push, install (runs on builder -> {server})");
-        assert!(stdout.contains(&step), "{stdout}");
+        for phase in ["connect", "check", "push", "install"] {
+            let step = format!("[{server}] {phase} (builder -> {server}): ");
+            assert!(stdout.contains(&step), "{stdout}");
+        }
     }
 }
 
