@@ -33,6 +33,26 @@ pub fn run(
 
 /// [`run`], with the run's exit code as a number.
 pub fn run_code(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Result<i32> {
+    Ok(run_with(sh, ctx, args, false)?.0)
+}
+
+/// Runs a fling command that reaches hosts without printing anything, and returns its report:
+/// for callers that measure or inspect a run (`fling bench`). A dry run has no report.
+pub fn run_report(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Result<exec::Report> {
+    match run_with(sh, ctx, args, true)? {
+        (_, Some(report)) => Ok(report),
+        (code, None) => anyhow::bail!("the fling command ran no plan (exit {code})"),
+    }
+}
+
+/// The exit code of the command, and the report of its run when it ran a plan. `quiet`: no
+/// progress, warnings or recap.
+fn run_with(
+    sh: &Shell,
+    ctx: &Context,
+    args: cli::FlingArgs,
+    quiet: bool,
+) -> anyhow::Result<(i32, Option<exec::Report>)> {
     let config = if args.config.as_str() == "-" {
         let mut text = String::new();
         std::io::stdin()
@@ -49,10 +69,10 @@ pub fn run_code(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Resu
         // binary, which prints the one-line summary.
         let identities = if *rotate { Identities::Rotate } else { Identities::Keep };
         overlay::generate(sh, &config, &ctx.invoked_from, ctx.root(), identities)?;
-        return Ok(exec::EXIT_OK);
+        return Ok((exec::EXIT_OK, None));
     }
 
-    if !args.json {
+    if !args.json && !quiet {
         for name in config::unused_servers(&config) {
             eprintln!(
                 "warning: {}: servers.{name} is neither the builder nor a deployment server",
@@ -61,8 +81,9 @@ pub fn run_code(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Resu
         }
     }
     if let FlingCommand::Bench { nodes, runs } = &args.command {
-        crate::fling_bench::run(sh, &config, &ctx.user_path(&args.config), nodes, (*runs).max(1))?;
-        return Ok(exec::EXIT_OK);
+        let path = ctx.user_path(&args.config);
+        crate::fling_bench::run(sh, ctx, &config, &path, nodes, (*runs).max(1))?;
+        return Ok((exec::EXIT_OK, None));
     }
     let servers = config.select_servers(&args.servers)?;
     let run_id = run_id();
@@ -171,7 +192,7 @@ pub fn run_code(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Resu
                 print!("{}", plan::render(&plan, session_script.as_deref()));
             }
         }
-        return Ok(exec::EXIT_OK);
+        return Ok((exec::EXIT_OK, None));
     }
 
     let agent =
@@ -188,15 +209,19 @@ pub fn run_code(sh: &Shell, ctx: &Context, args: cli::FlingArgs) -> anyhow::Resu
             .max(1),
         env,
     };
-    let ui = crate::fling_ui::Ui::new(args.json, &plan);
-    let report = exec::execute(sh, &plan, &options, &ui);
+    let report = if quiet {
+        exec::execute(sh, &plan, &options, &exec::Quiet)
+    } else {
+        exec::execute(sh, &plan, &options, &crate::fling_ui::Ui::new(args.json, &plan))
+    };
     drop(agent);
-    if args.json {
+    if quiet {
+    } else if args.json {
         println!("{}", report.summary());
     } else {
         print!("{}", report.recap());
     }
-    Ok(report.exit_code)
+    Ok((report.exit_code, Some(report)))
 }
 
 /// The private keys to offer the builder for the servers.

@@ -3,8 +3,9 @@
 //!
 //! The baseline does, per host and all hosts in parallel, what a shell script would: `ssh
 //! mkdir`, `scp` the tarballs, `ssh` extract + install the units + restart. It checks nothing.
-//! fling is timed as a user runs it: the real `cargo xtask fling ... install` process, from
-//! start to exit, including its own connection to the builder.
+//! fling is timed as a user runs it: a whole `cargo xtask fling ... install` (run in this
+//! process, through the same entry point as the command line), from reading the config to the
+//! report, including its own connection to the builder.
 
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,8 @@ use camino::{Utf8Path, Utf8PathBuf};
 use xshell::{cmd, Shell};
 
 use flotilla_fling::config::{Config, Server};
+
+use crate::cli::{FlingArgs, FlingCommand};
 
 /// One row of the result table.
 struct Row {
@@ -27,6 +30,7 @@ struct Row {
 
 pub fn run(
     sh: &Shell,
+    ctx: &crate::Context,
     config: &Config,
     config_path: &Utf8Path,
     nodes: &[usize],
@@ -51,8 +55,6 @@ pub fn run(
         bail!("no packages under {source}/out: run `fling build package` first");
     }
     let payload: u64 = tarballs.iter().filter_map(|p| p.metadata().ok()).map(|m| m.len()).sum();
-    let xtask = std::env::current_exe().context("find the xtask binary")?;
-    let xtask = Utf8PathBuf::try_from(xtask)?;
 
     for &n in nodes {
         if n == 0 || n > config.deployment.servers.len() {
@@ -71,23 +73,23 @@ pub fn run(
         // The first n servers are a cluster of their own (a database's members, the rack
         // secret's shares): a config that names only them, and their overlay generated from it.
         let config_path = &first_servers_config(config, n, &scratch.0)?;
-        overlay(sh, &xtask, config_path)?;
+        overlay(sh, ctx, config_path)?;
         let mut samples = Vec::new();
         for _ in 0..runs {
             // Start from nothing installed: fling's releases and the baseline's files gone,
             // and no service data of a cluster with other members.
-            let _ = fling(sh, &xtask, config_path, &names, "uninstall");
+            let _ = fling(sh, ctx, config_path, &names, "uninstall");
             baseline_clean(sh, config, &servers);
 
             let accepted_before = count_accepted(sh, config, &servers);
-            let (fling_time, fling_sent) = fling(sh, &xtask, config_path, &names, "install")?;
+            let (fling_time, fling_sent) = fling(sh, ctx, config_path, &names, "install")?;
             let connections = match (accepted_before, count_accepted(sh, config, &servers)) {
                 // The counting session itself is one accepted connection per host.
                 (Some(before), Some(after)) => Some((after - before) as f64 / n as f64 - 1.0),
                 _ => None,
             };
-            let (noop, noop_sent) = fling(sh, &xtask, config_path, &names, "install")?;
-            let _ = fling(sh, &xtask, config_path, &names, "uninstall");
+            let (noop, noop_sent) = fling(sh, ctx, config_path, &names, "install")?;
+            let _ = fling(sh, ctx, config_path, &names, "uninstall");
 
             let baseline = baseline(sh, config, &servers, &tarballs)?;
             baseline_clean(sh, config, &servers);
@@ -105,7 +107,7 @@ pub fn run(
         rows.push(samples.swap_remove(samples.len() / 2));
     }
     // Leave the overlay of the whole deployment, as `fling overlay` made it.
-    overlay(sh, &xtask, config_path)?;
+    overlay(sh, ctx, config_path)?;
 
     println!(
         "\npayload: {} packages, {:.1} MB, plus the installer; median of {runs} run(s)\n",
@@ -168,46 +170,52 @@ fn first_servers_config(config: &Config, n: usize, dir: &Utf8Path) -> anyhow::Re
     Ok(path)
 }
 
-/// Runs `cargo xtask fling ... overlay`: the builder generates the config's overlays.
-fn overlay(sh: &Shell, xtask: &Utf8Path, config: &Utf8Path) -> anyhow::Result<()> {
-    let out =
-        cmd!(sh, "{xtask} fling --config {config} overlay").ignore_status().quiet().output()?;
-    if !out.status.success() {
-        bail!(
-            "fling overlay with {config} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+/// `fling` with `config` and `command`, quietly, in this process.
+fn args(config: &Utf8Path, servers: &[&str], command: FlingCommand) -> FlingArgs {
+    FlingArgs {
+        config: config.to_owned(),
+        servers: servers.iter().map(|s| s.to_string()).collect(),
+        dry_run: false,
+        show_commands: false,
+        json: false,
+        parallel: None,
+        connect_parallel: None,
+        lock_wait: 0,
+        command,
+    }
+}
+
+/// `fling ... overlay`: the builder generates the config's overlays.
+fn overlay(sh: &Shell, ctx: &crate::Context, config: &Utf8Path) -> anyhow::Result<()> {
+    let command = FlingCommand::Overlay { generate_here: false, rotate: false };
+    let report = crate::fling::run_report(sh, ctx, args(config, &[], command))?;
+    if report.exit_code != 0 {
+        bail!("fling overlay with {config} failed: {}", report.recap());
     }
     Ok(())
 }
 
-/// Runs `cargo xtask fling ... <command>` and returns its wall time and the bytes it sent.
+/// `fling ... install|uninstall` to `servers`: its wall time and the bytes it sent.
 fn fling(
     sh: &Shell,
-    xtask: &Utf8Path,
+    ctx: &crate::Context,
     config: &Utf8Path,
     servers: &str,
     command: &str,
 ) -> anyhow::Result<(Duration, u64)> {
+    let servers: Vec<&str> = servers.split(',').collect();
+    let command = match command {
+        "install" => FlingCommand::Install,
+        "uninstall" => FlingCommand::Uninstall,
+        other => bail!("fling bench runs install and uninstall, not {other}"),
+    };
     let started = Instant::now();
-    let out = cmd!(sh, "{xtask} fling --config {config} --servers {servers} --json {command}")
-        .ignore_status()
-        .quiet()
-        .output()?;
+    let report = crate::fling::run_report(sh, ctx, args(config, &servers, command))?;
     let took = started.elapsed();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let summary: serde_json::Value =
-        stdout.lines().last().and_then(|l| serde_json::from_str(l).ok()).with_context(|| {
-            format!("fling {command}: no summary: {}", String::from_utf8_lossy(&out.stderr))
-        })?;
-    if !out.status.success() {
-        bail!("fling {command} to {servers} failed: {summary}");
+    if report.exit_code != 0 {
+        bail!("fling to {} failed: {}", servers.join(","), report.recap());
     }
-    let sent = summary["hosts"]
-        .as_array()
-        .map_or(0, |hosts| hosts.iter().filter_map(|h| h["bytes_sent"].as_u64()).sum());
-    Ok((took, sent))
+    Ok((took, report.hosts.iter().map(|h| h.bytes_sent).sum()))
 }
 
 /// The ssh words that reach a server straight from this machine, as the baseline does.
