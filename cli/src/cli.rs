@@ -286,6 +286,24 @@ pub struct FlingArgs {
     pub command: FlingCommand,
 }
 
+impl FlingArgs {
+    /// `fling --config <config> <command>` with every other flag at its default, for callers
+    /// that run fling from code (the demo, the bench).
+    pub fn new(config: Utf8PathBuf, command: FlingCommand) -> FlingArgs {
+        FlingArgs {
+            config,
+            servers: Vec::new(),
+            dry_run: false,
+            show_commands: false,
+            json: false,
+            parallel: None,
+            connect_parallel: None,
+            lock_wait: 0,
+            command,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum FlingCommand {
     /// Copy the client's workspace to the builder with rsync, honouring `.gitignore` and never

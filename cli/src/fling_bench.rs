@@ -172,17 +172,9 @@ fn first_servers_config(config: &Config, n: usize, dir: &Utf8Path) -> anyhow::Re
 
 /// `fling` with `config` and `command`, quietly, in this process.
 fn args(config: &Utf8Path, servers: &[&str], command: FlingCommand) -> FlingArgs {
-    FlingArgs {
-        config: config.to_owned(),
-        servers: servers.iter().map(|s| s.to_string()).collect(),
-        dry_run: false,
-        show_commands: false,
-        json: false,
-        parallel: None,
-        connect_parallel: None,
-        lock_wait: 0,
-        command,
-    }
+    let mut args = FlingArgs::new(config.to_owned(), command);
+    args.servers = servers.iter().map(|s| s.to_string()).collect();
+    args
 }
 
 /// `fling ... overlay`: the builder generates the config's overlays.

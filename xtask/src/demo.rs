@@ -56,17 +56,7 @@ pub fn run(sh: &Shell, ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
 
     let fling = |what: &str, command: FlingCommand| -> anyhow::Result<()> {
         step(what);
-        let args = FlingArgs {
-            config: config_path.clone(),
-            servers: Vec::new(),
-            dry_run: false,
-            show_commands: false,
-            json: false,
-            parallel: None,
-            connect_parallel: None,
-            lock_wait: 0,
-            command,
-        };
+        let args = FlingArgs::new(config_path.clone(), command);
         match flotilla_cli::fling::run_code(sh, ctx, args)? {
             0 => Ok(()),
             code => bail!("{what}: fling exited with {code}"),
