@@ -215,11 +215,12 @@ fn run_with(
         exec::execute(sh, &plan, &options, &crate::fling_ui::Ui::new(args.json, &plan))
     };
     drop(agent);
-    if quiet {
-    } else if args.json {
-        println!("{}", report.summary());
-    } else {
-        print!("{}", report.recap());
+    if !quiet {
+        if args.json {
+            println!("{}", report.summary());
+        } else {
+            print!("{}", report.recap());
+        }
     }
     Ok((report.exit_code, Some(report)))
 }

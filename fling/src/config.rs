@@ -547,6 +547,11 @@ pub fn escape_controls(s: &str) -> String {
 /// The dotted name of the field whose value starts at byte `offset` of a TOML text: the
 /// innermost table header above it and the key on its line. For the messages of errors the
 /// TOML parser reports (a bad port, a duplicate key, an unknown variant), which name no field.
+/// A table header's key (`servers."n1"`) as a dotted field name (`servers.n1`).
+fn dotted(header: &str) -> String {
+    header.split('.').map(|p| p.trim().trim_matches('"')).collect::<Vec<_>>().join(".")
+}
+
 fn field_at(text: &str, offset: usize) -> String {
     let offset = offset.min(text.len());
     let mut table = String::new();
@@ -556,11 +561,7 @@ fn field_at(text: &str, offset: usize) -> String {
         if let Some(header) = line.strip_prefix('[') {
             let header = header.trim_start_matches('[');
             if let Some(end) = header.find(']') {
-                table = header[..end]
-                    .split('.')
-                    .map(|p| p.trim().trim_matches('"'))
-                    .collect::<Vec<_>>()
-                    .join(".");
+                table = dotted(&header[..end]);
             }
         }
     }
@@ -570,11 +571,7 @@ fn field_at(text: &str, offset: usize) -> String {
     if trimmed.starts_with('[') {
         let header = trimmed.trim_start_matches('[');
         let end = header.find(']').unwrap_or(header.len());
-        return header[..end]
-            .split('.')
-            .map(|p| p.trim().trim_matches('"'))
-            .collect::<Vec<_>>()
-            .join(".");
+        return dotted(&header[..end]);
     }
     let key = match line.split_once('=') {
         Some((key, _)) if line_start + key.len() <= offset || offset == line_start => {
