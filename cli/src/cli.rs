@@ -429,6 +429,9 @@ pub struct InstallArgs {
     /// before any service starts.
     #[arg(long)]
     pub overlay: Option<Utf8PathBuf>,
+    /// Create the users and groups the services declare when this machine lacks them.
+    #[arg(long)]
+    pub create_users: bool,
 }
 
 #[derive(Debug, Args)]

@@ -104,7 +104,7 @@ fn run_with(
     };
     let plan = match &args.command {
         FlingCommand::Sync => plan::sync(&cx),
-        FlingCommand::InstallPrereqs => plan::install_prereqs(&cx, &servers)?,
+        FlingCommand::InstallPrereqs => plan::install_prereqs(&cx, &servers),
         FlingCommand::Build { command } => match command {
             FlingBuildCommand::Check { args } => plan::build(&cx, BuildKind::Check, args),
             FlingBuildCommand::Package { args } => plan::build(&cx, BuildKind::Package, args),

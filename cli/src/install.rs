@@ -15,7 +15,7 @@ use crate::Context;
 pub fn install(ctx: &Context, args: InstallArgs) -> anyhow::Result<()> {
     let packages = ctx.user_path(&args.packages);
     let overlay = args.overlay.map(|o| ctx.user_path(&o));
-    let outcome = installer(ctx, &args.host)?
+    let outcome = installer(ctx, &args.host, args.create_users)?
         .install(&packages, overlay.as_deref())
         .with_context(|| format!("install the packages of {packages}"))?;
     println!("{outcome}");
@@ -23,13 +23,13 @@ pub fn install(ctx: &Context, args: InstallArgs) -> anyhow::Result<()> {
 }
 
 pub fn rollback(ctx: &Context, args: RollbackArgs) -> anyhow::Result<()> {
-    let outcome = installer(ctx, &args.host)?.rollback(args.to.as_deref())?;
+    let outcome = installer(ctx, &args.host, false)?.rollback(args.to.as_deref())?;
     println!("{outcome}");
     Ok(())
 }
 
 pub fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<()> {
-    let status = installer(ctx, &args.host)?.status()?;
+    let status = installer(ctx, &args.host, false)?.status()?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status).context("write the status as JSON")?);
     } else {
@@ -39,24 +39,24 @@ pub fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<()> {
 }
 
 pub fn deactivate(ctx: &Context, args: HostArgs) -> anyhow::Result<()> {
-    let services = installer(ctx, &args)?.deactivate()?;
+    let services = installer(ctx, &args, false)?.deactivate()?;
     println!("stopped and disabled: {}", services.join(", "));
     Ok(())
 }
 
 pub fn uninstall(ctx: &Context, args: UninstallArgs) -> anyhow::Result<()> {
-    let services = installer(ctx, &args.host)?.uninstall(args.purge)?;
+    let services = installer(ctx, &args.host, false)?.uninstall(args.purge)?;
     println!("uninstalled; removed services: {}", services.join(", "));
     Ok(())
 }
 
 pub fn clean_releases(ctx: &Context, args: HostArgs) -> anyhow::Result<()> {
-    let removed = installer(ctx, &args)?.clean()?;
+    let removed = installer(ctx, &args, false)?.clean()?;
     println!("removed releases: {}", removed.join(", "));
     Ok(())
 }
 
-fn installer(ctx: &Context, args: &HostArgs) -> anyhow::Result<Installer> {
+fn installer(ctx: &Context, args: &HostArgs, create_users: bool) -> anyhow::Result<Installer> {
     let manager: ManagerKind = match &args.service_manager {
         Some(kind) => kind.parse().map_err(anyhow::Error::msg)?,
         None => installer::detect("/".into())?,
@@ -70,6 +70,7 @@ fn installer(ctx: &Context, args: &HostArgs) -> anyhow::Result<Installer> {
         manager,
         keep: args.keep,
         lock_wait: Duration::from_secs(args.lock_wait),
+        create_users,
     };
     Ok(Installer::new(config, Arc::new(SystemRunner)).with_log(|line| eprintln!("{line}")))
 }

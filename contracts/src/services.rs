@@ -2,9 +2,9 @@
 //! (`User=`/`Group=` of a systemd unit's `[Service]` section, the start method's
 //! `<method_credential>` of an SMF manifest) and the SMF manifest's identity and dependencies.
 //!
-//! The installer reads them to hand a service's overlay files to its user; fling reads them on
-//! the client to create the users on every server (`install-prereqs`). One parser serves both,
-//! so the two can never disagree about who a service runs as.
+//! The installer reads them to create a service's user when the host lacks it, to hand the
+//! service's overlay files to that user and to order SMF services; tests of the workspace's own
+//! definitions read them through the same parser, so no two readers can disagree.
 
 use camino::Utf8Path;
 use serde::{Deserialize, Serialize};

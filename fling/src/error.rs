@@ -14,9 +14,6 @@ pub enum Error {
     /// `--servers` names a server the config does not deploy to, or one twice.
     #[error("--servers: {0}")]
     Select(String),
-    /// The workspace's service definitions cannot be read, or declare a bad user.
-    #[error("read the service users: {0}")]
-    ServiceUsers(String),
     /// A path of the config cannot be resolved on this machine.
     #[error("{field}: {message}")]
     Path { field: &'static str, message: String },

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use camino::Utf8PathBuf;
 
 use super::{
-    config::{Config, Server, ServiceManager},
+    config::{Config, Server},
     quote::{quote, quote_words, RemotePath},
     ssh::{Agent, BuilderHop, ServerHop},
 };
@@ -563,10 +563,9 @@ pub fn overlay(cx: &Context<'_>, rotate: bool) -> Plan {
 }
 
 /// `install-prereqs`: checks and prepares what the builder and the servers need. Every step
-/// is idempotent. The service users come from the client's own workspace (`User=` of
-/// `smf/*/*.service`), read now, so a bad name is refused before anything runs.
-pub fn install_prereqs(cx: &Context<'_>, servers: &[&Server]) -> crate::Result<Plan> {
-    let users = service_users(&cx.local_workspace(), cx.config.deployment.service_manager)?;
+/// is idempotent. The services' users are not made here: the installer creates those its
+/// packages declare (`install --create-users`), so they follow the packages, not this command.
+pub fn install_prereqs(cx: &Context<'_>, servers: &[&Server]) -> Plan {
     let mut plan = cx.plan("install-prereqs".into(), Locking::Lock, true, Agent::Forward);
     let builder_script = format!(
         "PATH=\"$HOME/.cargo/bin:$PATH\"; missing=; for t in cargo rsync ssh; do command -v \
@@ -591,7 +590,6 @@ pub fn install_prereqs(cx: &Context<'_>, servers: &[&Server]) -> crate::Result<P
     });
     let smf = cx.config.deployment.service_manager == super::config::ServiceManager::Smf;
     let manager = if smf { "svcadm" } else { "systemctl" };
-    let create_users = create_users_script(&users, smf);
     // Servers may have no route to the internet, so nothing is fetched there: the installer
     // travels with every deploy, and rsync, when a server lacks it, with this command.
     for server in servers {
@@ -600,108 +598,16 @@ pub fn install_prereqs(cx: &Context<'_>, servers: &[&Server]) -> crate::Result<P
             steps: vec![cx.server_step_with(
                 server,
                 vec!["prereqs"],
-                &server_prereqs(cx, server, manager, &create_users),
+                &server_prereqs(cx, server, manager),
                 vec![format!(
                     "check {manager} and rsync (3.0.0 or later; carry the builder's into {} \
-                     when there is none), create the service users{}",
+                     when there is none)",
                     cx.staging().join(TOOLS),
-                    if users.is_empty() {
-                        " (none)".to_owned()
-                    } else {
-                        format!(" ({})", users.join(", "))
-                    }
                 )],
             )],
         });
     }
-    Ok(plan)
-}
-
-/// The users the services of the workspace at `root` run as, read from their definitions as
-/// the configured service manager reads them (`smf/*/*.service`: `User=` of `[Service]`;
-/// `smf/*/manifest.xml`: the method credential), sorted and without duplicates. Each must be
-/// a portable system user name, which `useradd` on Linux and illumos both accept; any other
-/// is refused naming the file and line, since it travels into a root shell on every server.
-pub fn service_users(
-    root: &camino::Utf8Path,
-    manager: ServiceManager,
-) -> crate::Result<Vec<String>> {
-    use flotilla_contracts::manager::ManagerKind;
-    let err = crate::Error::ServiceUsers;
-    let list = |dir: &camino::Utf8Path| -> crate::Result<Vec<camino::Utf8PathBuf>> {
-        let entries = dir.read_dir_utf8().map_err(|e| err(format!("list {dir}: {e}")))?;
-        let mut paths = Vec::new();
-        for entry in entries {
-            paths.push(entry.map_err(|e| err(format!("list {dir}: {e}")))?.path().to_owned());
-        }
-        paths.sort();
-        Ok(paths)
-    };
-    let smf = root.join("smf");
-    // A workspace without service definitions has no services, so no users to create; the
-    // installer still refuses any user a package declares that a server lacks.
-    if !smf.is_dir() {
-        return Ok(Vec::new());
-    }
-    let kind = match manager {
-        ServiceManager::Systemd => ManagerKind::Systemd,
-        ServiceManager::Smf => ManagerKind::Smf,
-    };
-    let mut users = Vec::new();
-    for dir in list(&smf)?.into_iter().filter(|d| d.is_dir()) {
-        let definitions: Vec<camino::Utf8PathBuf> = match manager {
-            ServiceManager::Systemd => {
-                list(&dir)?.into_iter().filter(|p| p.extension() == Some("service")).collect()
-            }
-            ServiceManager::Smf => {
-                let manifest = dir.join(flotilla_contracts::services::SMF_MANIFEST);
-                if manifest.is_file() {
-                    vec![manifest]
-                } else {
-                    Vec::new()
-                }
-            }
-        };
-        for path in definitions {
-            let text =
-                std::fs::read_to_string(&path).map_err(|e| err(format!("read {path}: {e}")))?;
-            if let Some(user) =
-                flotilla_contracts::services::declared_user(kind, &path, &text).map_err(err)?
-            {
-                users.push(user.user);
-            }
-        }
-    }
-    users.sort();
-    users.dedup();
-    Ok(users)
-}
-
-/// The server-side script that creates each service user (with a group of the same name) when
-/// it does not exist yet, and says which it created. Linux: `useradd --system --user-group`
-/// with no home and no login shell. illumos (SMF): its `useradd` has no `--system` or
-/// `--user-group`, so the group comes first from `groupadd`, then `useradd -g`; its `id` knows
-/// no `-u`, and its shell that refuses logins is `/usr/bin/false`.
-fn create_users_script(users: &[String], smf: bool) -> String {
-    let mut lines = vec!["set -e".to_owned()];
-    for user in users {
-        let u = quote(user);
-        let created = quote(&format!("created user {user}"));
-        if smf {
-            lines.push(format!(
-                "getent group {u} >/dev/null 2>&1 || groupadd {u}; \
-                 if ! id {u} >/dev/null 2>&1; then useradd -g {u} -d /nonexistent -s \
-                 /usr/bin/false {u}; echo {created} >&2; fi"
-            ));
-        } else {
-            lines.push(format!(
-                "if ! id -u {u} >/dev/null 2>&1; then useradd --system --user-group \
-                 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin {u}; \
-                 echo {created} >&2; fi"
-            ));
-        }
-    }
-    lines.join("\n")
+    plan
 }
 
 /// The builder script of `install-prereqs` for one server, after the connection: the service
@@ -714,9 +620,8 @@ fn create_users_script(users: &[String], smf: bool) -> String {
 /// and machine on both ends (Linux, same `uname -m`), which is checked first. The push uses
 /// the server's own rsync when it has one, the bundle otherwise; `uninstall` removes it with
 /// the staging directory.
-fn server_prereqs(cx: &Context<'_>, server: &Server, manager: &str, create_users: &str) -> String {
+fn server_prereqs(cx: &Context<'_>, server: &Server, manager: &str) -> String {
     let hop = cx.server_hop(server);
-    let users = hop.run(create_users);
     let tools = cx.staging().join(TOOLS);
     let carried = tools.join("rsync");
     let probe = hop.run(&format!(
@@ -736,7 +641,7 @@ fn server_prereqs(cx: &Context<'_>, server: &Server, manager: &str, create_users
     let wrapper = "#!/bin/sh\nd=$(dirname \"$0\")\nexec \"$d/lib/%s\" --library-path \"$d/lib\" \
                    \"$d/rsync.bin\" \"$@\"\n";
     format!(
-        "{phase}; r=$({probe}) || exit $?; {users} || exit $?; case \"$r\" in 'ok '*) echo \
+        "{phase}; r=$({probe}) || exit $?; case \"$r\" in 'ok '*) echo \
          \"rsync ${{r#ok }} on this server\"; exit 0 ;; esac; \
          here=$(uname -sm); \
          echo \"this server has no rsync: carrying the builder's ($here)\" >&2; \
@@ -784,6 +689,7 @@ pub fn deploy(cx: &Context<'_>, action: DeployAction, servers: &[&Server]) -> Pl
                     quote("--service-manager"),
                     quote(manager),
                     quote("install"),
+                    quote("--create-users"),
                     packages.shell_word(),
                     quote("--overlay"),
                     overlay.shell_word(),
@@ -802,8 +708,9 @@ pub fn deploy(cx: &Context<'_>, action: DeployAction, servers: &[&Server]) -> Pl
                         cx.staging()
                     ),
                     format!(
-                        "{INSTALLER} install {packages} --overlay {overlay} (prefix {}, {manager}), \
-                         then record the staged key",
+                        "{INSTALLER} install --create-users {packages} --overlay {overlay} \
+                         (prefix {}, {manager}; creates the services' missing users), then \
+                         record the staged key",
                         cx.config.deployment.prefix
                     ),
                 ];
@@ -1101,84 +1008,6 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
         }
-    }
-
-    #[test]
-    fn service_users_come_from_the_units_user_lines() {
-        let ws = Workspace::new(
-            "ok",
-            &[
-                ("b", "[Service]\nUser=flotilla-b\nGroup=flotilla-b\n"),
-                ("a", "[Service]\n  User=flotilla-a\n"),
-                ("c", "[Service]\nExecStart=/bin/true\n"),
-                ("d", "[Service]\nUser=flotilla-a\n"),
-            ],
-        );
-        let systemd = ServiceManager::Systemd;
-        assert_eq!(service_users(&ws.0, systemd).unwrap(), ["flotilla-a", "flotilla-b"]);
-        assert!(service_users(&ws.0.join("no-such-workspace"), systemd).unwrap().is_empty());
-    }
-
-    #[test]
-    fn the_workspaces_own_services_run_as_their_users() {
-        // Read as each service manager reads them: the units' `User=` and the SMF manifests'
-        // method credentials name the same users.
-        let root = camino::Utf8Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
-        for manager in [ServiceManager::Systemd, ServiceManager::Smf] {
-            let users = service_users(root, manager).unwrap();
-            assert_eq!(users, ["flotilla-control-plane", "flotilla-etcd", "flotilla-node-agent"]);
-        }
-    }
-
-    #[test]
-    fn a_bad_user_name_is_refused_with_its_file_and_line() {
-        for bad in ["Root", "a b", "x;reboot", "1abc", "$(id)", &"a".repeat(33)] {
-            let ws =
-                Workspace::new("bad", &[("s", &format!("[Service]\nType=exec\nUser={bad}\n"))]);
-            let err = service_users(&ws.0, ServiceManager::Systemd).unwrap_err().to_string();
-            let expected =
-                format!("read the service users: {}/smf/s/s.service: line 3: `{bad}`", ws.0);
-            assert!(err.starts_with(&expected), "{err}");
-        }
-    }
-
-    #[test]
-    fn users_are_created_once_with_each_systems_commands() {
-        let users = ["flotilla-a".to_owned(), "flotilla-b".to_owned()];
-        let linux = create_users_script(&users, false);
-        assert_eq!(
-            linux.lines().collect::<Vec<_>>(),
-            [
-                "set -e",
-                "if ! id -u flotilla-a >/dev/null 2>&1; then useradd --system --user-group \
-                 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin flotilla-a; \
-                 echo 'created user flotilla-a' >&2; fi",
-                "if ! id -u flotilla-b >/dev/null 2>&1; then useradd --system --user-group \
-                 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin flotilla-b; \
-                 echo 'created user flotilla-b' >&2; fi",
-            ]
-        );
-        let illumos = create_users_script(&users[..1], true);
-        assert_eq!(
-            illumos.lines().collect::<Vec<_>>(),
-            [
-                "set -e",
-                "getent group flotilla-a >/dev/null 2>&1 || groupadd flotilla-a; if ! id \
-                 flotilla-a >/dev/null 2>&1; then useradd -g flotilla-a -d /nonexistent -s \
-                 /usr/bin/false flotilla-a; echo 'created user flotilla-a' >&2; fi",
-            ]
-        );
-    }
-
-    #[test]
-    fn the_linux_script_creates_nothing_that_exists_and_is_valid_shell() {
-        // `root` exists everywhere, so the script only checks; `sh -n` parses the whole text.
-        let script = create_users_script(&["root".to_owned()], false);
-        let out = std::process::Command::new("sh").args(["-c", &script]).output().unwrap();
-        assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
-        let script = create_users_script(&["root".to_owned()], true);
-        let out = std::process::Command::new("sh").args(["-n", "-c", &script]).output().unwrap();
-        assert!(out.status.success(), "{out:?}");
     }
 
     fn sh(script: &str) -> std::process::Output {

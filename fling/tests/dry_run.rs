@@ -83,7 +83,7 @@ fn plans(config: &Config, workspace: &Utf8Path) -> Vec<(&'static str, Plan)> {
     let one = config.select_servers(&["node2".to_owned()]).unwrap();
     vec![
         ("sync", plan::sync(&cx)),
-        ("install-prereqs", plan::install_prereqs(&prereqs_cx, &servers).unwrap()),
+        ("install-prereqs", plan::install_prereqs(&prereqs_cx, &servers)),
         ("build-check", plan::build(&cx, BuildKind::Check, &[])),
         ("build-package", plan::build(&cx, BuildKind::Package, &["--only".into(), "a b".into()])),
         ("overlay", plan::overlay(&cx, false)),

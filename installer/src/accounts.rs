@@ -12,6 +12,9 @@ use std::ffi::{CStr, CString};
 pub use flotilla_contracts::atomic::Owner;
 pub use flotilla_contracts::services::{unit_user, ServiceUser};
 
+use crate::manager::ManagerKind;
+use crate::runner::Cmd;
+
 /// A user account as the host's user database knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Account {
@@ -132,14 +135,83 @@ pub fn resolve(
     Ok(Owner { uid: account.uid, gid })
 }
 
-/// How to create a service user that is missing: the command that creates every service user
-/// on every server, or the one that creates this one here.
+/// How to create a service user that is missing: the installer option that creates every
+/// declared user, or the command that creates this one here.
 pub fn create_hint(user: &str) -> String {
     format!(
-        "create it with `cargo xtask fling install-prereqs`, or on this host with `useradd \
-         --system --user-group --no-create-home --home-dir /nonexistent --shell \
+        "install with --create-users (fling's deploys do), or create it on this host with \
+         `useradd --system --user-group --no-create-home --home-dir /nonexistent --shell \
          /usr/sbin/nologin {user}`"
     )
+}
+
+/// The commands that create what `declared` names and `accounts` lacks, in order: the group
+/// first (a declared `Group=` other than the user's own, or the user's own group on SMF),
+/// then the user. A user without a declared group gets a group of its own name. Linux:
+/// `useradd --system --user-group` with no home and no login shell. illumos (SMF): its
+/// `useradd` has no `--system` or `--user-group`, so `groupadd` comes first, then
+/// `useradd -g`; its shell that refuses logins is `/usr/bin/false`. Empty when everything
+/// exists. The names were checked by the definition parser (portable user names only) and
+/// travel as arguments, never through a shell.
+pub fn create_commands(
+    accounts: &dyn Accounts,
+    manager: ManagerKind,
+    declared: &ServiceUser,
+) -> Result<Vec<Cmd>, String> {
+    let user = declared.user.as_str();
+    let mut commands = Vec::new();
+    let group = match (&declared.group, manager) {
+        (Some(group), _) => Some(group.as_str()),
+        (None, ManagerKind::Smf) => Some(user),
+        (None, ManagerKind::Systemd) => None,
+    };
+    if let Some(group) = group {
+        if accounts.group(group)?.is_none() {
+            let args: &[&str] = match manager {
+                ManagerKind::Systemd => &["--system", group],
+                ManagerKind::Smf => &[group],
+            };
+            commands.push(Cmd::new(format!("create group {group}"), "groupadd", args));
+        }
+    }
+    if accounts.user(user)?.is_none() {
+        let args: Vec<&str> = match (manager, group) {
+            (ManagerKind::Systemd, None) => vec![
+                "--system",
+                "--user-group",
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
+                user,
+            ],
+            (ManagerKind::Systemd, Some(group)) => vec![
+                "--system",
+                "--gid",
+                group,
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
+                user,
+            ],
+            (ManagerKind::Smf, group) => {
+                vec![
+                    "-g",
+                    group.unwrap_or(user),
+                    "-d",
+                    "/nonexistent",
+                    "-s",
+                    "/usr/bin/false",
+                    user,
+                ]
+            }
+        };
+        commands.push(Cmd::new(format!("create user {user}"), "useradd", &args));
+    }
+    Ok(commands)
 }
 
 #[cfg(test)]
@@ -179,7 +251,55 @@ mod tests {
         assert_eq!(err, "user nobody-here (declared in pkg/a.service) does not exist on this host");
         let err = resolve(&Table, &user("svc", Some("nogrp")), "pkg/a.service").unwrap_err();
         assert_eq!(err, "group nogrp (declared in pkg/a.service) does not exist on this host");
-        assert!(create_hint("svc").contains("cargo xtask fling install-prereqs"));
+        assert!(create_hint("svc").contains("--create-users"));
         assert!(create_hint("svc").ends_with("--shell /usr/sbin/nologin svc`"));
+    }
+
+    #[test]
+    fn create_commands_make_what_is_missing_in_the_order_each_manager_needs() {
+        struct Table;
+        impl Accounts for Table {
+            fn user(&self, name: &str) -> Result<Option<Account>, String> {
+                Ok((name == "svc").then_some(Account { uid: 900, gid: 901 }))
+            }
+            fn group(&self, name: &str) -> Result<Option<u32>, String> {
+                Ok((name == "grp").then_some(902))
+            }
+        }
+        let user =
+            |u: &str, g: Option<&str>| ServiceUser { user: u.into(), group: g.map(Into::into) };
+        let lines = |manager, declared: &ServiceUser| -> Vec<String> {
+            create_commands(&Table, manager, declared)
+                .unwrap()
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        assert!(lines(ManagerKind::Systemd, &user("svc", None)).is_empty());
+        assert!(lines(ManagerKind::Systemd, &user("svc", Some("grp"))).is_empty());
+        assert_eq!(
+            lines(ManagerKind::Systemd, &user("new", None)),
+            ["useradd --system --user-group --no-create-home --home-dir /nonexistent --shell \
+              /usr/sbin/nologin new"]
+        );
+        assert_eq!(
+            lines(ManagerKind::Systemd, &user("new", Some("newgrp"))),
+            [
+                "groupadd --system newgrp",
+                "useradd --system --gid newgrp --no-create-home --home-dir /nonexistent \
+                 --shell /usr/sbin/nologin new"
+            ]
+        );
+        assert_eq!(
+            lines(ManagerKind::Systemd, &user("new", Some("grp"))),
+            ["useradd --system --gid grp --no-create-home --home-dir /nonexistent --shell \
+              /usr/sbin/nologin new"]
+        );
+        assert_eq!(
+            lines(ManagerKind::Smf, &user("new", None)),
+            ["groupadd new", "useradd -g new -d /nonexistent -s /usr/bin/false new"]
+        );
+        // The user exists but its declared group does not: only the group is made.
+        assert_eq!(lines(ManagerKind::Smf, &user("svc", Some("g2"))), ["groupadd g2"]);
     }
 }

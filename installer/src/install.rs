@@ -45,6 +45,9 @@ pub struct Config {
     pub keep: usize,
     /// How long to wait for another install to release the host's lock.
     pub lock_wait: Duration,
+    /// Create the users (and groups) the services declare when this host lacks them, before
+    /// anything is placed; otherwise a missing one is an error.
+    pub create_users: bool,
 }
 
 /// What an install or rollback did.
@@ -425,6 +428,9 @@ impl Installer {
             let Some((declared, declared_in)) = self.declared_user(&temp, name)? else {
                 continue;
             };
+            if self.config.create_users {
+                self.create_accounts(name, &declared)?;
+            }
             let owner = accounts::resolve(self.accounts.as_ref(), &declared, &declared_in)
                 .map_err(|message| {
                     let owned = overlay
@@ -535,6 +541,19 @@ impl Installer {
         Ok(info)
     }
 
+    /// Creates the user and group `service` declares when this host lacks them, saying so.
+    fn create_accounts(&self, service: &str, declared: &ServiceUser) -> Result<()> {
+        let commands =
+            accounts::create_commands(self.accounts.as_ref(), self.config.manager, declared)
+                .map_err(|message| Error::Service { service: service.to_owned(), message })?;
+        for cmd in commands {
+            self.runner.run(&cmd)?;
+            let what = cmd.description.strip_prefix("create ").unwrap_or(&cmd.description);
+            (self.log)(&format!("created {what} for {service}"));
+        }
+        Ok(())
+    }
+
     /// The user service `name` declares in its definition for this host's manager, and the
     /// file that declares it (relative to the release); `None` when it declares none (root).
     fn declared_user(
@@ -550,17 +569,14 @@ impl Installer {
             return Ok(None);
         }
         let text = fs::read_to_string(&path).map_err(io("read", &path))?;
-        let declared = match self.config.manager {
-            ManagerKind::Systemd => accounts::unit_user(&text),
-            ManagerKind::Smf => {
-                parse_manifest(&text)
-                    .map_err(|m| Error::Service {
-                        service: name.to_owned(),
-                        message: format!("pkg/{definition}: {m}"),
-                    })?
-                    .credential
-            }
-        };
+        // Read as the service manager reads it, with the names checked: they become
+        // arguments of `useradd`, and a service manager refuses what `useradd` would refuse.
+        let declared = flotilla_contracts::services::declared_user(
+            self.config.manager,
+            Utf8Path::new(&format!("pkg/{definition}")),
+            &text,
+        )
+        .map_err(|message| Error::Service { service: name.to_owned(), message })?;
         Ok(declared.map(|d| (d, format!("{}/{rel}", self.config.packages_prefix.relative()))))
     }
 

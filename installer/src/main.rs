@@ -67,6 +67,10 @@ enum Command {
         /// installing from it fails before anything changed, exit with status 4 (push first).
         #[arg(long, requires = "staged_key")]
         if_staged: bool,
+        /// Create the users and groups the services declare when this host lacks them
+        /// (`useradd --system`, no home, no login shell), before anything is placed.
+        #[arg(long)]
+        create_users: bool,
     },
     /// Activate the previous release, or the one given.
     Rollback {
@@ -119,11 +123,12 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         manager,
         keep: cli.keep,
         lock_wait: Duration::from_secs(cli.lock_wait),
+        create_users: matches!(cli.command, Command::Install { create_users: true, .. }),
     };
     let installer =
         Installer::new(config, Arc::new(SystemRunner)).with_log(|line| eprintln!("{line}"));
     match cli.command {
-        Command::Install { packages, overlay, staging, staged_key, if_staged } => {
+        Command::Install { packages, overlay, staging, staged_key, if_staged, .. } => {
             let outcome = match (&staging, &staged_key) {
                 (Some(staging), Some(key)) => {
                     match installer::staging::install_staged(

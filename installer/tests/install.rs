@@ -58,6 +58,7 @@ fn installer(root: &Utf8Path, manager: ManagerKind, runner: &Arc<RecordingRunner
         manager,
         keep: 3,
         lock_wait: Duration::ZERO,
+        create_users: false,
     };
     Installer::new(config, runner.clone())
 }
@@ -199,6 +200,7 @@ fn keeps_the_configured_number_of_releases() {
         manager: ManagerKind::Systemd,
         keep: 2,
         lock_wait: Duration::ZERO,
+        create_users: false,
     };
     let inst = Installer::new(config.clone(), runner.clone());
     let mut ids = Vec::new();
@@ -829,7 +831,7 @@ fn a_missing_user_is_refused_before_anything_is_activated() {
     let expected = format!(
         "service b: user {missing} (declared in opt/flotilla/b/pkg/b.service) does not exist on \
          this host, so it cannot own the overlay file {overlay}/opt/flotilla/b/pkg/tls/node.key; \
-         create it with `cargo xtask fling install-prereqs`"
+         install with --create-users"
     );
     assert!(err.starts_with(&expected), "{err}\nshould start with\n{expected}");
     assert!(runner.take().is_empty(), "no service manager command ran");
@@ -857,6 +859,111 @@ fn a_missing_user_is_refused_before_anything_is_activated() {
     let err = inst.install(&packages, None).unwrap_err().to_string();
     assert!(err.contains("service b: group flotilla-no-group (declared in"), "{err}");
     assert_previous_active(root, &good.release);
+    // A name no `useradd` would take is refused with its file and line, never created.
+    let b = Service { service_extra: "User=Bad;Name\n", ..Service::new("b") };
+    let packages = packages_dir(root, "v4", &[("b.tar.gz", b.zone())]);
+    let err = inst.install(&packages, None).unwrap_err().to_string();
+    assert!(
+        err.starts_with("service b: pkg/b.service: line ") && err.contains("`Bad;Name` is not a"),
+        "{err}"
+    );
+    assert_previous_active(root, &good.release);
+}
+
+/// A user table that `useradd` and `groupadd`, as the recording runner sees them, add to.
+#[derive(Default)]
+struct Created(std::sync::Mutex<(Vec<String>, Vec<String>)>);
+
+impl installer::accounts::Accounts for Created {
+    fn user(&self, name: &str) -> Result<Option<installer::accounts::Account>, String> {
+        let users = &self.0.lock().unwrap().0;
+        Ok(users
+            .iter()
+            .position(|u| u == name)
+            .map(|i| installer::accounts::Account { uid: 900 + i as u32, gid: 900 + i as u32 }))
+    }
+    fn group(&self, name: &str) -> Result<Option<u32>, String> {
+        let groups = &self.0.lock().unwrap().1;
+        Ok(groups.iter().position(|g| g == name).map(|i| 800 + i as u32))
+    }
+}
+
+#[test]
+fn create_users_makes_the_declared_users_before_anything_is_placed() {
+    let tmp = TempDir::new("mkuser");
+    let root = tmp.path();
+    let table = Arc::new(Created::default());
+    let recorded = table.clone();
+    let runner = Arc::new(RecordingRunner::with(move |cmd| {
+        let name = cmd.args.last().cloned().unwrap_or_default();
+        let mut t = recorded.0.lock().unwrap();
+        match cmd.program.as_str() {
+            "useradd" => {
+                t.0.push(name.clone());
+                if cmd.args.iter().any(|a| a == "--user-group") {
+                    t.1.push(name);
+                }
+            }
+            "groupadd" => t.1.push(name),
+            _ => {}
+        }
+        let stdout = if cmd.args.first().map(String::as_str) == Some("show") {
+            show_output(cmd, "active", "enabled")
+        } else {
+            String::new()
+        };
+        Output { success: true, status: "exit status: 0".into(), stdout, ..Output::default() }
+    }));
+    let config = Config {
+        prefix: root.join("prefix"),
+        packages_prefix: installer::Prefix::default(),
+        unit_dir: root.join("units"),
+        manager: ManagerKind::Systemd,
+        keep: 3,
+        lock_wait: Duration::ZERO,
+        create_users: true,
+    };
+    let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = lines.clone();
+    let inst = Installer::new(config, runner.clone())
+        .with_accounts(table.clone())
+        .with_log(move |line| log.lock().unwrap().push(line.to_owned()));
+    let a = Service { service_extra: "User=svc-a\n", ..Service::new("a") };
+    let b = Service { service_extra: "User=svc-b\nGroup=shared\n", ..Service::new("b") };
+    let packages = packages_dir(root, "v1", &[("a.tar.gz", a.zone()), ("b.tar.gz", b.zone())]);
+    let overlay = root.join("overlay");
+    fs::create_dir_all(overlay.join("opt/flotilla/b/pkg")).unwrap();
+    fs::write(overlay.join("opt/flotilla/b/pkg/secret"), "s").unwrap();
+
+    inst.install(&packages, Some(&overlay)).unwrap();
+    let commands = runner.take();
+    let made: Vec<&String> =
+        commands.iter().filter(|c| c.starts_with("useradd") || c.starts_with("groupadd")).collect();
+    assert_eq!(
+        made,
+        [
+            "useradd --system --user-group --no-create-home --home-dir /nonexistent --shell \
+             /usr/sbin/nologin svc-a",
+            "groupadd --system shared",
+            "useradd --system --gid shared --no-create-home --home-dir /nonexistent --shell \
+             /usr/sbin/nologin svc-b",
+        ]
+    );
+    // The accounts come before any service manager command.
+    let first_manager = commands.iter().position(|c| c.starts_with("systemctl")).unwrap();
+    assert!(commands.iter().rposition(|c| c.starts_with("useradd")).unwrap() < first_manager);
+    // The overlay file belongs to the user just made, in its declared group.
+    let meta = fs::metadata(root.join("prefix/current/b/pkg/secret")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((meta.uid(), meta.gid()), (901, 801));
+    let logged = lines.lock().unwrap().clone();
+    assert!(logged.contains(&"created user svc-a for a".to_owned()), "{logged:?}");
+    assert!(logged.contains(&"created group shared for b".to_owned()), "{logged:?}");
+
+    // A second install finds them and creates nothing.
+    let packages = packages_dir(root, "v2", &[("a.tar.gz", a.zone()), ("b.tar.gz", b.zone())]);
+    inst.install(&packages, Some(&overlay)).unwrap();
+    assert!(runner.take().iter().all(|c| !c.starts_with("useradd") && !c.starts_with("groupadd")));
 }
 
 /// A runner where the service manager cannot be asked anything: `systemctl` fails the way it

@@ -44,11 +44,12 @@ fn installer(root: &Utf8Path, manager: ManagerKind, runner: &Arc<RecordingRunner
         manager,
         keep: 3,
         lock_wait: Duration::ZERO,
+        create_users: false,
     };
     Installer::new(config, runner.clone()).with_accounts(Arc::new(ServiceUsers))
 }
 
-/// The accounts `cargo xtask fling install-prereqs` creates on servers, `flotilla-<service>`
+/// The accounts fling's deploys create on servers (`install --create-users`), `flotilla-<service>`
 /// with a group of the same name, standing in for the host's (which need not have them).
 struct ServiceUsers;
 

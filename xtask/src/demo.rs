@@ -62,10 +62,7 @@ pub fn run(sh: &Shell, ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
             code => bail!("{what}: fling exited with {code}"),
         }
     };
-    fling(
-        "check the builder and the servers, create the service users",
-        FlingCommand::InstallPrereqs,
-    )?;
+    fling("check the builder and the servers", FlingCommand::InstallPrereqs)?;
     fling("copy the workspace to the builder", FlingCommand::Sync)?;
     fling(
         "build the packages on the builder",

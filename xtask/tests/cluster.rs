@@ -1,7 +1,7 @@
 //! The overlay generators end to end on a three-node testbed: after `fling overlay` and
 //! `fling install`, every control plane unlocks the rack over mutual TLS; each node holds its
 //! own share and key and no other node's (its whole file system layer is scanned for every
-//! secret's bytes); `install-prereqs` creates each service's user once; the services run as
+//! secret's bytes); the first install creates each service's user, once; the services run as
 //! those users, and secret files are 0600 and owned by them; a redeploy keeps the identities,
 //! `--rotate` replaces them and the cluster unlocks again; with one node's agent stopped the
 //! remaining two shares still unlock.
@@ -188,20 +188,18 @@ fn a_three_node_cluster_unlocks_keeps_secrets_apart_rotates_and_survives_a_lost_
     }
     let cluster = Cluster { tb: Testbed::up(&workspace(), "cluster", 3) };
     let nodes = cluster.tb.nodes.clone();
-    // The service users are created before anything is deployed, once: a second run finds
-    // them and creates nothing.
-    let prereqs = cluster.fling_ok(&["install-prereqs"]);
-    for service in SERVICES_WITH_KEYS {
-        let created = format!("created user flotilla-{service}");
-        assert_eq!(prereqs.matches(&created).count(), nodes.len(), "{created}: {prereqs}");
-    }
-    let again = cluster.fling_ok(&["install-prereqs"]);
-    assert!(!again.contains("created user"), "install-prereqs is not idempotent: {again}");
+    cluster.fling_ok(&["install-prereqs"]);
     cluster.fling_ok(&["sync"]);
     cluster.fling_ok(&["build", "package"]);
     let overlay = cluster.fling_ok(&["overlay"]);
     assert!(overlay.contains("rack secret 2 of 3 created"), "{overlay}");
-    cluster.fling_ok(&["install"]);
+    // The first install creates each service's user on every node, before anything is
+    // placed; a redeploy (below) finds them and creates nothing.
+    let install = cluster.fling_ok(&["install"]);
+    for service in SERVICES_WITH_KEYS {
+        let created = format!("created user flotilla-{service} for {service}");
+        assert_eq!(install.matches(&created).count(), nodes.len(), "{created}: {install}");
+    }
 
     // Every control plane gathers the shares over mutual TLS and unlocks.
     let mut first_unlock = Vec::new();
@@ -288,7 +286,8 @@ fn a_three_node_cluster_unlocks_keeps_secrets_apart_rotates_and_survives_a_lost_
     let pids: Vec<String> = nodes.iter().map(|n| cluster.main_pid(n, "node-agent")).collect();
     let overlay = cluster.fling_ok(&["overlay"]);
     assert!(overlay.contains("server identities 3 kept"), "{overlay}");
-    cluster.fling_ok(&["install"]);
+    let again = cluster.fling_ok(&["install"]);
+    assert!(!again.contains("created user"), "a redeploy created users again: {again}");
     assert_eq!(cluster.secrets(), secrets, "a plain overlay changed an identity");
     for (node, pid) in nodes.iter().zip(&pids) {
         assert_eq!(&cluster.main_pid(node, "node-agent"), pid, "node-agent restarted on {node}");
