@@ -15,6 +15,7 @@ mod fling_ui;
 mod install;
 mod package;
 mod progress;
+mod target_flags;
 pub mod testbed;
 mod workflow;
 
@@ -77,7 +78,10 @@ impl Context {
 /// adopting workspace's xtask.
 pub fn main(workspace: Workspace) -> ExitCode {
     let cli = cli::Cli::parse();
-    exit(start(workspace).and_then(|(sh, ctx)| run(&sh, &ctx, cli.command)))
+    exit(start(workspace).and_then(|(sh, ctx)| {
+        let command = cli.command.with_globals(&cli.globals).map_err(anyhow::Error::msg)?;
+        run(&sh, &ctx, command)
+    }))
 }
 
 /// The shell and context every command runs with: the current directory is remembered, then
@@ -94,10 +98,24 @@ pub fn exit(result: anyhow::Result<ExitCode>) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", message(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: a library error that already shows
+/// its cause (`read manifest m.toml: No such file ...`) does not get it appended again.
+pub fn message(err: &anyhow::Error) -> String {
+    let mut text = err.to_string();
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 /// Runs one of flotilla's commands.
@@ -107,6 +125,7 @@ pub fn run(sh: &Shell, ctx: &Context, command: cli::Command) -> anyhow::Result<E
     match command {
         Command::Package(args) => done(package::package(sh, ctx, args)),
         Command::ListOutputs(args) => done(package::list_outputs(sh, ctx, args)),
+        Command::ShowCargoCommands(args) => done(package::show_cargo_commands(sh, ctx, args)),
         Command::Check(args) => done(package::check(sh, ctx, args)),
         Command::Clean(args) => done(package::clean(sh, ctx, args)),
         Command::Stamp(args) => done(package::stamp(sh, ctx, args)),

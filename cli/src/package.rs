@@ -31,11 +31,11 @@ struct Loaded {
 }
 
 fn load(ctx: &Context, args: &cli::ManifestArgs) -> anyhow::Result<Loaded> {
-    let path = ctx.user_path(&args.manifest);
+    let path = ctx.user_path(args.manifest());
     let manifest = Manifest::load(&path)?;
     let dir = path.parent().map_or_else(|| ctx.user_path(Utf8Path::new(".")), Utf8Path::to_owned);
     let dir = if dir.as_str().is_empty() { ctx.user_path(Utf8Path::new(".")) } else { dir };
-    let out = ctx.user_path(&args.out);
+    let out = ctx.user_path(args.out());
     let name = match &args.target {
         Some(name) => Some(TargetName::new(name.as_str()).map_err(anyhow::Error::msg)?),
         None => None,
@@ -139,10 +139,12 @@ fn print_summary(plan: &Plan, report: &build::BuildReport, elapsed: Duration) {
     println!("{} outputs in {:.2}s", report.outputs.len(), elapsed.as_secs_f64());
 }
 
-pub fn list_outputs(_sh: &Shell, ctx: &Context, args: cli::ManifestArgs) -> anyhow::Result<()> {
-    let loaded = load(ctx, &args)?;
+pub fn list_outputs(_sh: &Shell, ctx: &Context, args: cli::ListOutputsArgs) -> anyhow::Result<()> {
+    let loaded = load(ctx, &args.manifest)?;
     for (name, pkg) in &loaded.manifest.packages {
-        if loaded.target.includes(pkg.only_for_targets.as_ref()) {
+        if loaded.target.includes(pkg.only_for_targets.as_ref())
+            && (args.intermediate || !pkg.is_intermediate_only())
+        {
             println!("{}", loaded.out.join(pkg.output_file(name)));
         }
     }
@@ -173,7 +175,7 @@ pub fn check(sh: &Shell, ctx: &Context, args: cli::ManifestArgs) -> anyhow::Resu
 }
 
 pub fn clean(_sh: &Shell, ctx: &Context, args: cli::ManifestArgs) -> anyhow::Result<()> {
-    let out = ctx.user_path(&args.out);
+    let out = ctx.user_path(args.out());
     let entries = match std::fs::read_dir(&out) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -250,15 +252,68 @@ pub fn dot(_sh: &Shell, ctx: &Context, args: cli::ManifestArgs) -> anyhow::Resul
     Ok(())
 }
 
+/// `show-cargo-commands`: the cargo command lines of the plan, as `package` would run them
+/// (in the manifest's directory, with cargo's own variables removed from the environment).
+pub fn show_cargo_commands(
+    sh: &Shell,
+    ctx: &Context,
+    args: cli::ManifestArgs,
+) -> anyhow::Result<()> {
+    let loaded = load(ctx, &args)?;
+    let _in_workspace = sh.push_dir(&loaded.dir);
+    let (workspace, _) = workspace_of(sh, &loaded)?;
+    let plan = plan::plan(&PlanConfig {
+        manifest: &loaded.manifest,
+        target: &loaded.target,
+        workspace: &workspace,
+        out_dir: &loaded.out,
+        only: &[],
+    })?;
+    if plan.cargo_builds.is_empty() {
+        eprintln!("no cargo build: no package of target {} builds Rust", loaded.target);
+    }
+    for build in &plan.cargo_builds {
+        let words: Vec<String> =
+            build.args().iter().map(|w| flotilla_fling::quote::quote(w)).collect();
+        println!("{}: cargo {}", build.profile(), words.join(" "));
+    }
+    Ok(())
+}
+
 pub fn target(_sh: &Shell, ctx: &Context, args: cli::TargetArgs) -> anyhow::Result<()> {
-    let manifest = Manifest::load(&ctx.user_path(&args.manifest.manifest))?;
-    let store = TargetStore::new(&ctx.user_path(&args.manifest.out));
+    let scope: cli::ManifestArgs = args.scope.into();
+    let manifest = Manifest::load(&ctx.user_path(scope.manifest()))?;
+    let store = TargetStore::new(&ctx.user_path(scope.out()));
     let parse = |n: &str| TargetName::new(n).map_err(anyhow::Error::msg);
+    // The name: the one given with the command, else `-t`'s; both must agree.
+    let named = |given: Option<String>, default: Option<&str>| -> anyhow::Result<TargetName> {
+        let name = match (given, &scope.target) {
+            (Some(a), Some(b)) if &a != b => {
+                bail!("the target is named twice, `{a}` and `-t {b}`: name it once")
+            }
+            (Some(a), _) => a,
+            (None, Some(b)) => b.clone(),
+            (None, None) => match default {
+                Some(d) => d.to_owned(),
+                None => bail!("name the target: `target <command> NAME` or `-t NAME`"),
+            },
+        };
+        parse(&name)
+    };
     match args.command {
-        cli::TargetCommand::Create { name, preset, values } => {
-            let name = parse(&name)?;
-            let overrides = Target::parse_pairs(values.iter().map(String::as_str))
+        cli::TargetCommand::Create { words, preset, omicron } => {
+            // `[NAME] [KEY=VALUE]...`: a first word without `=` is the name.
+            let (name, pairs) = match words.split_first() {
+                Some((first, rest)) if !first.contains('=') => (Some(first.clone()), rest),
+                _ => (None, &words[..]),
+            };
+            // omicron names the target `default` when no `-t` is given.
+            let name = named(name, Some("default"))?;
+            let flags =
+                omicron.pairs().map_err(|e| anyhow::anyhow!("target create {name}: {e}"))?;
+            let pairs = Target::parse_pairs(pairs.iter().map(String::as_str))
                 .map_err(|e| anyhow::anyhow!("target create {name}: {e}"))?;
+            let overrides = Target::from_pairs(flags.into_iter().chain(pairs.pairs().clone()));
             let target = store.create(&manifest, &name, preset.as_deref(), &overrides)?;
             println!("created target {name} ({target}) and made it active");
         }
@@ -279,12 +334,12 @@ pub fn target(_sh: &Shell, ctx: &Context, args: cli::TargetArgs) -> anyhow::Resu
             }
         }
         cli::TargetCommand::Set { name } => {
-            let name = parse(&name)?;
+            let name = named(name, None)?;
             store.set_active(&name)?;
             println!("target {name} is now active");
         }
         cli::TargetCommand::Delete { name } => {
-            let name = parse(&name)?;
+            let name = named(name, None)?;
             store.delete(&name)?;
             println!("deleted target {name}");
         }

@@ -12,6 +12,8 @@ use flotilla_cli::Workspace;
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", bin_name = "cargo xtask", version, propagate_version = true)]
 struct Cli {
+    #[command(flatten)]
+    globals: flotilla_cli::cli::Globals,
     #[command(subcommand)]
     command: Command,
 }
@@ -19,7 +21,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     #[command(flatten)]
-    Flotilla(flotilla_cli::cli::Command),
+    Flotilla(Box<flotilla_cli::cli::Command>),
     /// The whole system on a three-node testbed: package, boot, overlay, deploy, wait for
     /// health, print the nodes, services and the rack unlock; torn down unless `--keep`
     /// [runs on: this machine, as root, Linux].
@@ -32,7 +34,15 @@ fn main() -> ExitCode {
     let workspace = Workspace::of_xtask(env!("CARGO_MANIFEST_DIR"))
         .with_test_tools(&[("etcdctl", "etcd-client")]);
     flotilla_cli::exit(flotilla_cli::start(workspace).and_then(|(sh, ctx)| match cli.command {
-        Command::Flotilla(command) => flotilla_cli::run(&sh, &ctx, command),
-        Command::Demo(args) => demo::run(&sh, &ctx, args).map(|()| ExitCode::SUCCESS),
+        Command::Flotilla(command) => {
+            let command = (*command).with_globals(&cli.globals).map_err(anyhow::Error::msg)?;
+            flotilla_cli::run(&sh, &ctx, command)
+        }
+        Command::Demo(args) => {
+            if cli.globals != flotilla_cli::cli::Globals::default() {
+                anyhow::bail!("-m, -t and --artifacts do not apply to demo");
+            }
+            demo::run(&sh, &ctx, args).map(|()| ExitCode::SUCCESS)
+        }
     }))
 }

@@ -297,7 +297,7 @@ fn cache_hits_and_every_kind_of_miss() {
     assert_eq!(status_of(&ok(&t.0, &["package"]), "web.tar.gz"), "cached");
 
     // Target change.
-    ok(&t.0, &["target", "create", "-i", "flavour=blue", "--", "blue"]);
+    ok(&t.0, &["target", "create", "blue", "flavour=blue"]);
     assert_eq!(status_of(&ok(&t.0, &["package"]), "web.tar.gz"), "built");
 
     // A truncated output (an interrupted writer elsewhere) is not a hit.
@@ -413,5 +413,148 @@ fn the_project_manifest_packages_the_services() {
             list.iter().any(|l| l.ends_with(&format!("root/opt/flotilla/{service}/pkg"))),
             "{list:?}"
         );
+    }
+}
+
+const TARGETED: &str = r#"
+[package.sled]
+service_name = "sled"
+only_for_targets.image = "standard"
+source.type = "local"
+source.paths = [{ from = "f.txt", to = "/opt/flotilla/sled/f.txt" }]
+output.type = "zone"
+
+[package.switch-part]
+service_name = "switch-part"
+only_for_targets.switch = "asic"
+source.type = "local"
+source.paths = [{ from = "f.txt", to = "/opt/flotilla/switch-part/f.txt" }]
+output.type = "zone"
+output.intermediate_only = true
+
+[package.recovery]
+service_name = "recovery"
+only_for_targets.image = "trampoline"
+source.type = "local"
+source.paths = [{ from = "f.txt", to = "/opt/flotilla/recovery/f.txt" }]
+output.type = "tarball"
+"#;
+
+/// `cargo xtask <args>` in `dir`, exactly as given.
+fn raw(dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_xtask")).args(args).current_dir(dir).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn omicron_package_command_lines_work_as_typed() {
+    let t = TempDir::new("omicron-cli");
+    let dir = &t.0;
+    write(&dir.join("f.txt"), "f\n", 0o644);
+    write(&dir.join("m.toml"), TARGETED, 0o644);
+    let run = |args: &[&str]| raw(dir, args);
+    let good = |args: &[&str]| {
+        let (ok, stdout, stderr) = run(args);
+        assert!(ok, "xtask {args:?} failed:\n{stderr}");
+        stdout
+    };
+    let bad = |args: &[&str]| {
+        let (ok, _, stderr) = run(args);
+        assert!(!ok, "xtask {args:?} should fail");
+        stderr
+    };
+
+    // omicron's form of `target create`: one short flag per key, `-m` is the machine, and the
+    // global options go before the command. The combinations omicron refuses are refused with
+    // its reasons, and nothing is created.
+    let e = bad(&["-m", "m.toml", "--artifacts", "out", "target", "create", "-i", "standard"]
+        .iter()
+        .chain(&["-m", "non-gimlet", "-s", "asic", "-r", "multi-sled"])
+        .copied()
+        .collect::<Vec<_>>());
+    assert!(e.contains("'switch=asic' is only valid with 'machine=gimlet'"), "{e}");
+    assert!(!dir.join("out").exists(), "a refused target was written");
+    let e =
+        bad(&["-m", "m.toml", "-t", "r", "target", "create", "-i", "trampoline", "-m", "gimlet"]);
+    assert!(e.contains("Trampoline image does not execute the sled agent"), "{e}");
+    let e = bad(&["-m", "m.toml", "target", "create", "-i", "trampoline", "-s", "stub"]);
+    assert!(e.contains("Trampoline image does not contain switch zone"), "{e}");
+    let e = bad(&["-m", "m.toml", "target", "create", "-s", "tofino"]);
+    assert!(e.contains("invalid value 'tofino' for '--switch <SWITCH>'"), "{e}");
+
+    // Without `-t` the target is `default`, as in omicron; omicron's defaults fill the rest.
+    let s =
+        good(&["-m", "m.toml", "target", "create", "-i", "standard", "-m", "gimlet", "-s", "asic"]);
+    assert_eq!(
+        s.trim(),
+        "created target default (clickhouse-topology=single-node image=standard machine=gimlet \
+         rack-topology=multi-sled switch=asic) and made it active"
+    );
+    let s = good(&["-m", "m.toml", "-t", "recovery", "target", "create", "-i", "trampoline"]);
+    assert!(s.starts_with("created target recovery (clickhouse-topology=single-node image=trampoline rack-topology=multi-sled)"), "{s}");
+    // The generic form: a name and key=value pairs.
+    let s = good(&["target", "create", "--manifest", "m.toml", "plain", "flavour=blue"]);
+    assert!(s.starts_with("created target plain (flavour=blue)"), "{s}");
+    let e = bad(&["-m", "m.toml", "-t", "a", "target", "create", "b"]);
+    assert!(e.contains("the target is named twice, `b` and `-t a`"), "{e}");
+
+    // list-outputs hides intermediate packages unless asked, as omicron does; `-t` before
+    // the command picks the target.
+    let names = |s: String| -> Vec<String> {
+        s.lines().map(|l| Path::new(l).file_name().unwrap().to_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(names(good(&["-m", "m.toml", "-t", "default", "list-outputs"])), ["sled.tar.gz"]);
+    assert_eq!(
+        names(good(&["-t", "default", "list-outputs", "-m", "m.toml", "--intermediate"])),
+        ["sled.tar.gz", "switch-part.tar.gz"]
+    );
+    assert_eq!(names(good(&["-m", "m.toml", "-t", "recovery", "list-outputs"])), ["recovery.tar"]);
+
+    // `--artifacts` before the command (targets live in it, as in omicron) and `-d` for
+    // --disable-cache.
+    good(&[
+        "-m",
+        "m.toml",
+        "--artifacts",
+        "arts",
+        "-t",
+        "std",
+        "target",
+        "create",
+        "-i",
+        "standard",
+    ]);
+    let s = good(&["-m", "m.toml", "--artifacts", "arts", "-t", "std", "package", "-d"]);
+    assert!(s.contains("sled.tar.gz"), "{s}");
+    assert!(dir.join("arts/sled.tar.gz").is_file());
+    assert!(!dir.join("out/sled.tar.gz").exists());
+
+    // The same option before and after the command must agree; the options before it belong
+    // to the packaging commands.
+    let e = bad(&["-m", "m.toml", "package", "-m", "other.toml"]);
+    assert!(e.contains("--manifest is given before the command"), "{e}");
+    let e = bad(&["-t", "default", "testbed", "down", "--name", "none"]);
+    assert!(e.contains("apply to the packaging commands only"), "{e}");
+
+    // An error's cause is printed once.
+    let e = bad(&["-m", "missing.toml", "package"]);
+    assert_eq!(e.matches("No such file or directory").count(), 1, "{e}");
+}
+
+#[test]
+fn show_cargo_commands_prints_the_plans_cargo_lines() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let (ok, stdout, stderr) = raw(root, &["show-cargo-commands"]);
+    assert!(ok, "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "one build of every release binary: {stdout}");
+    assert!(lines[0].starts_with("release: cargo build --release --package "), "{stdout}");
+    for bin in ["node-agent", "control-plane"] {
+        assert!(lines[0].contains(&format!("--bin {bin}")), "{stdout}");
     }
 }

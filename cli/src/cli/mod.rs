@@ -11,8 +11,72 @@ pub use fling::*;
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", bin_name = "cargo xtask", version, propagate_version = true)]
 pub struct Cli {
+    #[command(flatten)]
+    pub globals: Globals,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Command {
+    /// The command with the options given before it ([`Globals`]) merged into its own; only
+    /// the packaging commands take them.
+    pub fn with_globals(self, globals: &Globals) -> Result<Command, String> {
+        let merge = |args: ManifestArgs| args.with_globals(globals);
+        Ok(match self {
+            Command::Package(mut a) => {
+                a.manifest = merge(a.manifest)?;
+                Command::Package(a)
+            }
+            Command::ListOutputs(mut a) => {
+                a.manifest = merge(a.manifest)?;
+                Command::ListOutputs(a)
+            }
+            Command::ShowCargoCommands(a) => Command::ShowCargoCommands(merge(a)?),
+            Command::Check(a) => Command::Check(merge(a)?),
+            Command::Clean(a) => Command::Clean(merge(a)?),
+            Command::Dot(a) => Command::Dot(merge(a)?),
+            Command::Stamp(mut a) => {
+                a.manifest = merge(a.manifest)?;
+                Command::Stamp(a)
+            }
+            Command::Target(mut a) => {
+                let merged = merge(a.scope.clone().into())?;
+                a.scope = TargetScope {
+                    manifest: merged.manifest,
+                    out: merged.out,
+                    target: merged.target,
+                };
+                Command::Target(a)
+            }
+            other => {
+                if globals.manifest.is_some() || globals.out.is_some() || globals.target.is_some() {
+                    return Err("-m/--manifest, --out/--artifacts and -t/--target before the \
+                                command apply to the packaging commands only (package, \
+                                list-outputs, show-cargo-commands, check, clean, stamp, dot, \
+                                target)"
+                        .into());
+                }
+                other
+            }
+        })
+    }
+}
+
+/// `-m`, `-t` and `--artifacts` before the command, as omicron-package takes them
+/// (`cargo xtask -t dev package`); the packaging commands take them after it too.
+#[derive(Debug, Args, Clone, Default, PartialEq, Eq)]
+pub struct Globals {
+    // Ids of their own: clap hands a subcommand's global value up to a parent argument of the
+    // same id, which would hide the same option given twice.
+    /// The package manifest [default: package-manifest.toml].
+    #[arg(id = "globals_manifest", short = 'm', long = "manifest", value_name = "MANIFEST")]
+    pub manifest: Option<Utf8PathBuf>,
+    /// The directory that receives the packages [default: out].
+    #[arg(id = "globals_out", long = "out", visible_alias = "artifacts", value_name = "OUT")]
+    pub out: Option<Utf8PathBuf>,
+    /// The named target to build for (see `cargo xtask target`).
+    #[arg(id = "globals_target", short = 't', long = "target", value_name = "TARGET")]
+    pub target: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -20,8 +84,11 @@ pub enum Command {
     /// Build the services once, then write one cached, deterministic archive per package
     /// [runs on: this machine].
     Package(PackageArgs),
-    /// Print the path of every output the manifest describes for the active target.
-    ListOutputs(ManifestArgs),
+    /// Print the path of every output the manifest describes for the active target
+    /// (intermediate ones with `--intermediate`).
+    ListOutputs(ListOutputsArgs),
+    /// Print the cargo command lines `package` would run for the active target.
+    ShowCargoCommands(ManifestArgs),
     /// Validate the manifest and `cargo check` every crate that is packaged.
     Check(ManifestArgs),
     /// Remove the outputs directory (packages, cache records, downloads).
@@ -64,18 +131,65 @@ pub enum Command {
 }
 
 /// Where the manifest and the outputs are, and which target is used.
-#[derive(Debug, Args, Clone)]
+#[derive(Debug, Args, Clone, Default)]
 pub struct ManifestArgs {
-    /// The package manifest.
-    #[arg(short, long, default_value = "package-manifest.toml", global = true)]
-    pub manifest: Utf8PathBuf,
-    /// The directory that receives the packages.
-    #[arg(long = "out", visible_alias = "artifacts", default_value = "out", global = true)]
-    pub out: Utf8PathBuf,
+    /// The package manifest [default: package-manifest.toml].
+    #[arg(short, long, global = true)]
+    pub manifest: Option<Utf8PathBuf>,
+    /// The directory that receives the packages [default: out].
+    #[arg(long = "out", visible_alias = "artifacts", global = true)]
+    pub out: Option<Utf8PathBuf>,
     /// The named target to build for (see `cargo xtask target`); the active target, or the
     /// manifest's `default` preset, when not given.
     #[arg(short, long, global = true)]
     pub target: Option<String>,
+}
+
+impl ManifestArgs {
+    /// The manifest's path, given or the default.
+    pub fn manifest(&self) -> &camino::Utf8Path {
+        self.manifest.as_deref().unwrap_or("package-manifest.toml".into())
+    }
+
+    /// The outputs directory, given or the default.
+    pub fn out(&self) -> &camino::Utf8Path {
+        self.out.as_deref().unwrap_or("out".into())
+    }
+
+    /// These arguments with the ones given before the command filled in; the same option
+    /// given in both places with different values is an error.
+    pub fn with_globals(mut self, globals: &Globals) -> Result<ManifestArgs, String> {
+        fn merge<T: PartialEq + Clone + std::fmt::Debug>(
+            flag: &str,
+            here: &mut Option<T>,
+            before: &Option<T>,
+        ) -> Result<(), String> {
+            match (&*here, before) {
+                (Some(a), Some(b)) if a != b => Err(format!(
+                    "{flag} is given before the command ({b:?}) and after it ({a:?}): give it once"
+                )),
+                (None, Some(b)) => {
+                    *here = Some(b.clone());
+                    Ok(())
+                }
+                _ => Ok(()),
+            }
+        }
+        merge("--manifest", &mut self.manifest, &globals.manifest)?;
+        merge("--out/--artifacts", &mut self.out, &globals.out)?;
+        merge("--target", &mut self.target, &globals.target)?;
+        Ok(self)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ListOutputsArgs {
+    #[command(flatten)]
+    pub manifest: ManifestArgs,
+    /// List the intermediate packages too (`output.intermediate_only`: parts of composite
+    /// packages, never deployed themselves).
+    #[arg(long)]
+    pub intermediate: bool,
 }
 
 #[derive(Debug, Args)]
@@ -86,7 +200,7 @@ pub struct PackageArgs {
     #[arg(long, num_args = 1.., value_name = "PACKAGE")]
     pub only: Vec<String>,
     /// Rebuild every output even where the cache says it is up to date.
-    #[arg(long)]
+    #[arg(short, long)]
     pub disable_cache: bool,
     /// Do not run cargo: package the binaries already built.
     #[arg(long)]
@@ -120,36 +234,80 @@ pub struct StampArgs {
 #[derive(Debug, Args)]
 pub struct TargetArgs {
     #[command(flatten)]
-    pub manifest: ManifestArgs,
+    pub scope: TargetScope,
     #[command(subcommand)]
     pub command: TargetCommand,
 }
 
+/// [`ManifestArgs`] for `target`, whose `create` takes `-m` as omicron's `--machine`: the
+/// manifest is `--manifest` here (or `-m` before `target`).
+#[derive(Debug, Args, Clone)]
+pub struct TargetScope {
+    /// The package manifest [default: package-manifest.toml].
+    #[arg(long, global = true)]
+    pub manifest: Option<Utf8PathBuf>,
+    /// The directory that holds the targets (`<out>/target/`) [default: out].
+    #[arg(long = "out", visible_alias = "artifacts", global = true)]
+    pub out: Option<Utf8PathBuf>,
+    /// The target's name, as omicron-package takes it (`-t <name> target create ...`).
+    #[arg(short, long, global = true)]
+    pub target: Option<String>,
+}
+
+impl From<TargetScope> for ManifestArgs {
+    fn from(scope: TargetScope) -> ManifestArgs {
+        ManifestArgs { manifest: scope.manifest, out: scope.out, target: scope.target }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum TargetCommand {
-    /// Create (or replace) a named target from a preset and `key=value` overrides.
+    /// Create (or replace) a named target and make it active: from a preset, omicron's target
+    /// flags (`-i standard -m non-gimlet -s stub -r multi-sled`, with omicron's defaults and
+    /// checks) and `key=value` pairs, later ones overriding earlier ones.
     Create {
-        /// The name of the target.
-        name: String,
+        /// `[NAME] [KEY=VALUE]...`: the name (else `-t`'s, else `default`, as in omicron), then
+        /// the pairs.
+        #[arg(value_name = "NAME|KEY=VALUE")]
+        words: Vec<String>,
         /// The `[target.preset.<name>]` of the manifest to start from.
         #[arg(short, long)]
         preset: Option<String>,
-        /// `key=value` pairs that override the preset.
-        #[arg(short = 'i', long = "image", value_name = "KEY=VALUE", num_args = 1..)]
-        values: Vec<String>,
+        #[command(flatten)]
+        omicron: OmicronTarget,
     },
     /// List the named targets; the active one is marked.
     List,
     /// Make a named target the active one.
     Set {
-        /// The name of the target.
-        name: String,
+        /// The name of the target (else `-t`'s).
+        name: Option<String>,
     },
     /// Delete a named target.
     Delete {
-        /// The name of the target.
-        name: String,
+        /// The name of the target (else `-t`'s).
+        name: Option<String>,
     },
+}
+
+/// omicron-package's target keys, one short flag each.
+#[derive(Debug, Args, Clone, Default, PartialEq, Eq)]
+pub struct OmicronTarget {
+    /// The kind of OS image (omicron's `image`) [default with any of these flags: standard].
+    #[arg(short, long, value_parser = ["standard", "trampoline"])]
+    pub image: Option<String>,
+    /// The machine (omicron's `machine`) [default for a standard image: non-gimlet].
+    #[arg(short, long, value_parser = ["gimlet", "gimlet-standalone", "non-gimlet"])]
+    pub machine: Option<String>,
+    /// The switch (omicron's `switch`) [default for a standard image: stub].
+    #[arg(short, long, value_parser = ["asic", "stub", "softnpu"])]
+    pub switch: Option<String>,
+    /// The rack topology (omicron's `rack-topology`) [default: multi-sled].
+    #[arg(short, long, value_parser = ["multi-sled", "single-sled"])]
+    pub rack_topology: Option<String>,
+    /// The ClickHouse topology (omicron's `clickhouse-topology`) [default: single-node].
+    #[arg(short, long, value_parser = ["single-node", "replicated-cluster"])]
+    pub clickhouse_topology: Option<String>,
 }
 
 #[derive(Debug, Args)]
