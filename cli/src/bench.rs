@@ -314,30 +314,26 @@ fn report_backend(name: &str, level: u32, sample: &[u8], out: usize, time: Durat
 }
 
 /// Times a no-op `cargo xtask package` against a no-op `cargo build` of the packaged binaries.
+/// A no-op `cargo xtask package` next to a no-op `cargo build --release --workspace`, the
+/// build developers run all day, measured both ways: alternating with it (build, package,
+/// build, package: each sees what the other left) and on its own (the packages again and
+/// again, then the builds again and again).
 fn noop_package(sh: &Shell, ctx: &Context, runs: u32) -> anyhow::Result<()> {
     if runs == 0 {
         bail!("bench noop-package: --runs must be at least 1");
     }
-    let (packages, bins) = manifest_binaries(&ctx.root().join("package-manifest.toml"))?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let work = WorkDir::new(ctx, "bench-noop")?;
     let out = &work.0;
-    let mut build_args = vec!["build".to_owned(), "--release".to_owned()];
-    for p in &packages {
-        build_args.extend(["-p".to_owned(), p.clone()]);
-    }
-    for b in &bins {
-        build_args.extend(["--bin".to_owned(), b.clone()]);
-    }
-    let build_name = format!("cargo {}", build_args.join(" "));
-    let package_name = "cargo xtask package".to_owned();
-    let mut rows = vec![Row::new(build_name), Row::new(package_name)];
-    // The first run of each is the warm-up: it builds, then writes the packages.
-    for run in 0..=runs {
+    let build = || -> anyhow::Result<Duration> {
         let start = Instant::now();
-        let args = &build_args;
-        without_cargo_env(cmd!(sh, "{cargo} {args...}")).quiet().ignore_stderr().run()?;
-        let build = start.elapsed();
+        without_cargo_env(cmd!(sh, "{cargo} build --release --workspace"))
+            .quiet()
+            .ignore_stderr()
+            .run()?;
+        Ok(start.elapsed())
+    };
+    let package = || -> anyhow::Result<Duration> {
         let start = Instant::now();
         without_cargo_env(cmd!(sh, "{cargo} xtask package --out {out}"))
             .quiet()
@@ -345,20 +341,41 @@ fn noop_package(sh: &Shell, ctx: &Context, runs: u32) -> anyhow::Result<()> {
             .ignore_stderr()
             .run()
             .context("cargo xtask package failed; run it alone to see why")?;
-        let package = start.elapsed();
-        if run == 0 {
-            continue;
-        }
+        Ok(start.elapsed())
+    };
+    // The warm-up: the first of each builds, then writes the packages.
+    build()?;
+    package()?;
+    let build_name = "cargo build --release --workspace";
+    let package_name = "cargo xtask package";
+    let mut alternating = vec![
+        Row::new(format!("{build_name} (alternating)")),
+        Row::new(format!("{package_name} (alternating)")),
+    ];
+    for run in 1..=runs {
+        let b = build()?;
+        let p = package()?;
         eprintln!(
-            "run {run}: build {:.3} s, package {:.3} s",
-            build.as_secs_f64(),
-            package.as_secs_f64()
+            "alternating run {run}: build {:.3} s, package {:.3} s",
+            b.as_secs_f64(),
+            p.as_secs_f64()
         );
-        rows[0].times.push(build);
-        rows[1].times.push(package);
+        alternating[0].times.push(b);
+        alternating[1].times.push(p);
     }
-    println!("\nno-op runs after one warm-up of each, {runs} interleaved runs, medians");
-    print_table(&rows, false);
+    let mut alone = vec![
+        Row::new(format!("{build_name} (on its own)")),
+        Row::new(format!("{package_name} (on its own)")),
+    ];
+    for _ in 0..runs {
+        alone[1].times.push(package()?);
+    }
+    for _ in 0..runs {
+        alone[0].times.push(build()?);
+    }
+    println!("\nno-op runs after one warm-up of each, {runs} runs of each, medians");
+    print_table(&alternating, false);
+    print_table(&alone, false);
     Ok(())
 }
 
@@ -374,28 +391,4 @@ fn without_cargo_env(mut cmd: xshell::Cmd<'_>) -> xshell::Cmd<'_> {
         }
     }
     cmd
-}
-
-/// The crates and binaries of the manifest's local rust packages.
-fn manifest_binaries(path: &Utf8Path) -> anyhow::Result<(Vec<String>, Vec<String>)> {
-    let text = fs::read_to_string(path).with_context(|| format!("read {path}"))?;
-    let manifest: toml::Table = toml::from_str(&text).with_context(|| format!("parse {path}"))?;
-    let mut packages = Vec::new();
-    let mut bins = Vec::new();
-    let Some(toml::Value::Table(all)) = manifest.get("package") else {
-        bail!("{path}: no [package] tables");
-    };
-    for (name, package) in all {
-        let rust = package.get("source").and_then(|s| s.get("rust"));
-        let Some(names) = rust.and_then(|r| r.get("binary_names")).and_then(|b| b.as_array())
-        else {
-            continue;
-        };
-        packages.push(name.clone());
-        bins.extend(names.iter().filter_map(|n| n.as_str().map(str::to_owned)));
-    }
-    if bins.is_empty() {
-        bail!("{path}: no package has source.rust.binary_names");
-    }
-    Ok((packages, bins))
 }

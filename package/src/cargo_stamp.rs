@@ -257,6 +257,7 @@ mod tests {
             release: true,
             packages: vec!["agent".into()],
             bins: vec!["agent".into()],
+            workspace: true,
         };
         let out = dir.join("out");
         record(&out, &workspace, std::slice::from_ref(&build), &[dir.join("Cargo.lock")], "e1")

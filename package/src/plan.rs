@@ -49,13 +49,21 @@ pub struct Plan {
     pub batches: Vec<Vec<PackageName>>,
 }
 
-/// One `cargo build` for all binaries of one profile. Both `--package` and `--bin` are passed:
-/// `--bin` alone builds every package that has such a binary (cargo issue 8157).
+/// One `cargo build` for all binaries of one profile.
+///
+/// Features are resolved for the packages cargo is asked to build, so `cargo build -p a -p b`
+/// links other binaries than `cargo build --workspace`, and alternating the two relinks both
+/// every time. When every binary name belongs to one workspace crate only, the build is
+/// `--workspace --bin <name>...`: features unified as `cargo build --workspace` unifies them,
+/// so the developer's own workspace builds and the packages share one set of binaries. A name
+/// two crates share would build both (cargo issue 8157); then the packages are named too.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CargoBuild {
     pub release: bool,
     pub packages: Vec<String>,
     pub bins: Vec<String>,
+    /// `--workspace` rather than `--package` for each of `packages`.
+    pub workspace: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -151,8 +159,12 @@ impl CargoBuild {
         if self.release {
             args.push("--release".to_owned());
         }
-        for p in &self.packages {
-            args.extend(["--package".to_owned(), p.clone()]);
+        if self.workspace {
+            args.push("--workspace".to_owned());
+        } else {
+            for p in &self.packages {
+                args.extend(["--package".to_owned(), p.clone()]);
+            }
         }
         for b in &self.bins {
             args.extend(["--bin".to_owned(), b.clone()]);
@@ -221,10 +233,17 @@ pub fn plan(config: &PlanConfig<'_>) -> Result<Plan, Error> {
     // Debug builds first, then release: the order is fixed so the plan prints the same way.
     let cargo_builds = groups
         .into_iter()
-        .map(|(release, (packages, bins))| CargoBuild {
-            release,
-            packages: packages.into_iter().collect(),
-            bins: bins.into_iter().collect(),
+        .map(|(release, (packages, bins))| {
+            let owners = |bin: &String| {
+                config.workspace.crates.values().filter(|bins| bins.contains(bin)).count()
+            };
+            let workspace = bins.iter().all(|b| owners(b) == 1);
+            CargoBuild {
+                release,
+                packages: packages.into_iter().collect(),
+                bins: bins.into_iter().collect(),
+                workspace,
+            }
         })
         .collect();
     let batches = batches(&outputs);

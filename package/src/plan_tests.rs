@@ -61,10 +61,19 @@ fn omicron_manifest_plans_for_the_default_preset() {
             bins: ["nexus", "schema-updater", "sled-agent", "zone-bundle"]
                 .map(String::from)
                 .to_vec(),
+            workspace: true,
         }]
     );
+    // Features unified over the workspace, as `cargo build --workspace` unifies them.
     assert_eq!(
         plan.cargo_builds[0].args().join(" "),
+        "build --release --workspace --bin nexus --bin schema-updater --bin sled-agent --bin \
+         zone-bundle"
+    );
+    // A binary name two crates share would build both: then the packages are named.
+    let shared = CargoBuild { workspace: false, ..plan.cargo_builds[0].clone() };
+    assert_eq!(
+        shared.args().join(" "),
         "build --release --package omicron-nexus --package omicron-sled-agent --bin nexus \
          --bin schema-updater --bin sled-agent --bin zone-bundle"
     );
@@ -207,7 +216,7 @@ fn local_zone_layout_and_debug_build() {
         r#""agent""#,
     ));
     let plan = s.plan().unwrap();
-    assert_eq!(plan.cargo_builds[0].args(), ["build", "--package", "agent", "--bin", "agent"]);
+    assert_eq!(plan.cargo_builds[0].args(), ["build", "--workspace", "--bin", "agent"]);
     assert_eq!(
         dests(&plan, "agent"),
         ["oxide.json", "root/opt/flotilla/agent/pkg", "root/opt/flotilla/agent/bin/agent"]
@@ -222,7 +231,7 @@ fn local_zone_layout_and_debug_build() {
     assert_eq!(source, &s.0.join("target/debug/agent"));
     assert!(executable);
     let rendered = plan.render(&BTreeMap::new());
-    assert!(rendered.contains("cargo: cargo build --package agent --bin agent"), "{rendered}");
+    assert!(rendered.contains("cargo: cargo build --workspace --bin agent"), "{rendered}");
     assert!(rendered.contains("root/opt/flotilla/agent/pkg/config.toml 0644"), "{rendered}");
 }
 
@@ -341,4 +350,22 @@ fn a_deb_blob_is_refused_with_another_origin_or_an_unsafe_name() {
     assert!(option.contains("is not a Debian package name"), "{option}");
     let escape = case(r#"deb = { package = "etcd", version = "1", file = "../../etc/shadow" }"#);
     assert!(escape.contains("is not a relative path inside the package"), "{escape}");
+}
+
+#[test]
+fn a_binary_name_two_crates_share_names_the_packages() {
+    let manifest = Manifest::load(&data_dir().join("omicron-style.toml")).unwrap();
+    let target = manifest.presets["default"].clone();
+    let mut workspace = omicron_workspace();
+    workspace.crates.insert("nexus-twin".into(), ["nexus".to_owned()].into());
+    let config = PlanConfig {
+        manifest: &manifest,
+        target: &target,
+        workspace: &workspace,
+        out_dir: Utf8Path::new("/ws/out"),
+        only: &[],
+    };
+    let plan = plan(&config).unwrap();
+    assert!(!plan.cargo_builds[0].workspace);
+    assert!(plan.cargo_builds[0].args().contains(&"--package".to_owned()));
 }

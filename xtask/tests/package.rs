@@ -553,7 +553,7 @@ fn show_cargo_commands_prints_the_plans_cargo_lines() {
     assert!(ok, "{stderr}");
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 1, "one build of every release binary: {stdout}");
-    assert!(lines[0].starts_with("release: cargo build --release --package "), "{stdout}");
+    assert!(lines[0].starts_with("release: cargo build --release --workspace --bin "), "{stdout}");
     for bin in ["node-agent", "control-plane"] {
         assert!(lines[0].contains(&format!("--bin {bin}")), "{stdout}");
     }
