@@ -175,29 +175,24 @@ pub fn create_commands(
         }
     }
     if accounts.user(user)?.is_none() {
-        let args: Vec<&str> = match (manager, group) {
-            (ManagerKind::Systemd, None) => vec![
-                "--system",
-                "--user-group",
-                "--no-create-home",
-                "--home-dir",
-                "/nonexistent",
-                "--shell",
-                "/usr/sbin/nologin",
-                user,
-            ],
-            (ManagerKind::Systemd, Some(group)) => vec![
-                "--system",
-                "--gid",
-                group,
-                "--no-create-home",
-                "--home-dir",
-                "/nonexistent",
-                "--shell",
-                "/usr/sbin/nologin",
-                user,
-            ],
-            (ManagerKind::Smf, group) => {
+        let args: Vec<&str> = match manager {
+            ManagerKind::Systemd => {
+                let mut args = vec!["--system"];
+                match group {
+                    None => args.push("--user-group"),
+                    Some(group) => args.extend(["--gid", group]),
+                }
+                args.extend([
+                    "--no-create-home",
+                    "--home-dir",
+                    "/nonexistent",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    user,
+                ]);
+                args
+            }
+            ManagerKind::Smf => {
                 vec![
                     "-g",
                     group.unwrap_or(user),
