@@ -449,7 +449,7 @@ fn deploy_pushes_each_server_only_its_own_overlay_and_a_rerun_sends_no_payload()
         assert!(
             last.contains(&format!(
                 "| --prefix /opt/flotilla --packages-prefix /opt/flotilla --service-manager systemd \
-                 install {0}/packages --overlay {0}/overlay --staging {0} --staged-key ",
+                 install --create-users {0}/packages --overlay {0}/overlay --staging {0} --staged-key ",
                 staging.display()
             )),
             "{last}"
