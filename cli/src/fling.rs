@@ -12,12 +12,16 @@ use camino::{Utf8Path, Utf8PathBuf};
 use xshell::{cmd, Shell};
 
 use flotilla_fling::config::{self, Config};
+use flotilla_fling::flags::{Artifacts, Build, ManifestFlags, PackageFlags};
 use flotilla_fling::overlay::{self, Identities};
-use flotilla_fling::plan::{self, BuildKind, DeployAction};
+use flotilla_fling::plan::{self, DeployAction};
 use flotilla_fling::{batch, exec, quote, ssh};
 
 use crate::{
-    cli::{self, FlingBuildCommand, FlingCommand, FlingDeployCommand, FlingLockCommand},
+    cli::{
+        self, FlingBuildCommand, FlingCommand, FlingDeployCommand, FlingLockCommand,
+        FlingManifestArgs, FlingPackageArgs,
+    },
     Context,
 };
 
@@ -53,6 +57,8 @@ fn run_with(
     args: cli::FlingArgs,
     quiet: bool,
 ) -> anyhow::Result<(i32, Option<exec::Report>)> {
+    // Everything the command would send the builder is checked before anything else.
+    let command = Typed::of(&args)?;
     let config = if args.config.as_str() == "-" {
         let mut text = String::new();
         std::io::stdin()
@@ -102,31 +108,24 @@ fn run_with(
         who: who(),
         lock_wait: args.lock_wait,
     };
-    let plan = match &args.command {
-        FlingCommand::Sync => plan::sync(&cx),
-        FlingCommand::InstallPrereqs => plan::install_prereqs(&cx, &servers),
-        FlingCommand::Build { command } => match command {
-            FlingBuildCommand::Check { args } => plan::build(&cx, BuildKind::Check, args),
-            FlingBuildCommand::Package { args } => plan::build(&cx, BuildKind::Package, args),
+    let plan = match command {
+        Typed::Build(build) => plan::build(&cx, &build),
+        Typed::Deploy(action) => plan::deploy(&cx, action, &servers),
+        Typed::Exec(line) => plan::exec(&cx, &servers, &line),
+        Typed::Other => match &args.command {
+            FlingCommand::Sync => plan::sync(&cx),
+            FlingCommand::InstallPrereqs => plan::install_prereqs(&cx, &servers),
+            FlingCommand::Overlay { rotate, .. } => plan::overlay(&cx, *rotate),
+            FlingCommand::Lock { command } => {
+                plan::lock(&cx, matches!(command, FlingLockCommand::Release))
+            }
+            FlingCommand::Bench { .. } => unreachable!("handled above"),
+            _ => unreachable!("Typed::of types every other command"),
         },
-        FlingCommand::Overlay { rotate, .. } => plan::overlay(&cx, *rotate),
-        FlingCommand::Deploy { command } => {
-            let action = match command {
-                FlingDeployCommand::Install => DeployAction::Install,
-                FlingDeployCommand::Uninstall => DeployAction::Uninstall,
-                FlingDeployCommand::Status => DeployAction::Status,
-                FlingDeployCommand::Rollback => DeployAction::Rollback,
-            };
-            plan::deploy(&cx, action, &servers)
-        }
-        FlingCommand::Install => plan::deploy(&cx, DeployAction::Install, &servers),
-        FlingCommand::Uninstall => plan::deploy(&cx, DeployAction::Uninstall, &servers),
-        FlingCommand::Exec { command } => plan::exec(&cx, &servers, &command.join(" ")),
-        FlingCommand::Lock { command } => {
-            plan::lock(&cx, matches!(command, FlingLockCommand::Release))
-        }
-        FlingCommand::Bench { .. } => unreachable!("handled above"),
     };
+    // `build dot` writes the graph to standard output as it is, for graphviz; the recap goes
+    // to standard error then.
+    let graph = plan.command == "build dot" && !args.json;
 
     // Keys named in the config are offered to the builder through a private agent, started
     // for this run only, so the user's own agent is neither needed nor changed.
@@ -212,17 +211,140 @@ fn run_with(
     let report = if quiet {
         exec::execute(sh, &plan, &options, &exec::Quiet)
     } else {
-        exec::execute(sh, &plan, &options, &crate::fling_ui::Ui::new(args.json, &plan))
+        let ui = crate::fling_ui::Ui::new(args.json, &plan);
+        if graph {
+            exec::execute(sh, &plan, &options, &crate::fling_ui::StdoutOf { step: "dot", ui })
+        } else {
+            exec::execute(sh, &plan, &options, &ui)
+        }
     };
     drop(agent);
     if !quiet {
         if args.json {
             println!("{}", report.summary());
+        } else if graph {
+            eprint!("{}", report.recap());
         } else {
             print!("{}", report.recap());
         }
     }
     Ok((report.exit_code, Some(report)))
+}
+
+/// The commands whose arguments become the library's typed flags, checked before anything
+/// runs; `Other` is every command without any.
+enum Typed {
+    Build(Build),
+    Deploy(DeployAction),
+    Exec(String),
+    Other,
+}
+
+impl Typed {
+    fn of(args: &cli::FlingArgs) -> anyhow::Result<Typed> {
+        let before = (&args.target, &args.artifacts);
+        let only_build = |what: &str| -> anyhow::Result<()> {
+            match before {
+                (Some(_), _) => bail!(
+                    "-t/--target before the command applies to `build` (check, package, dot) \
+                     only; {what} does not build"
+                ),
+                (None, Some(_)) => bail!(
+                    "--artifacts before the command applies to `build` and `deploy install` \
+                     only, not to {what}"
+                ),
+                (None, None) => Ok(()),
+            }
+        };
+        let install = |after: &Option<Artifacts>| -> anyhow::Result<Typed> {
+            if args.target.is_some() {
+                bail!(
+                    "-t/--target applies to `build` only: deploy install pushes what was built \
+                     (name its outputs directory with --artifacts)"
+                );
+            }
+            let artifacts = merge("--artifacts", &args.artifacts, after.clone())?;
+            Ok(Typed::Deploy(DeployAction::Install(artifacts.unwrap_or_default())))
+        };
+        let typed = match &args.command {
+            FlingCommand::Build { command } => Typed::Build(match command {
+                FlingBuildCommand::Check { manifest } => {
+                    Build::Check(manifest_flags(args, manifest)?)
+                }
+                FlingBuildCommand::Package { manifest, package } => {
+                    Build::Package(manifest_flags(args, manifest)?, package_flags(package))
+                }
+                FlingBuildCommand::Dot { manifest } => Build::Dot(manifest_flags(args, manifest)?),
+            }),
+            FlingCommand::Install => install(&None)?,
+            FlingCommand::Deploy { command } => {
+                let action = match command {
+                    FlingDeployCommand::Install { artifacts } => return install(artifacts),
+                    FlingDeployCommand::Uninstall => DeployAction::Uninstall,
+                    FlingDeployCommand::Status => DeployAction::Status,
+                    FlingDeployCommand::Rollback => DeployAction::Rollback,
+                    FlingDeployCommand::Clean => DeployAction::Clean,
+                };
+                only_build("deploy")?;
+                Typed::Deploy(action)
+            }
+            FlingCommand::Uninstall => {
+                only_build("uninstall")?;
+                Typed::Deploy(DeployAction::Uninstall)
+            }
+            FlingCommand::Exec { cmd, command } => {
+                only_build("exec")?;
+                Typed::Exec(match cmd {
+                    Some(line) => line.clone(),
+                    None => command.join(" "),
+                })
+            }
+            _ => {
+                only_build("this command")?;
+                Typed::Other
+            }
+        };
+        Ok(typed)
+    }
+}
+
+/// The build's target and outputs directory, given before the command (thing-flinger's
+/// place) or after it.
+fn manifest_flags(
+    args: &cli::FlingArgs,
+    after: &FlingManifestArgs,
+) -> anyhow::Result<ManifestFlags> {
+    Ok(ManifestFlags {
+        target: merge("-t/--target", &args.target, after.target.clone())?,
+        artifacts: merge("--artifacts", &args.artifacts, after.artifacts.clone())?,
+    })
+}
+
+fn package_flags(args: &FlingPackageArgs) -> PackageFlags {
+    PackageFlags {
+        only: args.only.clone(),
+        disable_cache: args.disable_cache,
+        no_rebuild: args.no_rebuild,
+        plan_only: args.builder_dry_run,
+        jobs: args.jobs,
+        retry_count: args.retry_count,
+        retry_duration: args.retry_duration,
+    }
+}
+
+/// A flag given before the command, after it, or both with the same value.
+fn merge<T: PartialEq + Clone + std::fmt::Display>(
+    flag: &str,
+    before: &Option<T>,
+    after: Option<T>,
+) -> anyhow::Result<Option<T>> {
+    match (before, after) {
+        (Some(a), Some(b)) if *a != b => {
+            bail!("{flag} is given before the command ({a}) and after it ({b}): give it once")
+        }
+        (Some(a), _) => Ok(Some(a.clone())),
+        (None, b) => Ok(b),
+    }
 }
 
 /// The private keys to offer the builder for the servers.

@@ -138,3 +138,45 @@ impl Events for Ui {
         }
     }
 }
+
+/// A UI that writes what one step prints on its standard output to this process's standard
+/// output as it is, with no host prefix (the graph of `build dot`, for graphviz), and
+/// everything else to `ui`.
+pub struct StdoutOf<E> {
+    pub step: &'static str,
+    pub ui: E,
+}
+
+impl<E: Events> Events for StdoutOf<E> {
+    fn output(&self, host: &str, step: Option<&str>, stream: &str, text: &str) {
+        if step == Some(self.step) && stream == "stdout" {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{text}");
+            return;
+        }
+        self.ui.output(host, step, stream, text)
+    }
+
+    fn step_started(&self, host: &str, step: &str, runs_on: &str) {
+        self.ui.step_started(host, step, runs_on)
+    }
+
+    fn step_finished(
+        &self,
+        host: &str,
+        step: &str,
+        runs_on: &str,
+        outcome: &Outcome,
+        took: Duration,
+    ) {
+        self.ui.step_finished(host, step, runs_on, outcome, took)
+    }
+
+    fn host_done(&self, report: &HostReport) {
+        self.ui.host_done(report)
+    }
+
+    fn finish(&self) {
+        self.ui.finish()
+    }
+}

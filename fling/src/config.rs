@@ -44,7 +44,21 @@ pub struct Config {
     pub overlay: OverlaySettings,
     /// Every server of the topology, by name.
     pub servers: BTreeMap<ServerName, Server>,
+    /// thing-flinger's `debug`: verbose remote output. Every command a step runs on the
+    /// builder, or from it on a server, is echoed (`+ <command>`) before it runs, and every
+    /// rsync lists each file it sends or deletes. (thing-flinger built its own tools in the
+    /// debug profile; here the packages' profiles come from the manifest.)
+    pub debug: bool,
+    /// thing-flinger's `rss_config_path`: a file of the workspace, relative to its root, that
+    /// `fling overlay` places in the rss server's overlay alone, as
+    /// `<prefix>/<service>/pkg/config-rss.toml` of every `[overlay] identity_services`
+    /// service ([`RSS_CONFIG_FILE`]).
+    pub rss_config_path: Option<String>,
 }
+
+/// The name under which the file `rss_config_path` names reaches the rss server, in
+/// `<prefix>/<service>/pkg/` (thing-flinger's name for it).
+pub const RSS_CONFIG_FILE: &str = "config-rss.toml";
 
 /// The machine that builds the packages and pushes them to the servers.
 #[derive(Debug, Clone)]
@@ -304,13 +318,22 @@ impl Config {
         self.server(&self.builder.server)
     }
 
-    /// The deployment servers, or the subset named on the command line.
+    /// The deployment servers, or the subset named on the command line: each value may hold
+    /// several names, separated by commas or whitespace (`a,b`, thing-flinger's `"a b"`).
     pub fn select_servers(&self, only: &[String]) -> crate::Result<Vec<&Server>> {
         if only.is_empty() {
             return Ok(self.deployment.servers.iter().map(|name| self.server(name)).collect());
         }
+        let names: Vec<&str> = only
+            .iter()
+            .flat_map(|value| value.split(|c: char| c == ',' || c.is_whitespace()))
+            .filter(|name| !name.is_empty())
+            .collect();
+        if names.is_empty() {
+            return Err(crate::Error::Select(format!("{only:?} names no server")));
+        }
         let mut selected = Vec::new();
-        for name in only {
+        for name in names {
             let Some(server) = self.deployment.servers.iter().find(|s| s.as_str() == name) else {
                 return Err(crate::Error::Select(format!(
                     "{name:?} is not one of the deployment servers of {} ({})",
@@ -359,6 +382,9 @@ struct RawConfig {
     #[serde(default)]
     overlay: RawOverlay,
     servers: BTreeMap<Spanned<String>, RawServer>,
+    #[serde(default)]
+    debug: bool,
+    rss_config_path: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -778,6 +804,10 @@ fn validate(errors: &Errors<'_>, raw: RawConfig, text: &str) -> Result<Config, C
         prefix: install_prefix,
     };
     let overlay = validate_overlay(errors, raw.overlay)?;
+    let rss_config_path = match &raw.rss_config_path {
+        Some(path) => Some(rss_config_path(errors, path, &deployment, &overlay)?),
+        None => None,
+    };
     let ssh = SshSettings {
         config: raw.ssh.config.as_ref().map(|p| ssh_file(errors, p, "ssh.config")).transpose()?,
         known_hosts: raw
@@ -813,7 +843,44 @@ fn validate(errors: &Errors<'_>, raw: RawConfig, text: &str) -> Result<Config, C
         ssh,
         overlay,
         servers,
+        debug: raw.debug,
+        rss_config_path,
     })
+}
+
+/// `rss_config_path`: a file of the workspace, relative to its root, normalized and of
+/// portable characters, for a config that names the rss server and the services to receive
+/// it. The overlay is generated on the builder, from its synced copy of the workspace, so the
+/// file is read there (thing-flinger read it on the client).
+fn rss_config_path(
+    errors: &Errors<'_>,
+    value: &Spanned<String>,
+    deployment: &Deployment,
+    overlay: &OverlaySettings,
+) -> Result<String, ConfigError> {
+    let field = "rss_config_path";
+    let text = value.get_ref();
+    let err = |m: String| errors.at(value.span(), field, m);
+    flotilla_contracts::layout::check_plain_path(text).map_err(err)?;
+    if text.starts_with('/') || text.ends_with('/') || !remote_path_chars_ok(text) {
+        return Err(err(format!(
+            "{text:?}: name a file of the workspace, relative to its root, of ASCII letters, \
+             digits and / . _ - + @ , = % (the overlay is made on the builder, from the \
+             workspace `fling sync` sent it)"
+        )));
+    }
+    if deployment.rss_server.is_none() {
+        return Err(err(
+            "the file goes to the rss server alone: name it in deployment.rss_server".into()
+        ));
+    }
+    if overlay.identity_services.is_empty() {
+        return Err(err(format!(
+            "no service would receive it: it is placed as {RSS_CONFIG_FILE} in the pkg/ \
+             directory of every [overlay] identity_services service, and that list is empty"
+        )));
+    }
+    Ok(text.clone())
 }
 
 fn validate_overlay(errors: &Errors<'_>, raw: RawOverlay) -> Result<OverlaySettings, ConfigError> {
@@ -1213,6 +1280,64 @@ addr = "node2.example.com"
         );
         let config = parse(&text).unwrap();
         assert_eq!(config.deployment.rss_server.unwrap().as_str(), "n1");
+    }
+
+    #[test]
+    fn thing_flingers_debug_and_rss_config_path_are_accepted_with_a_meaning() {
+        let config = parse(GOOD).unwrap();
+        assert!(!config.debug);
+        assert_eq!(config.rss_config_path, None);
+        let staging = "staging_dir = \"/var/tmp/staging\"";
+        let rss = GOOD.replace(staging, &format!("{staging}\nrss_server = \"n2\""));
+        let with = |top: &str, overlay: &str| format!("{top}\n{rss}\n[overlay]\n{overlay}\n");
+        let services = "identity_services = [\"agent\"]";
+        let config =
+            parse(&with("debug = true\nrss_config_path = \"smf/rss/config-rss.toml\"", services))
+                .unwrap();
+        assert!(config.debug);
+        assert_eq!(config.rss_config_path.as_deref(), Some("smf/rss/config-rss.toml"));
+
+        let err = error(&format!("debug = \"yes\"\n{GOOD}"));
+        assert!(err.starts_with("deploy.toml:1:9: debug: "), "{err}");
+        for (bad, why) in [
+            ("/home/me/config-rss.toml", "relative to its root"),
+            ("../config-rss.toml", "`.` or `..`"),
+            ("rack/", "relative to its root"),
+            ("rack/$(reboot).toml", "relative to its root"),
+        ] {
+            let err = error(&with(&format!("rss_config_path = {bad:?}"), services));
+            assert!(err.starts_with("deploy.toml:1:19: rss_config_path: "), "{bad}: {err}");
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        // The file goes to the rss server's identity services: both must be named.
+        let err = error(&format!("rss_config_path = \"rss.toml\"\n{GOOD}"));
+        assert!(err.contains("rss_config_path: the file goes to the rss server alone"), "{err}");
+        let err = error(&with("rss_config_path = \"rss.toml\"", ""));
+        assert!(err.contains("rss_config_path: no service would receive it"), "{err}");
+    }
+
+    #[test]
+    fn servers_are_selected_by_name_in_any_of_the_habitual_forms() {
+        let text = format!("{GOOD}[servers.n3]\nusername = \"root\"\naddr = \"n3.example.com\"\n")
+            .replace("servers = [\"n1\", \"n2\"]", "servers = [\"n1\", \"n2\", \"n3\"]");
+        let config = parse(&text).unwrap();
+        let names = |values: &[&str]| -> Result<Vec<String>, String> {
+            let values: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+            match config.select_servers(&values) {
+                Ok(servers) => Ok(servers.iter().map(|s| s.name.to_string()).collect()),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        assert_eq!(names(&[]).unwrap(), ["n1", "n2", "n3"]);
+        for forms in [&["n3", "n1"][..], &["n3,n1"], &["n3 n1"], &["n3, n1"], &[" n3\tn1 "]] {
+            assert_eq!(names(forms).unwrap(), ["n3", "n1"], "{forms:?}");
+        }
+        assert_eq!(names(&["n3,n1", "n2"]).unwrap(), ["n3", "n1", "n2"]);
+        let err = names(&["n1", "n9"]).unwrap_err();
+        assert!(err.starts_with("--servers: \"n9\" is not one of the deployment servers"), "{err}");
+        assert_eq!(names(&["n1,n2", "n1"]).unwrap_err(), "--servers: \"n1\" is given twice");
+        assert!(names(&["b"]).unwrap_err().contains("\"b\" is not one of"), "the builder");
+        assert_eq!(names(&[", "]).unwrap_err(), "--servers: [\", \"] names no server");
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! fling: from a client, through a builder, to many servers, over OpenSSH.
 //!
-//! `config` reads the topology, `quote` is the one quoting helper for remote shells, `ssh`
-//! builds the command lines of both hops, `plan` turns each command into per-host steps as
-//! data, `batch` is the builder session that runs a plan's steps, `exec` walks a plan
-//! concurrently and returns a report, `overlay` asks the generators for each server's own
-//! files. Nothing here prints or exits: progress goes through [`exec::Events`].
+//! `config` reads the topology, `flags` holds the builder's flags that fling forwards, `quote`
+//! is the one quoting helper for remote shells, `ssh` builds the command lines of both hops,
+//! `plan` turns each command into per-host steps as data, `batch` is the builder session that
+//! runs a plan's steps, `exec` walks a plan concurrently and returns a report, `overlay` asks
+//! the generators for each server's own files. Nothing here prints or exits: progress goes
+//! through [`exec::Events`].
 //!
 //! Exit codes of a run: 0 every host succeeded; 1 fling could not run (config, arguments, local
 //! error); 2 some hosts failed; 3 the deploy lock is held by another run; 4 some hosts were
@@ -14,6 +15,7 @@ pub mod batch;
 pub mod config;
 pub mod error;
 pub mod exec;
+pub mod flags;
 pub mod interrupt;
 pub mod overlay;
 pub mod plan;

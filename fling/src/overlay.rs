@@ -36,23 +36,42 @@ pub fn files_for(config: &Config, server: &Server) -> Vec<OverlayFile> {
 }
 
 /// The generators' input: the deployment servers in order with their address, variables and
-/// simple generators' files, the rack threshold, and where everything lives under `root`.
-pub fn request(config: &Config, root: &Utf8Path, identities: Identities) -> Request {
+/// simple generators' files (and, for the rss server, the file `rss_config_path` names, read
+/// under `root`), the rack threshold, and where everything lives under `root`.
+pub fn request(config: &Config, root: &Utf8Path, identities: Identities) -> crate::Result<Request> {
+    let rss_config = match &config.rss_config_path {
+        Some(path) => {
+            let file = root.join(path);
+            let contents = std::fs::read(&file).map_err(|e| crate::Error::Overlay {
+                what: format!("read {file} (rss_config_path of {})", config.path),
+                message: format!(
+                    "{e}; `fling sync` sends the workspace without what .gitignore and \
+                     builder.excludes leave out"
+                ),
+            })?;
+            Some(contents)
+        }
+        None => None,
+    };
     let servers = config
         .deployment
         .servers
         .iter()
         .map(|name| {
             let server = config.server(name);
+            let mut files = files_for(config, server);
+            if let Some(contents) = &rss_config {
+                files.extend(rss_config_files(config, server, contents));
+            }
             ServerRequest {
                 name: server.name.as_str().to_owned(),
                 addresses: vec![server.addr.for_ssh()],
                 vars: server.vars.clone(),
-                files: files_for(config, server),
+                files,
             }
         })
         .collect();
-    Request {
+    Ok(Request {
         servers,
         threshold: config.deployment.rack_threshold,
         vars: Default::default(),
@@ -63,7 +82,29 @@ pub fn request(config: &Config, root: &Utf8Path, identities: Identities) -> Requ
         prefix: config.deployment.prefix.relative().to_owned(),
         templates_dir: root.join(&config.overlay.templates),
         out_dir: root.join(OUT_DIR),
+    })
+}
+
+/// The rss server's copy of the file `rss_config_path` names, as `config-rss.toml` in the
+/// `pkg/` directory of every identity service; nothing for any other server.
+fn rss_config_files(config: &Config, server: &Server, contents: &[u8]) -> Vec<OverlayFile> {
+    if config.deployment.rss_server.as_ref() != Some(&server.name) {
+        return Vec::new();
     }
+    config
+        .overlay
+        .identity_services
+        .iter()
+        .map(|service| OverlayFile {
+            path: config
+                .deployment
+                .prefix
+                .overlay_service_dir(service)
+                .join("pkg")
+                .join(super::config::RSS_CONFIG_FILE),
+            contents: contents.to_vec(),
+        })
+        .collect()
 }
 
 /// Writes every deployment server's overlay under `<root>/out/overlay/` by running the
@@ -81,7 +122,7 @@ pub fn generate(
         move |e: xshell::Error| crate::Error::Overlay { what, message: e.to_string() }
     };
     let input =
-        serde_json::to_vec(&request(config, root, identities)).expect("a request serializes");
+        serde_json::to_vec(&request(config, root, identities)?).expect("a request serializes");
     let manifest = workspace.join("Cargo.toml");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     // From the workspace root, so cargo reads the workspace's own `.cargo/config.toml`.
@@ -182,7 +223,7 @@ addr = "fd00::2"
     /// Runs the generators as the binary would, on the JSON this module writes: the test checks
     /// that the request fits the binary's schema, and what the binary writes from it.
     fn generate_in_process(config: &Config, root: &Utf8Path, identities: Identities) -> Summary {
-        let json = serde_json::to_string(&request(config, root, identities)).unwrap();
+        let json = serde_json::to_string(&request(config, root, identities).unwrap()).unwrap();
         let request = flotilla_overlay::parse_request("test", &json).unwrap();
         flotilla_overlay::run(&request).unwrap()
     }
@@ -190,7 +231,7 @@ addr = "fd00::2"
     #[test]
     fn the_request_lists_servers_in_order_with_their_own_files() {
         let config = Config::parse(Utf8Path::new("t.toml"), CONFIG).unwrap();
-        let request = request(&config, Utf8Path::new("/w"), Identities::Rotate);
+        let request = request(&config, Utf8Path::new("/w"), Identities::Rotate).unwrap();
         let names: Vec<&str> = request.servers.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["n1", "n2"], "deployment servers only, in order");
         assert_eq!(request.servers[1].addresses, ["fd00::2"]);
@@ -220,7 +261,7 @@ addr = "fd00::2"
             .replace("identity_services = [\"node-agent\"]", "identity_services = [\"greeter\"]")
             .replace("rss_server = \"n2\"", "rss_server = \"n2\"\nprefix = \"/opt/acme\"");
         let config = Config::parse(Utf8Path::new("t.toml"), &text).unwrap();
-        let asked = request(&config, Utf8Path::new("/w"), Identities::Keep);
+        let asked = request(&config, Utf8Path::new("/w"), Identities::Keep).unwrap();
         assert_eq!(asked.tls_services, ["ledger"]);
         assert!(asked.secret_services.is_empty());
         assert_eq!(asked.prefix, "opt/acme");
@@ -231,7 +272,7 @@ addr = "fd00::2"
         let bare = CONFIG.split("[overlay]").next().unwrap().to_owned()
             + &CONFIG[CONFIG.find("[servers.b]").unwrap()..];
         let config = Config::parse(Utf8Path::new("t.toml"), &bare).unwrap();
-        let bare = request(&config, Utf8Path::new("/w"), Identities::Keep);
+        let bare = request(&config, Utf8Path::new("/w"), Identities::Keep).unwrap();
         assert!(bare.tls_services.is_empty() && bare.secret_services.is_empty());
         assert!(bare.servers.iter().all(|s| s.files.is_empty()));
         for (bad, field) in [
@@ -305,5 +346,38 @@ addr = "fd00::2"
         let rotated = generate_in_process(&config, &out, Identities::Rotate);
         assert_eq!(rotated.ca, Fate::Created);
         assert_ne!(std::fs::read(n1_pkg.join("tls/node.key")).unwrap(), key1);
+    }
+
+    #[test]
+    fn the_rss_config_reaches_the_rss_server_alone() {
+        let dir = std::env::temp_dir().join(format!("fling-rss-test-{}", std::process::id()));
+        let root = Utf8PathBuf::try_from(dir.clone()).unwrap();
+        struct Cleanup(std::path::PathBuf);
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let _cleanup = Cleanup(dir);
+        let text = format!("rss_config_path = \"rack/config-rss.toml\"\n{CONFIG}")
+            .replace("identity_services = [\"node-agent\"]", "identity_services = [\"a\", \"b\"]");
+        let config = Config::parse(Utf8Path::new("t.toml"), &text).unwrap();
+
+        // The file is read on the builder, from its copy of the workspace.
+        let err = request(&config, &root, Identities::Keep).unwrap_err().to_string();
+        assert!(err.starts_with(&format!("read {root}/rack/config-rss.toml (rss_config_path")));
+        assert!(err.contains(".gitignore"), "{err}");
+
+        std::fs::create_dir_all(root.join("rack")).unwrap();
+        std::fs::write(root.join("rack/config-rss.toml"), "rack = \"r1\"\n").unwrap();
+        generate_in_process(&config, &root, Identities::Keep);
+        let overlay = root.join("out/overlay");
+        for service in ["a", "b"] {
+            let file = overlay.join(format!("n2/opt/flotilla/{service}/pkg/config-rss.toml"));
+            assert_eq!(std::fs::read_to_string(&file).unwrap(), "rack = \"r1\"\n");
+            assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+            let other = overlay.join(format!("n1/opt/flotilla/{service}/pkg/config-rss.toml"));
+            assert!(!other.exists(), "n1 is not the rss server but got {other}");
+        }
     }
 }

@@ -7,6 +7,7 @@ use camino::Utf8PathBuf;
 
 use super::{
     config::{Config, Server},
+    flags::{Artifacts, Build},
     quote::{quote, quote_words, RemotePath},
     ssh::{Agent, BuilderHop, ServerHop},
 };
@@ -117,21 +118,26 @@ pub enum Locking {
 }
 
 /// What a deploy does on each server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeployAction {
-    Install,
+    /// Push the packages of this outputs directory of the builder's workspace, the installer
+    /// and the server's overlay, then install.
+    Install(Artifacts),
     Uninstall,
     Status,
     Rollback,
+    /// Remove the staged packages and overlay, and every release but the active one.
+    Clean,
 }
 
 impl DeployAction {
-    pub fn name(self) -> &'static str {
+    pub fn name(&self) -> &'static str {
         match self {
-            DeployAction::Install => "install",
+            DeployAction::Install(_) => "install",
             DeployAction::Uninstall => "uninstall",
             DeployAction::Status => "status",
             DeployAction::Rollback => "rollback",
+            DeployAction::Clean => "clean",
         }
     }
 }
@@ -177,6 +183,30 @@ impl Context<'_> {
         &self.config.deployment.staging_dir
     }
 
+    /// With `debug = true`, the command that writes `+ <command>` to standard output before
+    /// `command` runs, followed by `; `; nothing otherwise.
+    fn echo(&self, command: &str) -> String {
+        if self.config.debug {
+            format!("{}; ", echo(command))
+        } else {
+            String::new()
+        }
+    }
+
+    /// `echo`, to standard error: for a step whose standard output is its result.
+    fn echo_to_stderr(&self, command: &str) -> String {
+        if self.config.debug {
+            format!("{} >&2; ", echo(command))
+        } else {
+            String::new()
+        }
+    }
+
+    /// With `debug = true`, rsync's flag that lists every file it sends or deletes.
+    fn itemize(&self) -> Option<&'static str> {
+        self.config.debug.then_some("--itemize-changes")
+    }
+
     /// The plan skeleton every command shares: reach the builder (creating the directory of
     /// the server connections when servers are involved), take the lock if asked, and undo
     /// both at the end.
@@ -211,6 +241,12 @@ impl Context<'_> {
         }
         if locking == Locking::Lock {
             reach.push_str(&format!("; take the deploy lock {}", self.config.builder.lock_dir));
+        }
+        if self.config.debug {
+            reach.push_str(
+                " (debug: every command echoed as `+ ...` before it runs, every file rsync \
+                 changes listed)",
+            );
         }
         let setup =
             vec![self.on_builder("connect", StepKind::Connect, agent, &connect).what([reach])];
@@ -296,7 +332,7 @@ impl Context<'_> {
         let mut names = Vec::new();
         let mut what = Vec::new();
         for (name, command, description) in phases {
-            body.push(format!("{}; {command}", phase(name)));
+            body.push(format!("{}; {}{command}", phase(name), self.echo(&command)));
             names.push(name);
             what.push(description);
         }
@@ -348,6 +384,11 @@ impl Context<'_> {
         let prefix = quote(self.config.deployment.prefix.as_str());
         format!("{bin} --prefix {prefix} --packages-prefix {prefix} {}", words.join(" "))
     }
+}
+
+/// The command that writes `+ <command>` to standard output: `debug = true`'s echo.
+fn echo(command: &str) -> String {
+    format!("printf '+ %s\\n' {}", quote(command))
 }
 
 /// The command that announces a phase of a server step (see `protocol::PHASE_MARKER`).
@@ -440,6 +481,7 @@ pub fn sync(cx: &Context<'_>) -> Plan {
             .to_vec();
     // `target/`, `out/` and `.git/` never travel: the builder builds its own, and `.git/`
     // is large and unused there. `--delete` leaves excluded files on the builder alone.
+    argv.extend(cx.itemize().map(String::from));
     argv.extend(
         ["--filter=:- .gitignore", "--exclude=/target/", "--exclude=/out/", "--exclude=/.git/"]
             .map(String::from),
@@ -473,51 +515,54 @@ pub fn sync(cx: &Context<'_>) -> Plan {
     plan
 }
 
-/// What `build` runs on the builder.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BuildKind {
-    Check,
-    Package,
-}
-
-/// `build check|package`: `cargo xtask check|package` on the builder with the user's flags.
-/// `package` also builds the installer that `deploy` ships to every server.
-pub fn build(cx: &Context<'_>, kind: BuildKind, args: &[String]) -> Plan {
-    let (name, command) = match kind {
-        BuildKind::Check => ("check", "check"),
-        BuildKind::Package => ("package", "package"),
-    };
-    let mut plan = cx.plan(format!("build {name}"), Locking::Lock, false, Agent::NoForward);
-    let mut script = format!(
-        "{} && cd -- {} && PATH=\"$HOME/.cargo/bin:$PATH\" && cargo xtask {command}",
-        synced(cx),
-        cx.workspace()
-    );
-    if !args.is_empty() {
-        script.push(' ');
-        script.push_str(&quote_words(args));
+/// `build check|package|dot`: `cargo xtask check|package|dot` on the builder with the flags
+/// the client validated (`flags::Build`). `package` also builds the installer that `deploy`
+/// ships to every server; `dot` writes the package graph to its standard output.
+pub fn build(cx: &Context<'_>, build: &Build) -> Plan {
+    let command = build.command();
+    // `dot` only reads the manifest: it need not wait for, nor hold off, a deploy.
+    let locking = if let Build::Dot(_) = build { Locking::NoLock } else { Locking::Lock };
+    let mut plan = cx.plan(format!("build {command}"), locking, false, Agent::NoForward);
+    let words = build.words();
+    let mut xtask = format!("cargo xtask {command}");
+    if !words.is_empty() {
+        xtask.push(' ');
+        xtask.push_str(&quote_words(&words));
     }
-    if kind == BuildKind::Package {
+    // `dot`'s standard output is the graph: its echo goes to standard error.
+    let echo = if let Build::Dot(_) = build { cx.echo_to_stderr(&xtask) } else { cx.echo(&xtask) };
+    let mut script = format!(
+        "{} && cd -- {} && PATH=\"$HOME/.cargo/bin:$PATH\" && {echo}{xtask}",
+        synced(cx),
+        cx.workspace(),
+    );
+    let mut what = format!("in {}: {xtask}", cx.config.builder.workspace_path());
+    if let Build::Package(_, flags) = build {
+        let artifacts = build.manifest().artifacts.clone().unwrap_or_default();
+        if artifacts != Artifacts::default() {
+            what.push_str(&format!(
+                " (packages into {artifacts}/, which deploy install pushes when given \
+                 --artifacts {artifacts} too)"
+            ));
+        }
         // The installer ships to every server; the overlay generators run on the builder in
         // `fling overlay` (`cargo run`, the dev profile), so building them here keeps that
-        // step from compiling.
-        let _ = write!(
-            script,
-            " && cargo build --release --package {INSTALLER} --bin {INSTALLER} && cargo build \
-             --package flotilla-overlay --bin flotilla-overlay"
-        );
+        // step from compiling. A plan-only run builds nothing.
+        if !flags.plan_only {
+            let tools = format!(
+                "cargo build --release --package {INSTALLER} --bin {INSTALLER} && cargo build \
+                 --package flotilla-overlay --bin flotilla-overlay"
+            );
+            let _ = write!(script, " && {}{tools}", cx.echo(&tools));
+            what.push_str(&format!(", then build {INSTALLER} (release) and flotilla-overlay"));
+        }
     }
-    let mut what = format!(
-        "in {}: cargo xtask {command}{}",
-        cx.config.builder.workspace_path(),
-        args.iter().map(|a| format!(" {}", quote(a))).collect::<String>()
-    );
-    if kind == BuildKind::Package {
-        what.push_str(&format!(", then build {INSTALLER} (release) and flotilla-overlay"));
+    if let Build::Dot(_) = build {
+        what.push_str(" (the graph in graphviz's format, on standard output)");
     }
     plan.hosts.push(HostPlan {
         host: cx.builder_name(),
-        steps: vec![cx.on_builder(name, StepKind::Work, Agent::NoForward, &script).what([what])],
+        steps: vec![cx.on_builder(command, StepKind::Work, Agent::NoForward, &script).what([what])],
     });
     plan
 }
@@ -543,19 +588,36 @@ fn synced(cx: &Context<'_>) -> String {
 /// from the config, which travels on standard input.
 pub fn overlay(cx: &Context<'_>, rotate: bool) -> Plan {
     let mut plan = cx.plan("overlay".into(), Locking::Lock, false, Agent::NoForward);
-    let script = format!(
-        "{} && cd -- {} && PATH=\"$HOME/.cargo/bin:$PATH\" && cargo xtask fling --config - \
-         overlay --generate-here{}",
-        synced(cx),
-        cx.workspace(),
+    let generate = format!(
+        "cargo xtask fling --config - overlay --generate-here{}",
         if rotate { " --rotate" } else { "" }
     );
-    let what = format!(
+    let script = format!(
+        "{} && cd -- {} && PATH=\"$HOME/.cargo/bin:$PATH\" && {}{generate}",
+        synced(cx),
+        cx.workspace(),
+        cx.echo(&generate),
+    );
+    let mut what = format!(
         "in {}: generate each server's files into out/overlay/<server>/ from the config on \
          standard input ({}identities kept in out/overlay-state/)",
         cx.config.builder.workspace_path(),
         if rotate { "new " } else { "" }
     );
+    if let (Some(path), Some(rss)) = (&cx.config.rss_config_path, &cx.config.deployment.rss_server)
+    {
+        what.push_str(&format!(
+            "; {path} of the workspace to {rss} alone, as {} of {}",
+            super::config::RSS_CONFIG_FILE,
+            cx.config
+                .overlay
+                .identity_services
+                .iter()
+                .map(|s| format!("{}/pkg/", cx.config.deployment.prefix.as_path().join(s)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     let mut step = cx.on_builder("overlay", StepKind::Work, Agent::NoForward, &script).what([what]);
     step.stdin = Some(cx.config.text.clone());
     plan.hosts.push(HostPlan { host: cx.builder_name(), steps: vec![step] });
@@ -674,7 +736,7 @@ fn rsync_version_check(bin: &str, place: &str) -> String {
     )
 }
 
-/// `deploy install|uninstall|status|rollback`.
+/// `deploy install|uninstall|status|rollback|clean`.
 pub fn deploy(cx: &Context<'_>, action: DeployAction, servers: &[&Server]) -> Plan {
     let locking = if action == DeployAction::Status { Locking::NoLock } else { Locking::Lock };
     let mut plan = cx.plan(format!("deploy {}", action.name()), locking, true, Agent::Forward);
@@ -683,8 +745,8 @@ pub fn deploy(cx: &Context<'_>, action: DeployAction, servers: &[&Server]) -> Pl
     let overlay = cx.staging().join("overlay");
     for server in servers {
         let hop = cx.server_hop(server);
-        let phases = match action {
-            DeployAction::Install => {
+        let phases = match &action {
+            DeployAction::Install(artifacts) => {
                 let install = cx.installer(&[
                     quote("--service-manager"),
                     quote(manager),
@@ -694,7 +756,7 @@ pub fn deploy(cx: &Context<'_>, action: DeployAction, servers: &[&Server]) -> Pl
                     quote("--overlay"),
                     overlay.shell_word(),
                 ]);
-                let (names, body) = install_body(cx, server, &install);
+                let (names, body) = install_body(cx, server, artifacts, &install);
                 let what = vec![
                     format!(
                         "when {} already holds what this deploy sends (its staged key), only \
@@ -702,8 +764,9 @@ pub fn deploy(cx: &Context<'_>, action: DeployAction, servers: &[&Server]) -> Pl
                         cx.staging()
                     ),
                     format!(
-                        "rsync the packages, digests.b3, {INSTALLER} and out/overlay/{}/ to {} \
-                         (--delete, --checksum, --protect-args; refused without its marker)",
+                        "rsync the packages and digests.b3 of {artifacts}/, {INSTALLER} and \
+                         out/overlay/{}/ to {} (--delete, --checksum, --protect-args; refused \
+                         without its marker)",
                         server.name,
                         cx.staging()
                     ),
@@ -755,11 +818,74 @@ pub fn deploy(cx: &Context<'_>, action: DeployAction, servers: &[&Server]) -> Pl
                 let what = format!("{INSTALLER} rollback to the previous release");
                 vec![("rollback", hop.run(&remote), what)]
             }
+            DeployAction::Clean => clean_phases(cx, server, manager),
         };
         let steps = vec![cx.server_step(server, phases)];
         plan.hosts.push(HostPlan { host: server.name.to_string(), steps });
     }
     plan
+}
+
+/// The phases of `deploy clean` on one server: the installer removes every release but the
+/// active one, then the staged files go.
+///
+/// What goes and what stays in the staging directory: the packages, the overlay (the server's
+/// secrets among them: the active release holds its own copies) and the staged key (it
+/// describes what the directory no longer holds, so the next install pushes again) go. The
+/// installer in `bin/` stays, since `deploy status`, `rollback` and `uninstall` run it to manage
+/// the active release; so do `.tools/` (the rsync `install-prereqs` carried to a server without
+/// one, which the next push needs) and the marker that makes the directory flotilla's. Only
+/// the names flotilla puts there are removed, never anything else in the directory, and a
+/// directory without the marker is refused before anything runs. A server that never received
+/// the installer has no release to clean.
+fn clean_phases(
+    cx: &Context<'_>,
+    server: &Server,
+    manager: &str,
+) -> Vec<(&'static str, String, String)> {
+    use flotilla_contracts::layout::staging::{OVERLAY, PACKAGES};
+    let hop = cx.server_hop(server);
+    let (releases, unstage) = clean_commands(cx, manager);
+    vec![
+        (
+            "releases",
+            hop.run(&releases),
+            format!(
+                "{INSTALLER} clean: remove every release but the active one (prefix {}, \
+                 {manager}; refused when {} lacks its marker)",
+                cx.config.deployment.prefix,
+                cx.staging()
+            ),
+        ),
+        (
+            "unstage",
+            hop.run(&unstage),
+            format!(
+                "remove {PACKAGES}/, {OVERLAY}/ and {STAGED_KEY} from {}; keep bin/{INSTALLER} \
+                 (status, rollback, uninstall), {TOOLS}/ and {STAGING_MARKER}",
+                cx.staging()
+            ),
+        ),
+    ]
+}
+
+/// The server-side commands of `deploy clean`'s two phases (see `clean_phases`).
+fn clean_commands(cx: &Context<'_>, manager: &str) -> (String, String) {
+    use flotilla_contracts::layout::staging::{OVERLAY, PACKAGES};
+    let owned = check_owned(cx.staging(), STAGING_MARKER, "deployment.staging_dir", "cleans it");
+    let bin = cx.staging().join("bin").join(INSTALLER).shell_word();
+    let releases = format!(
+        "{owned} && if [ -x {bin} ]; then {}; else echo {}; fi",
+        cx.installer(&[quote("--service-manager"), quote(manager), quote("clean")]),
+        quote(&format!("no {INSTALLER} in {}: no release installed from it", cx.staging()))
+    );
+    let staged = [PACKAGES, OVERLAY, STAGED_KEY].map(|name| cx.staging().join(name).shell_word());
+    let unstage = format!(
+        "{owned} && rm -rf -- {} && echo {}",
+        staged.join(" "),
+        quote(&format!("removed {PACKAGES}/, {OVERLAY}/ and {STAGED_KEY} from {}", cx.staging()))
+    );
+    (releases, unstage)
 }
 
 /// `exec`: one shell command line on every selected server, through the builder.
@@ -827,13 +953,19 @@ pub fn lock(cx: &Context<'_>, release: bool) -> Plan {
 /// installer to run (126, 127). Then the builder pushes (the push removes the key before
 /// changing anything) and installs with the key, which the installer records once it
 /// succeeded and removes when it failed.
-fn install_body(cx: &Context<'_>, server: &Server, install: &str) -> (Vec<&'static str>, String) {
+fn install_body(
+    cx: &Context<'_>,
+    server: &Server,
+    artifacts: &Artifacts,
+    install: &str,
+) -> (Vec<&'static str>, String) {
     let hop = cx.server_hop(server);
+    let digests = quote(&format!("{artifacts}/digests.b3"));
     let staging = cx.staging().shell_word();
     let overlay_dir = quote(&format!("out/overlay/{}", server.name));
     let key = format!(
-        "k=none; if cd -- {src} && [ -f out/digests.b3 ] && [ -x target/release/{INSTALLER} ] \
-         && [ -d {overlay_dir} ]; then k=$({{ cat out/digests.b3 && sha256sum < \
+        "k=none; if cd -- {src} && [ -f {digests} ] && [ -x target/release/{INSTALLER} ] \
+         && [ -d {overlay_dir} ]; then k=$({{ cat {digests} && sha256sum < \
          target/release/{INSTALLER} && printf '%s\\n' {command} && ( cd -- {overlay_dir} && \
          find . -type f -exec sha256sum {{}} + | LC_ALL=C sort -k 2 ); }} | sha256sum | \
          cut -c 1-64); fi; case \"$k\" in '' | *[!0-9a-f]*) k=none ;; esac",
@@ -849,14 +981,16 @@ fn install_body(cx: &Context<'_>, server: &Server, install: &str) -> (Vec<&'stat
         hop.run_with_key(&with_key)
     );
     let body = format!(
-        "( {key}; if [ \"$k\" != none ]; then {check_phase}; {check}; rc=$?; case $rc in \
-         {not_staged} | 126 | 127) ;; *) exit \"$rc\" ;; esac; fi; {push_phase}; {push} || \
-         exit $?; {install_phase}; {install_and_record} )",
+        "( {key}; if [ \"$k\" != none ]; then {check_phase}; {echo_check}{check}; rc=$?; case $rc \
+         in {not_staged} | 126 | 127) ;; *) exit \"$rc\" ;; esac; fi; {push_phase}; {push} || \
+         exit $?; {install_phase}; {echo_install}{install_and_record} )",
         not_staged = flotilla_contracts::installer::EXIT_NOT_STAGED,
         check_phase = phase("check"),
+        echo_check = cx.echo(&check),
         push_phase = phase("push"),
-        push = push(cx, server),
+        push = push(cx, server, artifacts),
         install_phase = phase("install"),
+        echo_install = cx.echo(&install_and_record),
     );
     (vec!["check", "push", "install"], body)
 }
@@ -864,7 +998,7 @@ fn install_body(cx: &Context<'_>, server: &Server, install: &str) -> (Vec<&'stat
 /// The builder-side command that pushes the packages, the digest list, the installer and this
 /// server's overlay (nothing of any other server's) to the server's staging directory. rsync
 /// sends only what changed, so a redeploy of the same packages sends no payload.
-fn push(cx: &Context<'_>, server: &Server) -> String {
+fn push(cx: &Context<'_>, server: &Server, artifacts: &Artifacts) -> String {
     let hop = cx.server_hop(server);
     let overlay_dir = format!("out/overlay/{}", server.name);
     // One rsync per server moves everything: the builder assembles the server's staging tree
@@ -884,7 +1018,7 @@ fn push(cx: &Context<'_>, server: &Server) -> String {
         claim(cx.staging(), STAGING_MARKER, "deployment.staging_dir"),
         cx.staging().join(STAGED_KEY).shell_word()
     );
-    let rsync = quote_words(&[
+    let mut rsync_words = vec![
         "rsync",
         "-a",
         // The remote path travels inside rsync's protocol, never through the server's shell.
@@ -892,33 +1026,53 @@ fn push(cx: &Context<'_>, server: &Server) -> String {
         "--delete",
         "--checksum",
         "--info=stats1",
+    ];
+    rsync_words.extend(cx.itemize());
+    let exclude_marker = format!("--exclude=/{STAGING_MARKER}");
+    let exclude_tools = format!("--exclude=/{TOOLS}/");
+    let rsync_path = format!("--rsync-path={rsync_path}");
+    let source = format!("{view}/");
+    let destination = format!("{}:{}/", hop.rsync_destination, cx.staging().for_rsync());
+    rsync_words.extend([
         // The marker that makes the staging directory fling's is not part of the push.
-        &format!("--exclude=/{STAGING_MARKER}"),
+        &exclude_marker,
         // The rsync `install-prereqs` carried lives in the staging directory: not part of the
         // push, and not deleted by it.
-        &format!("--exclude=/{TOOLS}/"),
+        &exclude_tools,
         "-e",
         &hop.rsync_shell,
-        &format!("--rsync-path={rsync_path}"),
+        &rsync_path,
         "--",
-        &format!("{view}/"),
-        &format!("{}:{}/", hop.rsync_destination, cx.staging().for_rsync()),
+        &source,
+        &destination,
     ]);
+    let rsync = quote_words(&rsync_words);
     let script = format!(
         "set -e; cd -- {src}; \
-         [ -f out/digests.b3 ] || {{ echo 'no out/digests.b3 on the builder: run `fling build \
-         package` first' >&2; exit 1; }}; \
+         [ -f {out}/digests.b3 ] || {{ echo {no_digests} >&2; exit 1; }}; \
          [ -x target/release/{INSTALLER} ] || {{ echo 'no target/release/{INSTALLER} on the \
          builder: run `fling build package` first' >&2; exit 1; }}; \
          [ -d {od} ] || {{ echo {missing} >&2; exit 1; }}; \
          v={view}; rm -rf -- \"$v\"; mkdir -p -m 700 -- \"$v\"; mkdir -- \"$v/packages\" \"$v/bin\"; \
-         for f in out/*.tar.gz out/*.tar out/digests.b3; do [ -e \"$f\" ] || continue; \
+         for f in {out}/*.tar.gz {out}/*.tar {out}/digests.b3; do [ -e \"$f\" ] || continue; \
          ln -- \"$f\" \"$v/packages/\" 2>/dev/null || cp -p -- \"$f\" \"$v/packages/\"; done; \
          ln -- target/release/{INSTALLER} \"$v/bin/\" 2>/dev/null || \
          cp -p -- target/release/{INSTALLER} \"$v/bin/\"; \
          cp -al -- {od} \"$v/overlay\" 2>/dev/null || cp -a -- {od} \"$v/overlay\"; \
-         rc=0; {rsync} || rc=$?; rm -rf -- \"$v\"; exit $rc",
+         rc=0; {echo}{rsync} || rc=$?; rm -rf -- \"$v\"; exit $rc",
         src = cx.workspace(),
+        // Plain: `Artifacts` holds only characters no shell treats specially, so the globs
+        // above stay globs.
+        out = quote(artifacts.as_str()),
+        no_digests = quote(&format!(
+            "no {artifacts}/digests.b3 on the builder: run `fling build package{}` first",
+            if *artifacts == Artifacts::default() {
+                String::new()
+            } else {
+                format!(" --artifacts {artifacts}")
+            }
+        )),
+        echo = cx.echo(&rsync),
         od = quote(&overlay_dir),
         view = quote(&view),
         missing = quote(&format!("no {overlay_dir} on the builder: run `fling overlay` first")),
@@ -1049,6 +1203,114 @@ mod tests {
         }
         let missing = RemotePath::Absolute(ws.0.join("missing").to_string());
         assert!(sh(&check_owned(&missing, STAGING_MARKER, "f", "removes it")).status.success());
+    }
+
+    /// A context of `config`'s text, for plans built in tests.
+    fn with_context<T>(config: &str, f: impl FnOnce(&Context<'_>) -> T) -> T {
+        let config = Config::parse(camino::Utf8Path::new("t.toml"), config).unwrap();
+        let cx = Context {
+            config: &config,
+            builder: BuilderHop::new(&config, camino::Utf8Path::new("/tmp/fling-T")).unwrap(),
+            run_id: "T".into(),
+            builder_control_dir: "/tmp/fling-b-T".into(),
+            local_source: "/src".into(),
+            who: "t@client".into(),
+            lock_wait: 0,
+        };
+        f(&cx)
+    }
+
+    fn config_text(staging: &str, top: &str) -> String {
+        format!(
+            "{top}\n[builder]\nserver = \"b\"\nsource_path = \"$HOME/w\"\n[deployment]\n\
+             servers = [\"n1\"]\nstaging_dir = {staging:?}\n[servers.b]\nusername = \"b\"\n\
+             addr = \"b.example\"\n[servers.n1]\nusername = \"root\"\naddr = \"n1.example\"\n"
+        )
+    }
+
+    #[test]
+    fn clean_removes_only_what_flotilla_staged_and_runs_the_installers_clean() {
+        let ws = Workspace::new("clean", &[]);
+        let staging = ws.0.join("staging");
+        let text = config_text(staging.as_str(), "");
+        let (releases, unstage) = with_context(&text, |cx| clean_commands(cx, "systemd"));
+
+        // A staging directory without the marker is refused by both phases, untouched.
+        std::fs::create_dir_all(staging.join("packages")).unwrap();
+        for script in [&releases, &unstage] {
+            let out = sh(script);
+            assert_eq!(out.status.code(), Some(1), "{out:?}");
+            assert!(String::from_utf8_lossy(&out.stderr).contains("fling cleans it"));
+        }
+        assert!(staging.join("packages").is_dir());
+
+        // Without an installer there is no release to clean; the staged files still go.
+        std::fs::write(staging.join(STAGING_MARKER), "").unwrap();
+        let out = sh(&releases);
+        assert!(out.status.success(), "{out:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("no release installed from it"));
+
+        // The installer is run with the prefix, the manager and `clean`.
+        let log = ws.0.join("installer.log");
+        std::fs::create_dir_all(staging.join("bin")).unwrap();
+        let installer = staging.join("bin").join(INSTALLER);
+        std::fs::write(&installer, format!("#!/bin/sh\necho \"$*\" >> '{log}'\n")).unwrap();
+        sh(&format!("chmod 755 '{installer}'"));
+        for dir in ["packages", "overlay/opt/flotilla/a/pkg", ".tools/lib"] {
+            std::fs::create_dir_all(staging.join(dir)).unwrap();
+        }
+        for file in ["packages/a.tar.gz", "overlay/opt/flotilla/a/pkg/key", ".staged-key", "mine"] {
+            std::fs::write(staging.join(file), "x").unwrap();
+        }
+        let out = sh(&releases);
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "--prefix /opt/flotilla --packages-prefix /opt/flotilla --service-manager systemd \
+             clean\n"
+        );
+        let out = sh(&unstage);
+        assert!(out.status.success(), "{out:?}");
+        let mut left: Vec<String> = std::fs::read_dir(&staging)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".flotilla-staging", ".tools", "bin", "mine"]);
+        assert!(installer.is_file() && staging.join(".tools/lib").is_dir());
+        assert!(sh(&unstage).status.success(), "cleaning twice is no error");
+    }
+
+    #[test]
+    fn debug_echoes_every_command_exactly_and_rsync_lists_its_files() {
+        for command in ["true", "it's $(reboot) `x` \\n %s\"", "a\nb"] {
+            let out = sh(&format!("{}; true", echo(command)));
+            assert_eq!(String::from_utf8_lossy(&out.stdout), format!("+ {command}\n"));
+        }
+        let plain = config_text("/var/tmp/st", "");
+        let debug = config_text("/var/tmp/st", "debug = true");
+        let scripts = |text: &str| {
+            with_context(text, |cx| {
+                let server = cx.config.server(&cx.config.deployment.servers[0]);
+                let install = deploy(cx, DeployAction::Install(Artifacts::default()), &[server]);
+                let sync = sync(cx);
+                let build = build(cx, &Build::Check(Default::default()));
+                (
+                    install.hosts[0].steps[0].script.clone().unwrap(),
+                    sync.hosts[0].steps[0].argv.join(" "),
+                    build.hosts[0].steps[0].script.clone().unwrap(),
+                )
+            })
+        };
+        let (install, sync, build) = scripts(&plain);
+        assert!(!install.contains("printf '+ %s"), "{install}");
+        assert!(!install.contains("--itemize-changes") && !sync.contains("--itemize-changes"));
+        assert!(!build.contains("printf '+ %s"), "{build}");
+        let (install, sync, build) = scripts(&debug);
+        // The check, the push's rsync and the install are each echoed.
+        assert_eq!(install.matches("printf '+ %s").count(), 3, "{install}");
+        assert!(install.contains("--itemize-changes") && sync.contains("--itemize-changes"));
+        assert!(build.contains("printf '+ %s\\n' 'cargo xtask check'"), "{build}");
     }
 
     #[test]

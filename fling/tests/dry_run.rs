@@ -8,7 +8,8 @@ use camino::{Utf8Path, Utf8PathBuf};
 use flotilla_fling::{
     batch,
     config::Config,
-    plan::{self, BuildKind, Context, DeployAction, Plan},
+    flags::{Artifacts, Build, ManifestFlags, PackageFlags, PackageName, TargetName},
+    plan::{self, Context, DeployAction, Plan},
     ssh::BuilderHop,
 };
 
@@ -75,38 +76,72 @@ fn context<'a>(config: &'a Config, local_source: &Utf8Path) -> Context<'a> {
     }
 }
 
+/// The same deployment with thing-flinger's `debug` and `rss_config_path`.
+fn debug_config() -> Config {
+    let text = format!("debug = true\nrss_config_path = \"rack/config-rss.toml\"\n{CONFIG}")
+        .replace("prefix = \"/opt/acme\"", "prefix = \"/opt/acme\"\nrss_server = \"node1\"");
+    Config::parse(Utf8Path::new("deployment.toml"), &text).unwrap()
+}
+
 /// Every command's plan, by the name of its golden file.
-fn plans(config: &Config, workspace: &Utf8Path) -> Vec<(&'static str, Plan)> {
+fn plans<'a>(
+    config: &'a Config,
+    debug: &'a Config,
+    workspace: &Utf8Path,
+) -> Vec<(&'static str, Plan)> {
     let cx = context(config, Utf8Path::new("/src/flotilla"));
+    let debug_cx = context(debug, Utf8Path::new("/src/flotilla"));
     let prereqs_cx = context(config, workspace);
     let servers = config.select_servers(&[]).unwrap();
     let one = config.select_servers(&["node2".to_owned()]).unwrap();
+    let debug_servers = debug.select_servers(&[]).unwrap();
+    let dev = ManifestFlags {
+        target: Some(TargetName::new("dev").unwrap()),
+        artifacts: Some(Artifacts::new("out/dev").unwrap()),
+    };
+    let package = PackageFlags {
+        only: vec![PackageName::new("greeter").unwrap(), PackageName::new("ledger").unwrap()],
+        disable_cache: true,
+        jobs: std::num::NonZeroUsize::new(2),
+        ..PackageFlags::default()
+    };
+    let install = || DeployAction::Install(Artifacts::default());
     vec![
         ("sync", plan::sync(&cx)),
         ("install-prereqs", plan::install_prereqs(&prereqs_cx, &servers)),
-        ("build-check", plan::build(&cx, BuildKind::Check, &[])),
-        ("build-package", plan::build(&cx, BuildKind::Package, &["--only".into(), "a b".into()])),
+        ("build-check", plan::build(&cx, &Build::Check(ManifestFlags::default()))),
+        ("build-package", plan::build(&cx, &Build::Package(dev.clone(), package))),
+        ("build-dot", plan::build(&cx, &Build::Dot(dev))),
         ("overlay", plan::overlay(&cx, false)),
         ("overlay-rotate", plan::overlay(&cx, true)),
-        ("deploy-install", plan::deploy(&cx, DeployAction::Install, &servers)),
-        ("deploy-install-node2", plan::deploy(&cx, DeployAction::Install, &one)),
+        ("deploy-install", plan::deploy(&cx, install(), &servers)),
+        ("deploy-install-node2", plan::deploy(&cx, install(), &one)),
+        (
+            "deploy-install-artifacts",
+            plan::deploy(&cx, DeployAction::Install(Artifacts::new("out/dev").unwrap()), &one),
+        ),
         ("deploy-uninstall", plan::deploy(&cx, DeployAction::Uninstall, &servers)),
         ("deploy-status", plan::deploy(&cx, DeployAction::Status, &servers)),
         ("deploy-rollback", plan::deploy(&cx, DeployAction::Rollback, &servers)),
+        ("deploy-clean", plan::deploy(&cx, DeployAction::Clean, &servers)),
         ("exec", plan::exec(&cx, &servers, "systemctl is-active 'greeter.service'")),
         ("lock-status", plan::lock(&cx, false)),
         ("lock-release", plan::lock(&cx, true)),
+        ("debug-sync", plan::sync(&debug_cx)),
+        ("debug-overlay", plan::overlay(&debug_cx, false)),
+        ("debug-deploy-install", plan::deploy(&debug_cx, install(), &debug_servers)),
     ]
 }
 
 #[test]
 fn every_commands_dry_run_matches_its_golden_file() {
     let config = Config::parse(Utf8Path::new("deployment.toml"), CONFIG).unwrap();
+    let debug = debug_config();
     let workspace = Workspace::new();
     let golden = Utf8Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
     let update = std::env::var("UPDATE_GOLDEN").is_ok();
     let mut differ = Vec::new();
-    for (name, plan) in plans(&config, &workspace.0) {
+    for (name, plan) in plans(&config, &debug, &workspace.0) {
         let text = plan::describe(&plan);
         assert!(!text.contains(workspace.0.as_str()), "{name} names this machine's path");
         for line in text.lines().skip(1) {
@@ -134,8 +169,9 @@ fn every_commands_dry_run_matches_its_golden_file() {
 #[test]
 fn every_builder_script_and_session_is_valid_shell() {
     let config = Config::parse(Utf8Path::new("deployment.toml"), CONFIG).unwrap();
+    let debug = debug_config();
     let workspace = Workspace::new();
-    for (name, plan) in plans(&config, &workspace.0) {
+    for (name, plan) in plans(&config, &debug, &workspace.0) {
         let mut scripts: Vec<String> = plan
             .setup
             .iter()

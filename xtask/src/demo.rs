@@ -66,9 +66,7 @@ pub fn run(sh: &Shell, ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
     fling("copy the workspace to the builder", FlingCommand::Sync)?;
     fling(
         "build the packages on the builder",
-        FlingCommand::Build {
-            command: flotilla_cli::cli::FlingBuildCommand::Package { args: Vec::new() },
-        },
+        FlingCommand::Build { command: flotilla_cli::cli::FlingBuildCommand::package() },
     )?;
     fling(
         "generate each server's overlay (shares, TLS, configs)",

@@ -370,6 +370,98 @@ fn failed_and_unreachable_hosts_have_their_own_exit_codes_and_the_others_finish(
     let out = f.fling(&config, &["--servers", "nope", "exec", "--", "true"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("\"nope\" is not one of the deployment servers"), "{}", text(&out));
+
+    // thing-flinger's forms: servers as separate words or in one quoted word, the command
+    // line as `--cmd`; the same selections and exit codes as above.
+    let out = f.fling(&config, &["--servers", "n1", "n2", "exec", "--cmd", fail_on_n2]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 of 2 hosts ok"), "{}", text(&out));
+    let out = f.fling(&config, &["exec", "--servers", "n3 gone", "--cmd", "true"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let out = f.fling(&config, &["-s", "n1", "n3", "exec", "--cmd", fail_on_n2]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("2 of 2 hosts ok"), "{}", text(&out));
+}
+
+/// What fling forwards to the builder is checked on the client, before any host is reached:
+/// a bad value or a flag the builder's `cargo xtask` would not take fails with exit code 1 and
+/// names the flag, in a dry run as in a real one. Needs no testbed: the config's builder does
+/// not exist.
+#[test]
+fn flags_forwarded_to_the_builder_are_checked_on_the_client() {
+    let dir = std::env::temp_dir().join(format!("fling-flags-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
+    let config = dir.join("deploy.toml");
+    let example = workspace().join("deployment-example.toml");
+    std::fs::copy(&example, &config).unwrap();
+    let fling = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .arg("fling")
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .env_remove("SSH_AUTH_SOCK")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run cargo xtask fling")
+    };
+    // 2: clap refused the command line; 1: fling refused the combination.
+    for (args, code, says) in [
+        (&["build", "package", "--jobs", "0"][..], 2, "--jobs"),
+        (&["build", "package", "--retry-duration", "4000"], 2, "between 0 and 3600"),
+        (&["build", "package", "--only", "a b"], 2, "--only"),
+        (&["build", "package", "--frobnicate"], 2, "--frobnicate"),
+        (&["build", "package", "-t", "no such target"], 2, "--target"),
+        (&["build", "package", "--artifacts", "/srv/out"], 2, "is absolute"),
+        (&["build", "package", "--artifacts", "dist"], 2, "deleted by the next sync"),
+        (&["build", "dot", "--artifacts", "out/../src"], 2, "`.` or `..`"),
+        (&["exec", "--cmd", "true", "--", "true"], 2, "cannot be used with"),
+        (&["exec"], 2, "required"),
+        (&["--artifacts", "out/a", "build", "check", "--artifacts", "out/b"], 1, "give it once"),
+        (&["-t", "dev", "deploy", "status"], 1, "applies to `build`"),
+        (&["-t", "dev", "deploy", "install"], 1, "applies to `build` only"),
+        (&["--artifacts", "out/a", "exec", "--cmd", "true"], 1, "not to exec"),
+    ] {
+        for dry in [true, false] {
+            let mut all = Vec::new();
+            if dry {
+                all.push("--dry-run");
+            }
+            all.extend_from_slice(args);
+            let out = fling(&all);
+            assert_eq!(out.status.code(), Some(code), "{all:?}: {}", text(&out));
+            assert!(text(&out).contains(says), "{all:?}: {}", text(&out));
+            assert!(out.stdout.is_empty(), "{all:?} printed a plan: {}", text(&out));
+        }
+    }
+    // The same flags, well formed, in either place: the dry run shows what the builder runs.
+    for args in [
+        &["--dry-run", "-t", "dev", "--artifacts", "out/dev", "build", "package", "-d"][..],
+        &["--dry-run", "build", "package", "-t", "dev", "--artifacts", "out/dev", "-d"],
+    ] {
+        let out = fling(args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("cargo xtask package --target dev --out out/dev --disable-cache"),
+            "{args:?}: {stdout}"
+        );
+    }
+    let out = fling(&["--dry-run", "--servers", "node1", "node2", "deploy", "clean"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for node in ["node1", "node2"] {
+        assert!(stdout.contains(&format!("[{node}] releases ")), "{stdout}");
+        assert!(stdout.contains(&format!("[{node}] unstage ")), "{stdout}");
+    }
+    assert!(!stdout.contains("[node3]"), "{stdout}");
 }
 
 #[test]
@@ -1308,6 +1400,37 @@ fn full_flow_and_faults_on_a_three_node_testbed() {
     bed.fling_ok(&["install"]);
     let release_five = bed.assert_converged();
     assert_ne!(release_five[1], release_four[1], "node2 did not converge");
+
+    // thing-flinger's forms on the real builder: the package graph on standard output;
+    // packages built into another outputs directory and pushed from it.
+    let out = bed.fling_ok(&["build", "dot"]);
+    let graph = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(graph.starts_with("digraph"), "not a graph on stdout:\n{graph}");
+    assert!(graph.contains("control-plane") && graph.trim_end().ends_with('}'), "{graph}");
+    let config = bed.builder_source().join("smf/control-plane/config.toml");
+    let mut changed = std::fs::read_to_string(&config).unwrap();
+    changed.push_str("# changed by the test: six\n");
+    std::fs::write(&config, changed).unwrap();
+    bed.fling_ok(&["--artifacts", "out/six", "build", "package"]);
+    assert!(bed.builder_source().join("out/six/digests.b3").is_file());
+    bed.fling_ok(&["deploy", "install", "--artifacts", "out/six"]);
+    let release_six = bed.assert_converged();
+    assert_ne!(release_six, release_five, "the packages of out/six were not installed");
+
+    // deploy clean: every release but the active one, and the staged packages and overlay,
+    // go; the active release keeps serving and the installer stays for status and uninstall.
+    bed.fling_ok(&["deploy", "clean"]);
+    for (node, current) in bed.tb.nodes.iter().zip(&release_six) {
+        let releases = bed.ssh_ok(node, "ls /opt/flotilla/releases");
+        let current_name = current.rsplit('/').next().unwrap();
+        assert_eq!(releases, current_name, "{node} kept more than its active release");
+        let staged = bed.ssh_ok(node, "ls -A /var/tmp/flotilla-staging | sort | tr '\\n' ' '");
+        assert!(!staged.contains("packages") && !staged.contains("overlay"), "{node}: {staged}");
+        assert!(staged.contains("bin"), "{node}: {staged}");
+    }
+    assert_eq!(bed.assert_converged(), release_six);
+    let out = bed.fling_ok(&["deploy", "status"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("3 of 3 hosts ok"));
 
     // Uninstall leaves nothing: no release, no unit, no staging directory.
     bed.fling_ok(&["uninstall"]);

@@ -1,7 +1,10 @@
 //! `cargo xtask fling`'s command line, as clap types only.
 
+use std::num::NonZeroUsize;
+
 use camino::Utf8PathBuf;
 use clap::{Args, Subcommand};
+use flotilla_fling::flags::{Artifacts, PackageName, RetryDuration, TargetName};
 
 /// `fling`'s options. Exit codes: 0 every host succeeded; 1 fling could not run; 2 some hosts
 /// failed; 3 the deploy lock is held; 4 some hosts were unreachable; 6 both failed and
@@ -11,13 +14,25 @@ use clap::{Args, Subcommand};
     arguments); 2 some hosts failed; 3 the deploy lock is held by another run; 4 some hosts \
     were unreachable; 6 some failed and some were unreachable; 130 interrupted (Ctrl-C: the \
     running steps stop, the deploy lock is released; a second Ctrl-C exits at once).")]
+// `--servers a b install`: the command's name ends the list of servers instead of joining it.
+#[command(subcommand_precedence_over_arg = true)]
 pub struct FlingArgs {
     /// The deployment config (the format of `deployment-example.toml`); `-` reads stdin.
     #[arg(short, long, global = true, default_value = "deployment.toml")]
     pub config: Utf8PathBuf,
-    /// Only these deployment servers (comma-separated), instead of all of them.
-    #[arg(long, global = true, value_delimiter = ',', value_name = "NAME,...")]
+    /// Only these deployment servers, instead of all of them: `-s a b`, `-s a,b` and
+    /// `-s "a b"` (thing-flinger's form) all name two.
+    #[arg(short, long, global = true, num_args = 1.., value_name = "NAME")]
     pub servers: Vec<String>,
+    /// As thing-flinger took it before the command: `build`'s `--target` (see `build package
+    /// --help`).
+    // Ids of their own: the build commands take the same flags after their name.
+    #[arg(id = "fling_target", short = 't', long = "target", value_name = "TARGET")]
+    pub target: Option<TargetName>,
+    /// As thing-flinger took it before the command: `build`'s and `deploy install`'s
+    /// `--artifacts`.
+    #[arg(id = "fling_artifacts", long = "artifacts", value_name = "DIR")]
+    pub artifacts: Option<Artifacts>,
     /// Print, per host, one line per step (where it runs, what it does), and run nothing.
     #[arg(long, global = true)]
     pub dry_run: bool,
@@ -48,6 +63,8 @@ impl FlingArgs {
         FlingArgs {
             config,
             servers: Vec::new(),
+            target: None,
+            artifacts: None,
             dry_run: false,
             show_commands: false,
             json: false,
@@ -67,7 +84,9 @@ pub enum FlingCommand {
     /// Check and prepare what the builder and the servers need; a Linux server without rsync
     /// gets the builder's, with its libraries; idempotent [runs on: builder, servers].
     InstallPrereqs,
-    /// `cargo xtask check` or `cargo xtask package` on the builder [runs on: builder].
+    /// `cargo xtask check`, `package` or `dot` on the builder, with flags checked here first
+    /// [runs on: builder].
+    #[command(subcommand_precedence_over_arg = true)]
     Build {
         #[command(subcommand)]
         command: FlingBuildCommand,
@@ -84,6 +103,7 @@ pub enum FlingCommand {
     },
     /// Install, uninstall, inspect or roll back the servers; the builder pushes to each
     /// server [runs on: builder -> servers].
+    #[command(subcommand_precedence_over_arg = true)]
     Deploy {
         #[command(subcommand)]
         command: FlingDeployCommand,
@@ -94,11 +114,15 @@ pub enum FlingCommand {
     Uninstall,
     /// Run a shell command line on every server, in parallel [runs on: servers].
     Exec {
-        /// The command line, after `--`.
-        #[arg(last = true, required = true, num_args = 1..)]
+        /// The command line as one argument (thing-flinger's form), instead of after `--`.
+        #[arg(long, value_name = "COMMAND", conflicts_with = "command")]
+        cmd: Option<String>,
+        /// The command line, after `--`; its words are joined with spaces.
+        #[arg(last = true, num_args = 1.., required_unless_present = "cmd")]
         command: Vec<String>,
     },
     /// Inspect or release the deploy lock [runs on: builder].
+    #[command(subcommand_precedence_over_arg = true)]
     Lock {
         #[command(subcommand)]
         command: FlingLockCommand,
@@ -115,30 +139,100 @@ pub enum FlingCommand {
     },
 }
 
+/// Every flag is checked here, on the client, and sent to the builder's `cargo xtask` as it
+/// takes it; a flag `cargo xtask` would not take is refused before anything runs.
 #[derive(Debug, Subcommand)]
 pub enum FlingBuildCommand {
-    /// `cargo xtask check` on the builder, with these flags.
+    /// `cargo xtask check` on the builder: the manifest, and `cargo check` of what is packaged.
     Check {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+        #[command(flatten)]
+        manifest: FlingManifestArgs,
     },
-    /// `cargo xtask package` on the builder, with these flags, then the installer binary.
+    /// `cargo xtask package` on the builder, then the installer and the overlay generators.
     Package {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+        #[command(flatten)]
+        manifest: FlingManifestArgs,
+        #[command(flatten)]
+        package: FlingPackageArgs,
     },
+    /// `cargo xtask dot` on the builder: the package graph in graphviz's format, written to
+    /// standard output (`fling build dot | dot -Tsvg > packages.svg`).
+    Dot {
+        #[command(flatten)]
+        manifest: FlingManifestArgs,
+    },
+}
+
+impl FlingBuildCommand {
+    /// `build package` with the builder's defaults.
+    pub fn package() -> FlingBuildCommand {
+        FlingBuildCommand::Package {
+            manifest: FlingManifestArgs::default(),
+            package: FlingPackageArgs::default(),
+        }
+    }
+}
+
+/// The target and outputs directory of the builder's packaging commands.
+#[derive(Debug, Args, Clone, Default)]
+pub struct FlingManifestArgs {
+    /// The named target to build for (see `cargo xtask target`); the builder's active target
+    /// when not given.
+    #[arg(short, long, value_name = "TARGET")]
+    pub target: Option<TargetName>,
+    /// The builder's outputs directory, `out` or one below it (`fling sync` deletes anything
+    /// else it did not send) [default: out]. `deploy install --artifacts` pushes from it.
+    #[arg(long, visible_alias = "out", value_name = "DIR")]
+    pub artifacts: Option<Artifacts>,
+}
+
+/// `cargo xtask package`'s own flags, forwarded to the builder.
+#[derive(Debug, Args, Clone, Default)]
+pub struct FlingPackageArgs {
+    /// Only these packages, and the packages they are composed of.
+    #[arg(long, num_args = 1.., value_name = "PACKAGE")]
+    pub only: Vec<PackageName>,
+    /// Rebuild every output even where the cache says it is up to date.
+    #[arg(short, long)]
+    pub disable_cache: bool,
+    /// Do not run cargo: package the binaries already built.
+    #[arg(long)]
+    pub no_rebuild: bool,
+    /// `cargo xtask package --dry-run` on the builder: print its plan (cargo commands, every
+    /// output with its inputs, cache hit or miss there) and write nothing. (`--dry-run` is
+    /// fling's own: it prints fling's plan and reaches no host.)
+    #[arg(long)]
+    pub builder_dry_run: bool,
+    /// How many packages are assembled at once; the builder's number of CPUs when not given.
+    #[arg(short, long, value_name = "N")]
+    pub jobs: Option<NonZeroUsize>,
+    /// How many times a download is retried before the package fails [builder's default: 3].
+    #[arg(long, value_name = "N")]
+    pub retry_count: Option<u32>,
+    /// Seconds between download retries, 0 to 3600 [builder's default: 1].
+    #[arg(long, value_name = "SECONDS")]
+    pub retry_duration: Option<RetryDuration>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum FlingDeployCommand {
     /// Push the packages, the installer and each server's overlay, then install.
-    Install,
+    Install {
+        /// The builder's outputs directory to push the packages from (`build package
+        /// --artifacts`) [default: out].
+        #[arg(long, value_name = "DIR")]
+        artifacts: Option<Artifacts>,
+    },
     /// Stop and remove the services and every release, then the staging directory.
     Uninstall,
     /// Show each server's releases and services.
     Status,
     /// Activate each server's previous release.
     Rollback,
+    /// Remove the staged packages and overlay (the installer, the carried rsync and the
+    /// marker stay) and every release but the active one, on servers whose staging directory
+    /// flotilla created.
+    Clean,
 }
 
 #[derive(Debug, Subcommand)]
