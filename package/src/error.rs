@@ -14,8 +14,15 @@ pub enum Error {
     Parse { path: Utf8PathBuf, line: usize, column: usize, message: String },
 
     /// The manifest parses but one package's field is wrong.
-    #[error("{location}package `{package}`: {field}: {message}")]
-    Invalid { location: String, package: PackageName, field: String, message: String },
+    /// With the package's `setup_hint`, printed on a line of its own.
+    #[error("{location}package `{package}`: {field}: {message}{}", Hint(hint))]
+    Invalid {
+        location: String,
+        package: PackageName,
+        field: String,
+        message: String,
+        hint: Option<String>,
+    },
 
     /// A stored target is missing or malformed, or a preset is unknown.
     #[error("{0}")]
@@ -47,4 +54,16 @@ pub enum Error {
     /// Some packages failed; each was reported through the progress trait.
     #[error("{} package(s) failed: {}", .0.len(), .0.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", "))]
     Failed(Vec<PackageName>),
+}
+
+/// A package's `setup_hint` after an error's message: `\n  hint: ...`, or nothing.
+pub struct Hint<'a>(pub &'a Option<String>);
+
+impl std::fmt::Display for Hint<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(hint) => write!(f, "\n  hint: {hint}"),
+            None => Ok(()),
+        }
+    }
 }

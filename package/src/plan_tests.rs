@@ -255,37 +255,50 @@ fn the_manifests_install_prefix_places_every_services_binaries() {
 
 #[test]
 fn bad_paths_and_binaries_are_refused() {
-    let line = "package-manifest.toml:1: package `agent`:";
     let cases = [
         (
             agent(r#"{ from = "smf/agent", to = "opt/agent" }"#, r#""agent""#),
+            "\"opt/agent\"",
             "source.paths[0].to: `opt/agent` is relative; zone images need an absolute path \
              (it lands under root/)",
         ),
         (
             agent(r#"{ from = "smf/agent", to = "/opt/../etc" }"#, r#""agent""#),
+            "\"/opt/../etc\"",
             "source.paths[0].to: `/opt/../etc` must not contain `..`",
         ),
         (
             agent(r#"{ from = "smf/missing", to = "/opt/x" }"#, r#""agent""#),
+            "\"smf/missing\"",
             "source.paths[0].from: `{dir}/smf/missing` does not exist",
         ),
         (
             agent(r#"{ from = "smf/{{machine}}", to = "/opt/x" }"#, r#""agent""#),
+            "\"smf/{{machine}}\"",
             "source.paths[0].from: `smf/{{machine}}` uses `{{machine}}` but the target (empty) \
              does not define `machine`",
         ),
         (
             agent("", r#""agent", "agentd""#),
+            "\"agentd\"",
             "source.rust.binary_names[1]: crate `agent` has no binary `agentd` (its binaries: \
              agent)",
         ),
     ];
-    for (manifest, expected) in cases {
+    for (manifest, at, expected) in cases {
         let s = Scratch::new(&manifest);
         let e = s.plan().unwrap_err().to_string();
         let expected = expected.replace("{dir}", s.0.as_str());
-        assert!(e.ends_with(&format!("{line} {expected}")), "got: {e}\nwanted: {expected}");
+        assert!(
+            e.ends_with(&format!(": package `agent`: {expected}")),
+            "got: {e}\nwanted: {expected}"
+        );
+        // The location is the offending value's own line and column.
+        assert!(
+            crate::manifest::tests::pointed_at(&manifest, &e).starts_with(at),
+            "{e} points at {:?}",
+            crate::manifest::tests::pointed_at(&manifest, &e)
+        );
         assert!(!s.0.join("out").exists(), "nothing may be written for a bad manifest");
     }
     let s = Scratch::new(&agent("", r#""agent""#).replace("[package.agent]", "[package.agent2]"));

@@ -6,6 +6,7 @@
 //! is an error with its line and column instead of a silently ignored setting.
 
 mod interpolate;
+mod locate;
 mod names;
 mod target;
 
@@ -29,8 +30,8 @@ pub struct Manifest {
     pub packages: BTreeMap<PackageName, Package>,
     /// `[target.preset.<name>]`: named starting points for `target create -p`.
     pub presets: BTreeMap<String, Target>,
-    /// The line of each `[package.<name>]` header, so later errors can point at it.
-    lines: BTreeMap<PackageName, usize>,
+    /// The text it was parsed from, so that later errors can point at the offending value.
+    text: std::sync::Arc<str>,
     /// Where the packages install: zone images hold a service's files under
     /// `root<install_prefix>/<service>/`, its binaries in `bin/` there. `install_prefix` at the
     /// top of the manifest; `/opt/flotilla` when not given (`/opt/oxide` for Omicron's layout).
@@ -284,11 +285,6 @@ impl Manifest {
             Ok(raw) => raw,
             Err(err) => return Err(parse_error(path, text, &err)),
         };
-        let lines = raw
-            .package
-            .keys()
-            .filter_map(|name| header_line(text, name).map(|line| (name.clone(), line)))
-            .collect();
         let presets = raw
             .target
             .preset
@@ -298,11 +294,11 @@ impl Manifest {
         let install_prefix = match &raw.install_prefix {
             None => flotilla_contracts::layout::Prefix::default(),
             Some(p) => flotilla_contracts::layout::Prefix::new(p.get_ref()).map_err(|m| {
-                let before = &text[..p.span().start.min(text.len())];
+                let (line, column) = locate::line_column(text, p.span().start);
                 Error::Parse {
                     path: path.to_owned(),
-                    line: before.matches('\n').count() + 1,
-                    column: before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1,
+                    line,
+                    column,
                     message: format!("install_prefix: {m}"),
                 }
             })?,
@@ -311,7 +307,7 @@ impl Manifest {
             path: path.to_owned(),
             packages: raw.package,
             presets,
-            lines,
+            text: text.into(),
             install_prefix,
         };
         manifest.validate()?;
@@ -334,17 +330,24 @@ impl Manifest {
         }
     }
 
-    /// An error about one field of one package, pointing at the package's table.
+    /// An error about one field of one package (`source.blobs[1].sha256`), located at the
+    /// field's value in the text (at the nearest enclosing key when the field is absent), with
+    /// the package's `setup_hint`.
     pub fn invalid(&self, package: &PackageName, field: &str, message: impl Into<String>) -> Error {
-        let location = match self.lines.get(package) {
-            Some(line) => format!("{}:{line}: ", self.path),
+        let message = message.into();
+        let location = match locate::field_span(&self.text, package.as_str(), field, &message) {
+            Some(span) => {
+                let (line, column) = locate::line_column(&self.text, span.start);
+                format!("{}:{line}:{column}: ", self.path)
+            }
             None => format!("{}: ", self.path),
         };
         Error::Invalid {
             location,
             package: package.clone(),
             field: field.to_owned(),
-            message: message.into(),
+            message,
+            hint: self.packages.get(package).and_then(|p| p.setup_hint.clone()),
         }
     }
 
@@ -494,19 +497,36 @@ impl Manifest {
     }
 }
 
-/// Turns a toml error into `file:line:column: message`, naming the package the error is in.
+/// Turns a toml error into `file:line:column: package `p`: field: message`, at the key or
+/// value the error is about (see `locate::refine`).
 fn parse_error(path: &Utf8Path, text: &str, err: &toml::de::Error) -> Error {
     let message = err.message().trim_end_matches('.').to_owned();
     let Some(span) = err.span() else {
         return Error::Parse { path: path.to_owned(), line: 1, column: 1, message };
     };
-    let before = &text[..span.start.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    let message = match enclosing_package(before) {
-        Some(package) => format!("package `{package}`: {message}"),
-        None => message,
+    let (start, message) = match locate::refine(text, span.clone(), &message) {
+        Some(place) => {
+            let mut prefix = String::new();
+            if let Some(package) = &place.package {
+                prefix.push_str(&format!("package `{package}`: "));
+            }
+            if !place.field.is_empty() {
+                prefix.push_str(&format!("{}: ", place.field));
+            }
+            (place.span.start, format!("{prefix}{message}"))
+        }
+        // The text is not a TOML document (a syntax error, a duplicate key): toml's own
+        // position, and the package from the last header before it.
+        None => {
+            let before = &text[..span.start.min(text.len())];
+            let message = match enclosing_package(before) {
+                Some(package) => format!("package `{package}`: {message}"),
+                None => message,
+            };
+            (span.start, message)
+        }
     };
+    let (line, column) = locate::line_column(text, start);
     Error::Parse { path: path.to_owned(), line, column, message }
 }
 
@@ -521,15 +541,5 @@ fn enclosing_package(before: &str) -> Option<String> {
     })
 }
 
-fn header_line(text: &str, name: &PackageName) -> Option<usize> {
-    let wanted = [format!("[package.{name}]"), format!("[package.\"{name}\"]")];
-    text.lines()
-        .position(|l| {
-            let l: String = l.chars().filter(|c| !c.is_whitespace()).collect();
-            wanted.contains(&l)
-        })
-        .map(|i| i + 1)
-}
-
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
