@@ -363,13 +363,13 @@ fn bad_input_is_reported_and_nothing_is_written() {
     let m = fs::read_to_string(t.0.join("m.toml")).unwrap();
     let m_path = t.0.join("m.toml");
     let cases: Vec<(String, String)> = vec![
-        (m.replace("output.type = \"tarball\"", "output.type = \"tarball\"\noutput.level = 9"), ":16:1: package `tools`: unknown field `level`".into()),
-        (m.replace("\"web.tar.gz\", \"pre.tar.gz\"", "\"web.tar.gz\", \"nope.tar.gz\""), ":26: package `bundle`: source.packages[1]: `nope.tar.gz` is not the output of any package in this manifest".into()),
-        (m.replace("from = \"notes.txt\"", "from = \"missing.txt\""), ": package `web`: source.paths[1].from: ".into()),
-        (m.replace("to = \"/etc/web/notes.txt\"", "to = \"etc/web/notes.txt\""), ":2: package `web`: source.paths[1].to: `etc/web/notes.txt` is relative".into()),
-        (m.replace("to = \"bin/tool\"", "to = \"../bin/tool\""), ":12: package `tools`: source.paths[0].to: `../bin/tool` must not contain `..`".into()),
-        (m.replace("source.sha256 = \"", "source.sha256 = \"0"), ": package `pre`: malformed sha256".into()),
-        (m.replace("[package.bundle]", "[package.Web]\nservice_name = \"w\"\nsource.type = \"manual\"\noutput.type = \"zone\"\n\n[package.bundle]"), ":2: package `web`: output: output file `web.tar.gz` is also the output of package `Web`".into()),
+        (m.replace("output.type = \"tarball\"", "output.type = \"tarball\"\noutput.level = 9"), ":17:8: package `tools`: output.level: unknown field `level`".into()),
+        (m.replace("\"web.tar.gz\", \"pre.tar.gz\"", "\"web.tar.gz\", \"nope.tar.gz\""), ":29:34: package `bundle`: source.packages[1]: `nope.tar.gz` is not the output of any package in this manifest".into()),
+        (m.replace("from = \"notes.txt\"", "from = \"missing.txt\""), ":7:12: package `web`: source.paths[1].from: ".into()),
+        (m.replace("to = \"/etc/web/notes.txt\"", "to = \"etc/web/notes.txt\""), ":7:30: package `web`: source.paths[1].to: `etc/web/notes.txt` is relative".into()),
+        (m.replace("to = \"bin/tool\"", "to = \"../bin/tool\""), ":15:42: package `tools`: source.paths[0].to: `../bin/tool` must not contain `..`".into()),
+        (m.replace("source.sha256 = \"", "source.sha256 = \"0"), ":22:17: package `pre`: source.sha256: malformed sha256".into()),
+        (m.replace("[package.bundle]", "[package.Web]\nservice_name = \"w\"\nsource.type = \"manual\"\noutput.type = \"zone\"\n\n[package.bundle]"), ":9:1: package `web`: output: output file `web.tar.gz` is also the output of package `Web`".into()),
         (m.replace("[package.web]", "[package.web]\n[package.web]"), ":3:10: package `web`: duplicate key".into()),
     ];
     for (manifest, expected) in cases {
@@ -378,6 +378,12 @@ fn bad_input_is_reported_and_nothing_is_written() {
         assert!(e.contains(&expected), "wanted {expected:?} in:\n{e}");
         assert!(e.contains(m_path.to_str().unwrap()), "the error names the manifest: {e}");
         assert!(!t.0.join("out").exists(), "a bad manifest wrote to out/: {expected}");
+    }
+    // A package's setup_hint comes with its error, in a dry run too.
+    fs::write(&m_path, m.replace("from = \"notes.txt\"", "from = \"missing.txt\"")).unwrap();
+    for args in [&["package"][..], &["package", "--dry-run"]] {
+        let e = fails(&t.0, args);
+        assert!(e.contains("does not exist\n  hint: create smf/web first"), "{args:?}: {e}");
     }
     // A wrong digest of a prebuilt is an error naming the package; the other outputs are built.
     let sha = sha256(&t.0.join("vendor/pre.tar.gz"));
