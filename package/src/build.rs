@@ -14,7 +14,7 @@ use crate::cache::{digest_file, Cache, CacheInput, CacheKey, CacheStatus};
 use crate::fetch::{fetch, Retry};
 use crate::manifest::PackageName;
 use crate::plan::{
-    metadata_file, CargoBuild, Format, Input, OutputPlan, Plan, TreeEntryKind, Work,
+    metadata_file, CargoBuild, Format, Input, OutputPlan, Plan, TreeEntryKind, Verdict, Work,
 };
 use crate::Error;
 
@@ -167,20 +167,20 @@ pub fn execute(
 }
 
 /// What the cache would say about each output now, without writing anything (`--dry-run`).
-pub fn cache_status(plan: &Plan, out_dir: &Utf8Path) -> BTreeMap<PackageName, String> {
+pub fn cache_status(plan: &Plan, out_dir: &Utf8Path) -> BTreeMap<PackageName, Verdict> {
     let cache = Cache::new(out_dir);
     plan.outputs
         .iter()
         .map(|(name, output)| {
             let verdict = match &output.work {
-                Work::Manual => "(manual)".to_owned(),
-                Work::Fetch(_) => "(prebuilt: fetched unless present with its sha256)".to_owned(),
+                Work::Manual => Verdict::Manual { present: output.path.is_file() },
+                Work::Fetch(_) => Verdict::Prebuilt,
                 Work::Assemble(inputs) => match cache_key(&cache, output, inputs, None) {
-                    Err(e) => format!("(cache miss: {e})"),
+                    Err(e) => Verdict::Miss(e.to_string()),
                     Ok(key) => match cache.lookup(&output.path, &key) {
-                        Ok(CacheStatus::Hit { .. }) => "(cache hit)".to_owned(),
-                        Ok(CacheStatus::Miss { reason }) => format!("(cache miss: {reason})"),
-                        Err(e) => format!("(cache miss: {e})"),
+                        Ok(CacheStatus::Hit { .. }) => Verdict::Hit,
+                        Ok(CacheStatus::Miss { reason }) => Verdict::Miss(reason.to_string()),
+                        Err(e) => Verdict::Miss(e.to_string()),
                     },
                 },
             };

@@ -5,7 +5,7 @@
 //! execution walks it; nothing is written while planning, so a bad manifest leaves `out/` alone.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::os::unix::fs::PermissionsExt;
 
 use camino::{Utf8Component, Utf8Path, Utf8PathBuf};
@@ -430,7 +430,7 @@ impl Planner<'_> {
                     let field = format!("source.blobs[{i}]");
                     let (file, fetch) = match blob {
                         Blob::Bucket(path) => {
-                            let file = self.blob_file_name(path.as_str(), None, &field)?;
+                            let file = self.blob_file_name(path.as_str(), None, &field, true)?;
                             let origin = Origin::Url(format!("{BLOB_BUCKET}/{path}"));
                             (
                                 file.clone(),
@@ -448,7 +448,8 @@ impl Planner<'_> {
                                 (_, _, Some(deb)) => (Origin::Deb(deb.clone()), deb.file.clone()),
                                 _ => unreachable!("validated when the manifest was parsed"),
                             };
-                            let file = self.blob_file_name(&from, p.name.as_deref(), &field)?;
+                            let file =
+                                self.blob_file_name(&from, p.name.as_deref(), &field, false)?;
                             let download_path = downloads.join(&file);
                             let fetch =
                                 Fetch { origin, sha256: Some(p.sha256.clone()), download_path };
@@ -466,7 +467,7 @@ impl Planner<'_> {
                 }
                 for (i, blob) in buildomat_blobs.iter().enumerate() {
                     let field = format!("source.buildomat_blobs[{i}].artifact");
-                    let file = self.blob_file_name(&blob.artifact, None, &field)?;
+                    let file = self.blob_file_name(&blob.artifact, None, &field, false)?;
                     let origin = Origin::Url(format!(
                         "{BUILDOMAT}/{}/{}/{}/{}",
                         blob.repo, blob.series, blob.commit, blob.artifact
@@ -513,12 +514,46 @@ impl Planner<'_> {
         ))
     }
 
-    fn blob_file_name(&self, from: &str, name: Option<&str>, field: &str) -> Result<String, Error> {
-        let file = name.or_else(|| from.rsplit('/').next()).unwrap_or("");
-        if file.is_empty() || file == "." || file == ".." || file.contains('/') {
-            return Err(self.config.manifest.invalid(
-                self.name,
-                field,
+    /// Where a blob lands inside `blob/`. A bucket path keeps its directories, as omicron's
+    /// do (`alpine/alpine.iso` lands at `blob/alpine/alpine.iso`); a `name` may name
+    /// directories too; otherwise the last component of the path or URL is the file's name.
+    /// Each is a plain relative path: nothing that leaves `blob/`.
+    fn blob_file_name(
+        &self,
+        from: &str,
+        name: Option<&str>,
+        field: &str,
+        nested: bool,
+    ) -> Result<String, Error> {
+        let invalid =
+            |field: String, msg: String| self.config.manifest.invalid(self.name, &field, msg);
+        let plain = |p: &str| {
+            !p.is_empty()
+                && !p.starts_with('/')
+                && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+        };
+        if let Some(name) = name {
+            if !plain(name) {
+                return Err(invalid(
+                    format!("{field}.name"),
+                    format!("`{name}` is not a relative path inside blob/ (no `..`, `.`, `//`, or leading `/`)"),
+                ));
+            }
+            return Ok(name.to_owned());
+        }
+        if nested {
+            if !plain(from) {
+                return Err(invalid(
+                    field.to_owned(),
+                    format!("`{from}` is not a relative path in the bucket (no `..`, `.`, `//`, or leading `/`)"),
+                ));
+            }
+            return Ok(from.to_owned());
+        }
+        let file = from.rsplit('/').next().unwrap_or("");
+        if !plain(file) {
+            return Err(invalid(
+                field.to_owned(),
                 format!("cannot take a file name from `{from}`; give `name`"),
             ));
         }
@@ -663,9 +698,35 @@ fn batches(outputs: &BTreeMap<PackageName, OutputPlan>) -> Vec<Vec<PackageName>>
     batches
 }
 
+/// What a run would do with one output, as far as can be known without doing it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Assembled before from the same inputs: nothing to do.
+    Hit,
+    /// Assembled again, for this reason.
+    Miss(String),
+    /// Put in place by hand; `present` says whether it is.
+    Manual { present: bool },
+    /// A finished archive, fetched unless present with its sha256.
+    Prebuilt,
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Verdict::Hit => f.write_str("(cache hit)"),
+            Verdict::Miss(reason) => write!(f, "(cache miss: {reason})"),
+            Verdict::Manual { present: true } => f.write_str("(manual: in place)"),
+            Verdict::Manual { present: false } => f.write_str("(manual: MISSING)"),
+            Verdict::Prebuilt => f.write_str("(prebuilt: fetched unless present with its sha256)"),
+        }
+    }
+}
+
 impl Plan {
-    /// Renders the plan for `--dry-run`; `status` gives each output's cache verdict.
-    pub fn render(&self, status: &BTreeMap<PackageName, String>) -> String {
+    /// Renders the plan for `--dry-run`, ending with a summary; `status` gives each output's
+    /// verdict (an output without one is counted as not checked).
+    pub fn render(&self, status: &BTreeMap<PackageName, Verdict>) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "target: {}", self.target);
         if self.cargo_builds.is_empty() {
@@ -685,11 +746,16 @@ impl Plan {
         for batch in &self.batches {
             for name in batch {
                 let out = &self.outputs[name];
-                let verdict = status.get(name).map_or("", String::as_str);
+                let verdict = status.get(name).map_or_else(String::new, |v| v.to_string());
                 let _ = writeln!(s, "\n{} [{}] {verdict}", out.path, name);
                 match &out.work {
                     Work::Manual => {
-                        let _ = writeln!(s, "  manual: expected in place");
+                        let _ = writeln!(s, "  manual: expected in place, put there by hand");
+                        if let (Some(Verdict::Manual { present: false }), Some(hint)) =
+                            (status.get(name), &out.setup_hint)
+                        {
+                            let _ = writeln!(s, "  hint: {hint}");
+                        }
                     }
                     Work::Fetch(fetch) => {
                         let _ = writeln!(s, "  fetch {}", describe_fetch(fetch));
@@ -702,7 +768,70 @@ impl Plan {
                 }
             }
         }
+        let _ = writeln!(s, "\n{}", self.summary(status));
         s
+    }
+
+    /// One line for the end of a long plan: the packages, what the cache says of them, the
+    /// cargo commands, the downloads.
+    pub fn summary(&self, status: &BTreeMap<PackageName, Verdict>) -> String {
+        let (mut hits, mut misses, mut prebuilt, mut manual, mut missing, mut unchecked) =
+            (0, 0, 0, 0, 0, 0);
+        for name in self.outputs.keys() {
+            match status.get(name) {
+                Some(Verdict::Hit) => hits += 1,
+                Some(Verdict::Miss(_)) => misses += 1,
+                Some(Verdict::Prebuilt) => prebuilt += 1,
+                Some(Verdict::Manual { present }) => {
+                    manual += 1;
+                    missing += usize::from(!present);
+                }
+                None => unchecked += 1,
+            }
+        }
+        let intermediate = self.outputs.values().filter(|o| o.intermediate_only).count();
+        let fetches = self.outputs.values().flat_map(|o| match &o.work {
+            Work::Fetch(fetch) => vec![fetch],
+            Work::Assemble(inputs) => inputs
+                .iter()
+                .filter_map(|i| match i {
+                    Input::Blob { fetch, .. } => Some(fetch),
+                    _ => None,
+                })
+                .collect(),
+            Work::Manual => Vec::new(),
+        });
+        let (mut downloads, mut local) = (0, 0);
+        for fetch in fetches {
+            match fetch.origin {
+                Origin::Local(_) => local += 1,
+                Origin::Url(_) | Origin::Deb(_) => downloads += 1,
+            }
+        }
+        let plural =
+            |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+        let mut cache = vec![
+            plural(hits, "hit", "hits"),
+            plural(misses, "miss", "misses"),
+            format!("{prebuilt} prebuilt"),
+            format!("{manual} manual"),
+        ];
+        if missing > 0 {
+            cache.push(format!("{missing} manual MISSING"));
+        }
+        if unchecked > 0 {
+            cache.push(format!("{unchecked} not checked"));
+        }
+        format!(
+            "summary: {} ({intermediate} intermediate) for target {}; cache: {}; cargo: {}; \
+             downloads: {} (fetched unless present with their sha256), {}",
+            plural(self.outputs.len(), "package", "packages"),
+            self.target,
+            cache.join(", "),
+            plural(self.cargo_builds.len(), "command", "commands"),
+            downloads,
+            plural(local, "local file", "local files"),
+        )
     }
 }
 
