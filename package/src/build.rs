@@ -362,10 +362,16 @@ fn cache_key(
             }
             Input::Blob { dest, fetch } => match blobs.and_then(|b| b.get(&i)) {
                 Some(path) => keyed.push(from_file(format!("{dest} 0644 blob"), path)?),
-                // Without fetching (dry run) a pinned digest still identifies the content.
-                None => match &fetch.sha256 {
-                    Some(sha) => keyed.push(marker(format!("{dest} 0644 blob sha256 {sha}"))),
-                    None => return Err(format!("blob {dest} is not downloaded yet")),
+                // Without fetching (dry run): the file a fetch would use when it is there, so
+                // the verdict is the one the build reaches (an unpinned bucket blob is kept
+                // once downloaded, as omicron does); else a pinned digest still identifies
+                // the content.
+                None => match (&fetch.sha256, fetch.origin.present_at(&fetch.download_path)) {
+                    (_, Some(path)) => keyed.push(from_file(format!("{dest} 0644 blob"), path)?),
+                    (Some(sha), None) => {
+                        keyed.push(marker(format!("{dest} 0644 blob sha256 {sha}")))
+                    }
+                    (None, None) => return Err(format!("blob {dest} is not downloaded yet")),
                 },
             },
             Input::Archive { source, .. } => keyed

@@ -149,6 +149,18 @@ pub enum Origin {
     Deb(DebFile),
 }
 
+impl Origin {
+    /// The file a fetch from here would use, when it is already there: the local file itself,
+    /// or the download at `download_path`.
+    pub fn present_at<'a>(&'a self, download_path: &'a Utf8Path) -> Option<&'a Utf8Path> {
+        let path = match self {
+            Origin::Local(path) => path.as_path(),
+            Origin::Url(_) | Origin::Deb(_) => download_path,
+        };
+        path.is_file().then_some(path)
+    }
+}
+
 const BUILDOMAT: &str = "https://buildomat.eng.oxide.computer/public/file/oxidecomputer";
 const BLOB_BUCKET: &str = "https://oxide-omicron-build.s3.amazonaws.com";
 

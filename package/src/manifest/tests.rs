@@ -229,7 +229,7 @@ fn every_manifest_error_points_at_its_key_or_value() {
         (ZONE.replace("source.rust.release", "source.rust.relase"), "relase", "package `agent`: source.rust.relase: unknown field `relase`"),
         (ZONE.replace("source.type = \"local\"", "source.type = \"locale\""), "\"locale\"", "package `agent`: source.type: unknown variant `locale`"),
         (blob(&format!("{{ path = \"b.bin\", sha256 = \"{sha}\", nmae = \"x\" }}")), "nmae", "package `agent`: source.blobs[0].nmae: unknown field `nmae`"),
-        (format!("[package.a]\nservice_name = \"a\"\noutput.type = \"zone\"\n[package.a.source]\ntype = \"manual\"\nx = 1\n"), "x = 1", "package `a`: source.x: unknown field `x`"),
+        ("[package.a]\nservice_name = \"a\"\noutput.type = \"zone\"\n[package.a.source]\ntype = \"manual\"\nx = 1\n".to_owned(), "x = 1", "package `a`: source.x: unknown field `x`"),
         // A malformed digest names its field.
         (pre.to_owned(), "\"1234\"", "package `pre`: source.sha256: malformed sha256 `1234`"),
         (blob("{ path = \"b.bin\", sha256 = \"zz\" }"), "\"zz\"", "package `agent`: source.blobs[0].sha256: malformed sha256 `zz`"),
