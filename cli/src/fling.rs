@@ -332,19 +332,13 @@ fn package_flags(args: &FlingPackageArgs) -> PackageFlags {
     }
 }
 
-/// A flag given before the command, after it, or both with the same value.
+/// A flag given before the command or after it (see `cli::before_or_after`).
 fn merge<T: PartialEq + Clone + std::fmt::Display>(
     flag: &str,
     before: &Option<T>,
     after: Option<T>,
 ) -> anyhow::Result<Option<T>> {
-    match (before, after) {
-        (Some(a), Some(b)) if *a != b => {
-            bail!("{flag} is given before the command ({a}) and after it ({b}): give it once")
-        }
-        (Some(a), _) => Ok(Some(a.clone())),
-        (None, b) => Ok(b),
-    }
+    cli::before_or_after(flag, before, after).map_err(anyhow::Error::msg)
 }
 
 /// The private keys to offer the builder for the servers.

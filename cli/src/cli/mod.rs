@@ -159,26 +159,27 @@ impl ManifestArgs {
     /// These arguments with the ones given before the command filled in; the same option
     /// given in both places with different values is an error.
     pub fn with_globals(mut self, globals: &Globals) -> Result<ManifestArgs, String> {
-        fn merge<T: PartialEq + Clone + std::fmt::Debug>(
-            flag: &str,
-            here: &mut Option<T>,
-            before: &Option<T>,
-        ) -> Result<(), String> {
-            match (&*here, before) {
-                (Some(a), Some(b)) if a != b => Err(format!(
-                    "{flag} is given before the command ({b:?}) and after it ({a:?}): give it once"
-                )),
-                (None, Some(b)) => {
-                    *here = Some(b.clone());
-                    Ok(())
-                }
-                _ => Ok(()),
-            }
-        }
-        merge("--manifest", &mut self.manifest, &globals.manifest)?;
-        merge("--out/--artifacts", &mut self.out, &globals.out)?;
-        merge("--target", &mut self.target, &globals.target)?;
+        self.manifest = before_or_after("--manifest", &globals.manifest, self.manifest.take())?;
+        self.out = before_or_after("--out/--artifacts", &globals.out, self.out.take())?;
+        self.target = before_or_after("--target", &globals.target, self.target.take())?;
         Ok(self)
+    }
+}
+
+/// An option given before the command, after it, or in both places with the same value; two
+/// different values are an error. (omicron-package and thing-flinger take their options
+/// before the command, flotilla after it: both places work.)
+pub fn before_or_after<T: PartialEq + Clone + std::fmt::Display>(
+    flag: &str,
+    before: &Option<T>,
+    after: Option<T>,
+) -> Result<Option<T>, String> {
+    match (before, after) {
+        (Some(a), Some(b)) if *a != b => Err(format!(
+            "{flag} is given before the command ({a}) and after it ({b}): give it once"
+        )),
+        (Some(a), _) => Ok(Some(a.clone())),
+        (None, b) => Ok(b),
     }
 }
 
