@@ -75,12 +75,8 @@ pub fn package(sh: &Shell, ctx: &Context, args: cli::PackageArgs) -> anyhow::Res
     eprintln!("packaging for {} ({})", loaded.origin, loaded.target);
     let jobs =
         args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    if !(0.0..=3600.0).contains(&args.retry_duration) {
-        bail!(
-            "--retry-duration {}: give a number of seconds between 0 and 3600",
-            args.retry_duration
-        );
-    }
+    let retry_delay = flotilla_package::RetryDuration::new(args.retry_duration)
+        .map_err(|e| anyhow::anyhow!("--retry-duration {e}"))?;
     let config = ExecuteConfig {
         plan: &plan,
         out_dir: &loaded.out,
@@ -90,7 +86,7 @@ pub fn package(sh: &Shell, ctx: &Context, args: cli::PackageArgs) -> anyhow::Res
         mtime: flotilla_package::archive::source_date_epoch()?,
         retry: Retry {
             count: args.retry_count,
-            delay: Duration::from_secs_f64(args.retry_duration),
+            delay: Duration::from_secs_f64(retry_delay.seconds()),
         },
     };
     if cargo_is_fresh {

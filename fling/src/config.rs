@@ -555,7 +555,7 @@ const HOME_TOOL_DIRS: &[&str] =
 /// The characters a remote path may hold: it is read by the shells and by rsync on two other
 /// machines, so anything beyond the portable file name characters is refused rather than
 /// trusted to quoting alone.
-fn remote_path_chars_ok(path: &str) -> bool {
+pub(crate) fn remote_path_chars_ok(path: &str) -> bool {
     path.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+@,=%".contains(c))
 }
 

@@ -9,6 +9,7 @@
 use std::{fmt, num::NonZeroUsize, str::FromStr};
 
 pub use flotilla_package::manifest::{PackageName, TargetName};
+pub use flotilla_package::RetryDuration;
 
 /// The outputs directory when none is given: `cargo xtask package`'s own default.
 pub const DEFAULT_ARTIFACTS: &str = "out";
@@ -32,9 +33,7 @@ pub struct Artifacts(String);
 impl Artifacts {
     pub fn new(dir: &str) -> Result<Artifacts, String> {
         let trimmed = dir.strip_suffix('/').unwrap_or(dir);
-        let portable =
-            trimmed.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+@,=%".contains(c));
-        if !portable {
+        if !crate::config::remote_path_chars_ok(trimmed) {
             return Err(format!(
                 "{dir:?}: use only ASCII letters, digits and / . _ - + @ , = % (it is a path on \
                  the builder)"
@@ -89,32 +88,6 @@ impl FromStr for Artifacts {
 impl fmt::Display for Artifacts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
-    }
-}
-
-/// Seconds between download retries (`cargo xtask package --retry-duration`): a finite number
-/// from 0 to 3600, as the builder's `cargo xtask package` accepts it.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RetryDuration(f64);
-
-impl RetryDuration {
-    pub fn new(seconds: f64) -> Result<RetryDuration, String> {
-        if !(0.0..=3600.0).contains(&seconds) {
-            return Err(format!("{seconds}: give a number of seconds between 0 and 3600"));
-        }
-        Ok(RetryDuration(seconds))
-    }
-
-    pub fn seconds(self) -> f64 {
-        self.0
-    }
-}
-
-impl FromStr for RetryDuration {
-    type Err = String;
-    fn from_str(s: &str) -> Result<RetryDuration, String> {
-        let seconds: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
-        RetryDuration::new(seconds)
     }
 }
 
@@ -242,14 +215,6 @@ mod tests {
             assert!(err.contains(why), "{bad:?}: {err}");
         }
         assert_eq!(Artifacts::default().as_str(), "out");
-    }
-
-    #[test]
-    fn retry_durations_are_the_builders_range() {
-        assert_eq!("0.5".parse::<RetryDuration>().unwrap().seconds(), 0.5);
-        for bad in ["-1", "3601", "NaN", "inf", "soon"] {
-            assert!(bad.parse::<RetryDuration>().is_err(), "{bad}");
-        }
     }
 
     #[test]

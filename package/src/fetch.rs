@@ -2,6 +2,7 @@
 //! through `curl` with a bounded number of retries, always checked against the pinned sha256.
 
 use std::process::Command;
+use std::str::FromStr;
 use std::time::Duration;
 
 use camino::{Utf8Path, Utf8PathBuf};
@@ -16,6 +17,32 @@ pub struct Retry {
     /// Retries after the first attempt.
     pub count: u32,
     pub delay: Duration,
+}
+
+/// Seconds between download retries (`cargo xtask package --retry-duration`): a finite number
+/// from 0 to 3600. `fling build package` checks it with this same type on the client.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryDuration(f64);
+
+impl RetryDuration {
+    pub fn new(seconds: f64) -> Result<RetryDuration, String> {
+        if !(0.0..=3600.0).contains(&seconds) {
+            return Err(format!("{seconds}: give a number of seconds between 0 and 3600"));
+        }
+        Ok(RetryDuration(seconds))
+    }
+
+    pub fn seconds(self) -> f64 {
+        self.0
+    }
+}
+
+impl FromStr for RetryDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<RetryDuration, String> {
+        let seconds: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+        RetryDuration::new(seconds)
+    }
 }
 
 /// Makes the artifact available locally and returns its path: the local file itself, or the
@@ -346,6 +373,14 @@ fn extract_deb_in(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_durations_are_the_builders_range() {
+        assert_eq!("0.5".parse::<RetryDuration>().unwrap().seconds(), 0.5);
+        for bad in ["-1", "3601", "NaN", "inf", "soon"] {
+            assert!(bad.parse::<RetryDuration>().is_err(), "{bad}");
+        }
+    }
 
     fn deb(version: &str) -> DebFile {
         DebFile {

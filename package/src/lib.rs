@@ -13,4 +13,4 @@ pub mod manifest;
 pub mod plan;
 
 pub use error::Error;
-pub use fetch::{prefetch_debs, sha256_file, shared_cache_dir, Retry};
+pub use fetch::{prefetch_debs, sha256_file, shared_cache_dir, Retry, RetryDuration};
