@@ -71,6 +71,7 @@ fn installer(ctx: &Context, args: &HostArgs, create_users: bool) -> anyhow::Resu
         keep: args.keep,
         lock_wait: Duration::from_secs(args.lock_wait),
         create_users,
+        confirm_timeout: None,
     };
     Ok(Installer::new(config, Arc::new(SystemRunner)).with_log(|line| eprintln!("{line}")))
 }

@@ -129,6 +129,16 @@ fn parse_url(url: &str) -> Result<Url<'_>, String> {
 
 /// A GET with a connect and read timeout; healthy when the status is 2xx.
 pub fn http_get(url: &str, timeout: Duration) -> Result<(), String> {
+    http_check(url, timeout, None)
+}
+
+/// The most of an answer's body that is searched for `contains` (a metrics page is a few
+/// hundred kilobytes).
+const BODY_LIMIT: u64 = 8 << 20;
+
+/// [`http_get`], and when `contains` is given, the answer's body must hold that text (for a
+/// leader check: `etcd_server_is_leader 1` in etcd's metrics).
+pub fn http_check(url: &str, timeout: Duration, contains: Option<&str>) -> Result<(), String> {
     let parsed = parse_url(url)?;
     let addrs =
         (parsed.host, parsed.port).to_socket_addrs().map_err(|e| format!("resolve {url}: {e}"))?;
@@ -148,22 +158,38 @@ pub fn http_get(url: &str, timeout: Duration) -> Result<(), String> {
                     parsed.path
                 );
                 stream.write_all(request.as_bytes()).map_err(|e| format!("GET {url}: {e}"))?;
-                // The status line is all that matters; a bounded read keeps a misbehaving
-                // service from holding the installer.
+                // The status line is all that matters unless the body is searched; a bounded
+                // read keeps a misbehaving service from holding the installer.
+                let limit = if contains.is_some() { BODY_LIMIT } else { 4096 };
                 let mut head = Vec::new();
-                stream.take(4096).read_to_end(&mut head).map_err(|e| format!("GET {url}: {e}"))?;
-                let head = String::from_utf8_lossy(&head);
-                let status = head.lines().next().unwrap_or_default();
+                stream.take(limit).read_to_end(&mut head).map_err(|e| format!("GET {url}: {e}"))?;
+                let text = String::from_utf8_lossy(&head);
+                let status = text.lines().next().unwrap_or_default();
                 let code = status.split_whitespace().nth(1).unwrap_or_default();
-                if code.starts_with('2') && code.len() == 3 {
-                    return Ok(());
+                if !(code.starts_with('2') && code.len() == 3) {
+                    return Err(format!("GET {url}: answered `{status}`"));
                 }
-                return Err(format!("GET {url}: answered `{status}`"));
+                return match contains {
+                    Some(needle) => {
+                        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+                        if body.contains(needle) {
+                            Ok(())
+                        } else {
+                            Err(format!("GET {url}: the answer does not contain {needle:?}"))
+                        }
+                    }
+                    None => Ok(()),
+                };
             }
             Err(e) => last = format!("GET {url}: connect to {addr}: {e}"),
         }
     }
     Err(last)
+}
+
+/// Checks that `url` is an `http://` URL that [`http_check`] can reach.
+pub fn check_url(url: &str) -> Result<(), String> {
+    parse_url(url).map(|_| ())
 }
 
 #[cfg(test)]
@@ -224,6 +250,16 @@ mod tests {
         let err =
             http_get(&format!("http://127.0.0.1:{port}/"), Duration::from_secs(5)).unwrap_err();
         assert!(err.contains("connect"), "{err}");
+    }
+
+    #[test]
+    fn http_check_can_look_for_text_in_the_body() {
+        let url = serve_once("HTTP/1.1 200 OK\r\n\r\netcd_server_is_leader 1\n");
+        http_check(&url, Duration::from_secs(5), Some("etcd_server_is_leader 1")).unwrap();
+        let url = serve_once("HTTP/1.1 200 OK\r\n\r\netcd_server_is_leader 0\n");
+        let err =
+            http_check(&url, Duration::from_secs(5), Some("etcd_server_is_leader 1")).unwrap_err();
+        assert!(err.contains("does not contain"), "{err}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use flotilla_contracts::Prefix;
 use serde::Serialize;
 
 use crate::accounts::{self, Accounts, HostAccounts, Owner, ServiceUser};
+use crate::confirm::{self, Awaiting};
 use crate::digests::{verify_dir, VerifiedPackage};
 use crate::error::{io, Error, Result};
 use crate::health::{self, HEALTH_FILE};
@@ -48,6 +49,10 @@ pub struct Config {
     /// Create the users (and groups) the services declare when this host lacks them, before
     /// anything is placed; otherwise a missing one is an error.
     pub create_users: bool,
+    /// After an install that activated a new release: how long the deployer has to confirm
+    /// it (see [`crate::confirm`]) before the previous release is put back. `None`: no
+    /// confirmation is asked for.
+    pub confirm_timeout: Option<Duration>,
 }
 
 /// What an install or rollback did.
@@ -64,6 +69,8 @@ pub struct Outcome {
     pub removed: Vec<String>,
     /// Releases removed to keep the configured number.
     pub pruned: Vec<String>,
+    /// The confirmation this activation awaits (`install --confirm-timeout`), if any.
+    pub awaiting: Option<Awaiting>,
 }
 
 /// What `status` reports.
@@ -74,6 +81,10 @@ pub struct Status {
     pub active: Option<String>,
     pub releases: Vec<ReleaseStatus>,
     pub services: Vec<ServiceStatus>,
+    /// The latest activation of the history: what made the active release active.
+    pub last_activation: Option<Activation>,
+    /// An activation awaiting its confirmation.
+    pub awaiting_confirmation: Option<Awaiting>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -113,6 +124,13 @@ impl std::fmt::Display for Outcome {
         if !self.pruned.is_empty() {
             write!(f, "\npruned releases: {}", list(&self.pruned))?;
         }
+        if let Some(a) = &self.awaiting {
+            write!(
+                f,
+                "\nawaiting confirmation within {} s, else reverting to release {}",
+                a.timeout_secs, a.previous
+            )?;
+        }
         Ok(())
     }
 }
@@ -122,6 +140,19 @@ impl std::fmt::Display for Status {
         writeln!(f, "service manager: {}", self.manager)?;
         writeln!(f, "prefix: {}", self.prefix)?;
         write!(f, "active release: {}", self.active.as_deref().unwrap_or("none"))?;
+        if let Some(last) = &self.last_activation {
+            write!(f, " (by {} at {}: {})", last.kind, last.at, last.by)?;
+            if last.kind == crate::confirm::REVERT_KIND {
+                write!(f, "; the release before it was not confirmed in time and was reverted")?;
+            }
+        }
+        if let Some(a) = &self.awaiting_confirmation {
+            write!(
+                f,
+                "\nawaiting confirmation of release {} until {}, else reverting to {}",
+                a.release, a.deadline, a.previous
+            )?;
+        }
         for release in &self.releases {
             let mark = if release.active { "*" } else { " " };
             let packages = release.packages.join(", ");
@@ -191,6 +222,14 @@ impl Installer {
     /// unpacked; if a service does not become healthy, the previous release is restored.
     pub fn install(&self, packages_dir: &Utf8Path, overlay: Option<&Utf8Path>) -> Result<Outcome> {
         let _lock = self.lock(&format!("install {packages_dir}"))?;
+        // A confirmation still awaited is superseded: this install is the deployer's next word.
+        if let Some(old) = crate::confirm::disarm(&self.layout)? {
+            (self.log)(&format!(
+                "superseding the confirmation awaited for release {}",
+                old.release
+            ));
+        }
+        let before = self.layout.active()?;
         let verified = verify_dir(packages_dir)?;
         (self.log)(&format!("verified {} packages against {}", verified.len(), crate::DIGEST_LIST));
         let overlay_digest = match overlay {
@@ -222,6 +261,22 @@ impl Installer {
         let mut outcome = self.activate(&id, "install")?;
         outcome.unpacked = unpacked;
         outcome.pruned = self.prune()?;
+        if let (Some(timeout), Some(previous)) = (self.config.confirm_timeout, before) {
+            if previous != id {
+                let awaiting = Awaiting {
+                    release: id.clone(),
+                    previous,
+                    deadline: now() + timeout.as_secs(),
+                    timeout_secs: timeout.as_secs(),
+                };
+                crate::confirm::arm(&self.layout, &awaiting)?;
+                (self.log)(&format!(
+                    "release {id} awaits confirmation within {} s, else release {} comes back",
+                    awaiting.timeout_secs, awaiting.previous
+                ));
+                outcome.awaiting = Some(awaiting);
+            }
+        }
         Ok(outcome)
     }
 
@@ -251,6 +306,36 @@ impl Installer {
             })?,
         };
         self.activate(&target, "rollback")
+    }
+
+    /// The watcher of `install --confirm-timeout`: waits for the confirmation of `release`
+    /// until its deadline; when none came, takes the install lock and, if `release` is still
+    /// the active one, activates the release before it (kind [`confirm::REVERT_KIND`]).
+    /// Returns what happened, for the watcher's log.
+    pub fn await_confirmation(&self, release: &str, poll: Duration) -> Result<String> {
+        loop {
+            match confirm::pending(&self.layout)? {
+                Some(a) if a.release == release => {
+                    if now() >= a.deadline {
+                        break;
+                    }
+                }
+                _ => return Ok(format!("release {release} was confirmed (or superseded)")),
+            }
+            std::thread::sleep(poll);
+        }
+        let _lock = self.lock(&format!("revert unconfirmed release {release}"))?;
+        let Some(expired) = confirm::expire(&self.layout, release)? else {
+            return Ok(format!("release {release} was confirmed as its deadline passed"));
+        };
+        if self.layout.active()?.as_deref() != Some(release) {
+            return Ok(format!("release {release} is no longer active: nothing to revert"));
+        }
+        let outcome = self.activate(&expired.previous, confirm::REVERT_KIND)?;
+        Ok(format!(
+            "release {release} was not confirmed within {} s: reverted to release {}",
+            expired.timeout_secs, outcome.release
+        ))
     }
 
     /// Stops and disables the active release's services; files stay.
@@ -384,6 +469,8 @@ impl Installer {
                 .collect(),
             active,
             services,
+            last_activation: State::read(&self.layout)?.history.last().cloned(),
+            awaiting_confirmation: crate::confirm::pending(&self.layout)?,
         })
     }
 
@@ -713,6 +800,7 @@ impl Installer {
             unchanged: Vec::new(),
             removed: plan.removed.iter().map(|s| s.name.clone()).collect(),
             pruned: Vec::new(),
+            awaiting: None,
         };
         for planned in plan.services {
             match planned.action {

@@ -7,6 +7,7 @@
 //! process goes through a [`runner::Runner`] so the command sequences are testable as data.
 
 pub mod accounts;
+pub mod confirm;
 pub mod digests;
 pub mod error;
 pub mod health;
@@ -18,6 +19,7 @@ pub mod runner;
 pub mod staging;
 pub mod unpack;
 
+pub use confirm::Awaiting;
 pub use digests::DIGEST_LIST;
 pub use error::{Error, Result};
 pub use flotilla_contracts::Prefix;

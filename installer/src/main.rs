@@ -71,6 +71,37 @@ enum Command {
         /// (`useradd --system`, no home, no login shell), before anything is placed.
         #[arg(long)]
         create_users: bool,
+        /// When this install activates a new release: wait this many seconds for `confirm`
+        /// (over a new connection), and put the previous release back by itself when none
+        /// comes. The install returns at once; a detached watcher keeps the deadline.
+        #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=86400))]
+        confirm_timeout: Option<u64>,
+    },
+    /// Confirm the activation that awaits it (`install --confirm-timeout`), so it stays;
+    /// fails when the deadline passed and the previous release came back.
+    Confirm,
+    /// The watcher `install --confirm-timeout` starts.
+    #[command(hide = true)]
+    AwaitConfirm {
+        #[arg(long)]
+        release: String,
+    },
+    /// Probe a check once, or until it passes within `--timeout`: an HTTP URL that must answer
+    /// 2xx (and, with `--contains`, hold that text), or a command after `--` that must exit 0.
+    /// Exit 0 when it passed, 1 when not.
+    Probe {
+        /// An `http://` URL to GET.
+        #[arg(long, conflicts_with = "command", required_unless_present = "command")]
+        http: Option<String>,
+        /// Text the answer's body must contain.
+        #[arg(long, requires = "http")]
+        contains: Option<String>,
+        /// Seconds to keep trying, every half second, until the check passes; 0 tries once.
+        #[arg(long, default_value_t = 0)]
+        timeout: u64,
+        /// The program and its arguments.
+        #[arg(last = true)]
+        command: Vec<String>,
     },
     /// Activate the previous release, or the one given.
     Rollback {
@@ -124,7 +155,31 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         keep: cli.keep,
         lock_wait: Duration::from_secs(cli.lock_wait),
         create_users: matches!(cli.command, Command::Install { create_users: true, .. }),
+        confirm_timeout: match &cli.command {
+            Command::Install { confirm_timeout: Some(secs), .. } => {
+                Some(Duration::from_secs(*secs))
+            }
+            _ => None,
+        },
     };
+    let watcher_args = [
+        "--prefix".to_owned(),
+        config.prefix.to_string(),
+        "--packages-prefix".to_owned(),
+        config.packages_prefix.to_string(),
+        "--unit-dir".to_owned(),
+        config.unit_dir.to_string(),
+        "--service-manager".to_owned(),
+        config.manager.to_string(),
+        "--keep".to_owned(),
+        config.keep.to_string(),
+        // The revert waits for an install that holds the lock at the deadline.
+        "--lock-wait".to_owned(),
+        "300".to_owned(),
+    ];
+    if let Command::Probe { http, contains, timeout, command } = &cli.command {
+        return Ok(probe(http.as_deref(), contains.as_deref(), command, *timeout));
+    }
     let installer =
         Installer::new(config, Arc::new(SystemRunner)).with_log(|line| eprintln!("{line}"));
     match cli.command {
@@ -148,8 +203,43 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 }
                 _ => installer.install(&packages, overlay.as_deref())?,
             };
+            if let Some(awaiting) = &outcome.awaiting {
+                spawn_watcher(&installer, manager, &watcher_args, &awaiting.release)?;
+            }
             println!("{outcome}");
         }
+        Command::Confirm => match installer::confirm::confirm(installer.layout())? {
+            installer::confirm::Confirmation::Confirmed(a) => {
+                println!("confirmed release {}", a.release);
+            }
+            installer::confirm::Confirmation::Nothing => {
+                println!("no activation awaits confirmation");
+            }
+            installer::confirm::Confirmation::TooLate(a) => {
+                eprintln!(
+                    "error: too late: release {} was not confirmed within {} s and release {} \
+                     was put back",
+                    a.release, a.timeout_secs, a.previous
+                );
+                return Ok(EXIT_FAILED);
+            }
+        },
+        Command::AwaitConfirm { release } => {
+            let layout = installer.layout().clone();
+            installer::confirm::log(&layout, &format!("watching release {release}"));
+            let installer = installer.with_log({
+                let layout = layout.clone();
+                move |line| installer::confirm::log(&layout, line)
+            });
+            match installer.await_confirmation(&release, Duration::from_millis(200)) {
+                Ok(what) => installer::confirm::log(&layout, &what),
+                Err(e) => {
+                    installer::confirm::log(&layout, &format!("error: {e}"));
+                    return Err(e.into());
+                }
+            }
+        }
+        Command::Probe { .. } => unreachable!("handled above"),
         Command::Rollback { to } => {
             let outcome = installer.rollback(to.as_deref())?;
             println!("{outcome}");
@@ -179,4 +269,79 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         }
     }
     Ok(EXIT_OK)
+}
+
+/// `probe`: once, or every half second until it passes or `timeout` seconds went by.
+fn probe(http: Option<&str>, contains: Option<&str>, command: &[String], timeout: u64) -> u8 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(timeout);
+    loop {
+        let result = match http {
+            Some(url) => installer::health::http_check(url, Duration::from_secs(2), contains),
+            None if command.is_empty() => Err("give --http URL or a command after --".into()),
+            None => installer::health::probe(&installer::health::Probe::Command(command.to_vec())),
+        };
+        match result {
+            Ok(()) => return EXIT_OK,
+            Err(why) if std::time::Instant::now() >= deadline => {
+                eprintln!("check failed: {why}");
+                return EXIT_FAILED;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+}
+
+/// Starts the watcher of an activation awaiting confirmation, detached from this session so
+/// that it outlives the connection that started it and a release that stops sshd: a transient
+/// systemd unit of its own where systemd manages the host, otherwise a new session.
+fn spawn_watcher(
+    installer: &Installer,
+    manager: ManagerKind,
+    globals: &[String],
+    release: &str,
+) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command as Process, Stdio};
+    let exe = std::env::current_exe().context("find the installer's own binary")?;
+    let mut args: Vec<String> = globals.to_vec();
+    args.extend(["await-confirm".to_owned(), "--release".to_owned(), release.to_owned()]);
+    if manager == ManagerKind::Systemd {
+        let unit = format!(
+            "flotilla-confirm-{}-{}",
+            &release[..release.len().min(12)],
+            installer::release::now()
+        );
+        let started = Process::new("systemd-run")
+            .args(["--quiet", "--collect", "--no-block", "--unit", &unit, "--"])
+            .arg(&exe)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output();
+        match started {
+            Ok(out) if out.status.success() => return Ok(()),
+            Ok(out) => eprintln!(
+                "systemd-run could not start the confirmation watcher ({}); starting it in a \
+                 session of its own",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Err(e) => eprintln!("systemd-run: {e}; starting the watcher in a session of its own"),
+        }
+    }
+    let mut child = Process::new(&exe);
+    child.args(&args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    // SAFETY: setsid is async-signal-safe and touches nothing of the parent.
+    unsafe {
+        child.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    child.spawn().with_context(|| {
+        format!("start the confirmation watcher of {}", installer.layout().prefix)
+    })?;
+    Ok(())
 }

@@ -59,6 +59,7 @@ fn installer(root: &Utf8Path, manager: ManagerKind, runner: &Arc<RecordingRunner
         keep: 3,
         lock_wait: Duration::ZERO,
         create_users: false,
+        confirm_timeout: None,
     };
     Installer::new(config, runner.clone())
 }
@@ -201,6 +202,7 @@ fn keeps_the_configured_number_of_releases() {
         keep: 2,
         lock_wait: Duration::ZERO,
         create_users: false,
+        confirm_timeout: None,
     };
     let inst = Installer::new(config.clone(), runner.clone());
     let mut ids = Vec::new();
@@ -922,6 +924,7 @@ fn create_users_makes_the_declared_users_before_anything_is_placed() {
         keep: 3,
         lock_wait: Duration::ZERO,
         create_users: true,
+        confirm_timeout: None,
     };
     let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
     let log = lines.clone();
@@ -1077,4 +1080,66 @@ fn a_staged_key_is_recorded_after_an_install_and_checked_by_if_staged() {
     for bad in ["", "A".repeat(64).as_str(), &"a".repeat(63), "none", &"g".repeat(64)] {
         assert!(StagedKey::new(bad).is_err(), "{bad}");
     }
+}
+
+#[test]
+fn an_unconfirmed_install_is_reverted_at_its_deadline_and_a_confirmed_one_stays() {
+    let tmp = TempDir::new("confirm");
+    let root = tmp.path();
+    let runner = running();
+    let with_timeout = |secs: u64| {
+        Installer::new(
+            Config {
+                prefix: root.join("prefix"),
+                packages_prefix: installer::Prefix::default(),
+                unit_dir: root.join("units"),
+                manager: ManagerKind::Systemd,
+                keep: 3,
+                lock_wait: Duration::from_secs(5),
+                create_users: false,
+                confirm_timeout: Some(Duration::from_secs(secs)),
+            },
+            runner.clone(),
+        )
+    };
+    let v1 = two_services(root, "v1", "v = 1\n", None);
+    let v2 = two_services(root, "v2", "v = 2\n", None);
+    let v3 = two_services(root, "v3", "v = 3\n", None);
+    // A first install has nothing to go back to: no confirmation is asked for.
+    let first = with_timeout(1).install(&v1, None).unwrap();
+    assert_eq!(first.awaiting, None);
+
+    // v2 is never confirmed: at its deadline the watcher puts v1 back.
+    let second = with_timeout(1).install(&v2, None).unwrap();
+    let awaiting = second.awaiting.clone().expect("v2 awaits its confirmation");
+    assert_eq!(
+        (awaiting.release.as_str(), awaiting.previous.as_str()),
+        (&*second.release, &*first.release)
+    );
+    let inst = with_timeout(1);
+    assert_eq!(inst.status().unwrap().awaiting_confirmation, Some(awaiting.clone()));
+    let current = || fs::read_link(root.join("prefix/current")).unwrap();
+    assert_eq!(current(), Utf8Path::new("releases").join(&second.release));
+    let what = inst.await_confirmation(&second.release, Duration::from_millis(50)).unwrap();
+    assert!(what.contains("was not confirmed within 1 s: reverted"), "{what}");
+    assert_eq!(current(), Utf8Path::new("releases").join(&first.release));
+    let status = inst.status().unwrap();
+    assert_eq!(status.last_activation.unwrap().kind, installer::confirm::REVERT_KIND);
+    assert_eq!(status.awaiting_confirmation, None);
+    // Too late now: the confirmation is refused, and says so.
+    let late = installer::confirm::confirm(inst.layout()).unwrap();
+    assert!(
+        matches!(late, installer::confirm::Confirmation::TooLate(a) if a.release == second.release)
+    );
+
+    // v3 is confirmed in time: the watcher finds nothing to revert.
+    let third = with_timeout(30).install(&v3, None).unwrap();
+    assert!(third.awaiting.is_some());
+    let done = installer::confirm::confirm(inst.layout()).unwrap();
+    assert!(
+        matches!(done, installer::confirm::Confirmation::Confirmed(a) if a.release == third.release)
+    );
+    let what = inst.await_confirmation(&third.release, Duration::from_millis(50)).unwrap();
+    assert!(what.contains("confirmed"), "{what}");
+    assert_eq!(current(), Utf8Path::new("releases").join(&third.release));
 }

@@ -45,6 +45,7 @@ fn installer(root: &Utf8Path, manager: ManagerKind, runner: &Arc<RecordingRunner
         keep: 3,
         lock_wait: Duration::ZERO,
         create_users: false,
+        confirm_timeout: None,
     };
     Installer::new(config, runner.clone()).with_accounts(Arc::new(ServiceUsers))
 }
