@@ -16,6 +16,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::quote::RemotePath;
+use super::rollout::{BatchSize, Budget};
 
 /// How many servers are worked on at once when neither the config nor `--parallel` says.
 pub const DEFAULT_PARALLEL: usize = 10;
@@ -44,6 +45,9 @@ pub struct Config {
     pub overlay: OverlaySettings,
     /// Every server of the topology, by name.
     pub servers: BTreeMap<ServerName, Server>,
+    /// `[quorum.<service>]`: the services whose members across servers form one cluster,
+    /// which a rolling deploy never takes below its quorum.
+    pub quorum: Vec<Quorum>,
     /// thing-flinger's `debug`: verbose remote output. Every command a step runs on the
     /// builder, or from it on a server, is echoed (`+ <command>`) before it runs, and every
     /// rsync lists each file it sends or deletes. (thing-flinger built its own tools in the
@@ -105,6 +109,96 @@ pub struct Deployment {
     pub rack_threshold: u8,
     /// Where the servers install releases, and the prefix the packages were built for.
     pub prefix: flotilla_contracts::layout::Prefix,
+    /// `[deployment.rollout]`: how `install --rolling` batches the servers.
+    pub rollout: Rollout,
+}
+
+/// How a rolling deploy proceeds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rollout {
+    /// The batch sizes, the last one repeating: `batches = [1, "25%", "100%"]` [default: 1].
+    pub ramp: Vec<BatchSize>,
+    /// Servers of the whole fleet that may fail before no further batch starts [default: 0].
+    pub max_failed: Budget,
+    /// Seconds to wait between batches, once the quorum checks passed [default: 0].
+    pub pause_secs: u64,
+    /// Seconds each server waits for the deployer's confirmation over a new connection before
+    /// it puts its previous release back; 0 asks for none [default: 30].
+    pub confirm_timeout_secs: u64,
+}
+
+/// How long a server waits for the confirmation of a rolling deploy when the config does not
+/// say.
+pub const DEFAULT_CONFIRM_TIMEOUT_SECS: u64 = 30;
+
+impl Default for Rollout {
+    fn default() -> Rollout {
+        Rollout {
+            ramp: vec![BatchSize::Count(std::num::NonZeroUsize::MIN)],
+            max_failed: Budget::Count(0),
+            pause_secs: 0,
+            confirm_timeout_secs: DEFAULT_CONFIRM_TIMEOUT_SECS,
+        }
+    }
+}
+
+/// A service whose members on several servers form one quorum.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quorum {
+    /// The service's name, for messages.
+    pub service: String,
+    /// The servers that run a member, in the order of `deployment.servers`.
+    pub members: Vec<ServerName>,
+    /// The cluster's health, checked on a member: it must pass before a rolling deploy starts
+    /// and after every batch that restarted a member.
+    pub check: Check,
+    /// Passes on the member that leads, which a rolling deploy restarts last.
+    pub leader: Option<Check>,
+    /// Seconds the check may take to pass after a batch [default: 60].
+    pub timeout_secs: u64,
+}
+
+/// How long a quorum check may take to pass when the config does not say.
+pub const DEFAULT_QUORUM_TIMEOUT_SECS: u64 = 60;
+
+/// A check run on a server by `flotilla-installer probe`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// A program and its arguments (no shell) that must exit 0.
+    Command(Vec<String>),
+    /// An `http://` URL that must answer 2xx, and hold `contains` when given.
+    Http { url: String, contains: Option<String> },
+}
+
+impl Check {
+    /// The words after `flotilla-installer probe`, unquoted: the check, tried until it
+    /// passes within `timeout` seconds.
+    pub fn probe_args(&self, timeout: u64) -> Vec<String> {
+        let mut args = vec!["--timeout".to_owned(), timeout.to_string()];
+        match self {
+            Check::Http { url, contains } => {
+                args.extend(["--http".to_owned(), url.clone()]);
+                if let Some(text) = contains {
+                    args.extend(["--contains".to_owned(), text.clone()]);
+                }
+            }
+            Check::Command(argv) => {
+                args.push("--".to_owned());
+                args.extend(argv.iter().cloned());
+            }
+        }
+        args
+    }
+}
+
+impl fmt::Display for Check {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Check::Command(argv) => write!(f, "`{}`", argv.join(" ")),
+            Check::Http { url, contains: None } => write!(f, "GET {url}"),
+            Check::Http { url, contains: Some(text) } => write!(f, "GET {url} holding {text:?}"),
+        }
+    }
 }
 
 /// The overlay generators' part of the config: which services receive what. Nothing is
@@ -169,6 +263,8 @@ pub struct Server {
     pub identity_file: Option<Utf8PathBuf>,
     /// Per-server values for the overlay generators.
     pub vars: BTreeMap<String, String>,
+    /// This server's own `[deployment.rollout] confirm_timeout_secs` (a slow machine).
+    pub confirm_timeout_secs: Option<u64>,
 }
 
 /// A validated server name: ASCII letters, digits, `-`, `_` and `.`, starting with a letter or
@@ -383,6 +479,8 @@ struct RawConfig {
     overlay: RawOverlay,
     servers: BTreeMap<Spanned<String>, RawServer>,
     #[serde(default)]
+    quorum: BTreeMap<Spanned<String>, RawQuorum>,
+    #[serde(default)]
     debug: bool,
     rss_config_path: Option<Spanned<String>>,
 }
@@ -423,6 +521,51 @@ struct RawDeployment {
     connect_parallel: Option<Spanned<usize>>,
     rack_threshold: Option<Spanned<usize>>,
     prefix: Option<Spanned<String>>,
+    #[serde(default)]
+    rollout: RawRollout,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRollout {
+    batches: Option<Spanned<Vec<Spanned<RawSize>>>>,
+    max_failed: Option<Spanned<RawSize>>,
+    pause_secs: Option<Spanned<u64>>,
+    confirm_timeout_secs: Option<Spanned<u64>>,
+}
+
+/// A batch size or budget: a number, or a string (`"25%"`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Count(i64),
+    Text(String),
+}
+
+impl RawSize {
+    fn text(&self) -> String {
+        match self {
+            RawSize::Count(n) => n.to_string(),
+            RawSize::Text(t) => t.clone(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuorum {
+    members: Option<Vec<Spanned<String>>>,
+    check: Spanned<RawCheck>,
+    leader: Option<Spanned<RawCheck>>,
+    timeout_secs: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    command: Option<Vec<String>>,
+    http: Option<String>,
+    contains: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -448,6 +591,7 @@ struct RawServer {
     identity_file: Option<Spanned<String>>,
     #[serde(default)]
     vars: BTreeMap<Spanned<String>, Spanned<String>>,
+    confirm_timeout_secs: Option<Spanned<u64>>,
 }
 
 /// The ssh options a config may set: what a deploy legitimately tunes about its connections
@@ -802,7 +946,9 @@ fn validate(errors: &Errors<'_>, raw: RawConfig, text: &str) -> Result<Config, C
             None => (deployment_servers_len / 2 + 1) as u8,
         },
         prefix: install_prefix,
+        rollout: validate_rollout(errors, d.rollout)?,
     };
+    let quorum = validate_quorum(errors, raw.quorum, &deployment)?;
     let overlay = validate_overlay(errors, raw.overlay)?;
     let rss_config_path = match &raw.rss_config_path {
         Some(path) => Some(rss_config_path(errors, path, &deployment, &overlay)?),
@@ -843,9 +989,195 @@ fn validate(errors: &Errors<'_>, raw: RawConfig, text: &str) -> Result<Config, C
         ssh,
         overlay,
         servers,
+        quorum,
         debug: raw.debug,
         rss_config_path,
     })
+}
+
+/// The longest confirmation a server may be asked to wait for (the installer's bound).
+pub const MAX_CONFIRM_TIMEOUT_SECS: u64 = 86400;
+
+fn validate_rollout(errors: &Errors<'_>, raw: RawRollout) -> Result<Rollout, ConfigError> {
+    let mut rollout = Rollout::default();
+    if let Some(batches) = &raw.batches {
+        if batches.get_ref().is_empty() {
+            return Err(errors.at(
+                batches.span(),
+                "deployment.rollout.batches",
+                "give at least one batch size: `[1, \"25%\", \"100%\"]`".into(),
+            ));
+        }
+        rollout.ramp = batches
+            .get_ref()
+            .iter()
+            .map(|b| {
+                BatchSize::parse(&b.get_ref().text())
+                    .map_err(|m| errors.at(b.span(), "deployment.rollout.batches", m))
+            })
+            .collect::<Result<_, _>>()?;
+    }
+    if let Some(budget) = &raw.max_failed {
+        rollout.max_failed = Budget::parse(&budget.get_ref().text())
+            .map_err(|m| errors.at(budget.span(), "deployment.rollout.max_failed", m))?;
+    }
+    if let Some(pause) = raw.pause_secs {
+        if *pause.get_ref() > 3600 {
+            return Err(errors.at(
+                pause.span(),
+                "deployment.rollout.pause_secs",
+                "at most 3600 seconds between batches".into(),
+            ));
+        }
+        rollout.pause_secs = pause.into_inner();
+    }
+    if let Some(confirm) = raw.confirm_timeout_secs {
+        if *confirm.get_ref() > MAX_CONFIRM_TIMEOUT_SECS {
+            return Err(errors.at(
+                confirm.span(),
+                "deployment.rollout.confirm_timeout_secs",
+                format!("at most {MAX_CONFIRM_TIMEOUT_SECS} seconds; 0 asks for none"),
+            ));
+        }
+        rollout.confirm_timeout_secs = confirm.into_inner();
+    }
+    Ok(rollout)
+}
+
+fn validate_check(
+    errors: &Errors<'_>,
+    raw: &Spanned<RawCheck>,
+    field: &str,
+    leader: bool,
+) -> Result<Check, ConfigError> {
+    let at = |m: String| errors.at(raw.span(), field, m);
+    let check = raw.get_ref();
+    let control = |t: &str| t.contains(char::is_control);
+    match (&check.command, &check.http) {
+        (Some(argv), None) => {
+            if check.contains.is_some() {
+                return Err(at("`contains` goes with `http`, not with `command`".into()));
+            }
+            if argv.is_empty() || !argv[0].starts_with('/') {
+                return Err(at(
+                    "`command` is a program, by its absolute path, and its arguments (no shell)"
+                        .into(),
+                ));
+            }
+            if argv.iter().any(|a| control(a)) {
+                return Err(at("a control character in `command`".into()));
+            }
+            Ok(Check::Command(argv.clone()))
+        }
+        (None, Some(url)) => {
+            let plain = url.strip_prefix("http://").is_some_and(|rest| {
+                !rest.is_empty() && rest.chars().all(|c| c.is_ascii_graphic())
+            });
+            if !plain {
+                return Err(at(format!("{url:?}: give an http:// URL, as the server sees it")));
+            }
+            if check.contains.as_deref().is_some_and(|t| t.is_empty() || control(t)) {
+                return Err(at("`contains` is one non-empty line of text".into()));
+            }
+            Ok(Check::Http { url: url.clone(), contains: check.contains.clone() })
+        }
+        _ => Err(at(format!(
+            "give `command = [\"/path/to/program\", ...]` or `http = \"http://...\"`{}",
+            if leader { " (passing on the member that leads)" } else { "" }
+        ))),
+    }
+}
+
+fn validate_quorum(
+    errors: &Errors<'_>,
+    raw: BTreeMap<Spanned<String>, RawQuorum>,
+    deployment: &Deployment,
+) -> Result<Vec<Quorum>, ConfigError> {
+    let mut groups: Vec<Quorum> = Vec::new();
+    for (name, q) in raw {
+        let field = format!("quorum.{}", name.get_ref());
+        let name_ok = !name.get_ref().is_empty()
+            && name.get_ref().chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c));
+        if !name_ok {
+            return Err(errors.at(
+                name.span(),
+                &field,
+                "name the service: ASCII letters, digits, `-` and `_`".into(),
+            ));
+        }
+        let members = match &q.members {
+            None => deployment.servers.clone(),
+            Some(list) => {
+                let mut members = Vec::new();
+                for m in list {
+                    let server = ServerName::new(m.get_ref())
+                        .ok()
+                        .filter(|s| deployment.servers.contains(s))
+                        .ok_or_else(|| {
+                            errors.at(
+                                m.span(),
+                                &format!("{field}.members"),
+                                format!("{:?} is not one of deployment.servers", m.get_ref()),
+                            )
+                        })?;
+                    if members.contains(&server) {
+                        return Err(errors.at(
+                            m.span(),
+                            &format!("{field}.members"),
+                            format!("{server} is listed twice"),
+                        ));
+                    }
+                    members.push(server);
+                }
+                if members.is_empty() {
+                    return Err(errors.at(
+                        name.span(),
+                        &format!("{field}.members"),
+                        "a quorum has at least one member (leave `members` out for every \
+                         deployment server)"
+                            .into(),
+                    ));
+                }
+                // The order of the deployment, whatever the order of the list.
+                deployment.servers.iter().filter(|s| members.contains(s)).cloned().collect()
+            }
+        };
+        if let Some(other) = groups.iter().find(|g| g.members.iter().any(|m| members.contains(m))) {
+            let shared = members.iter().find(|m| other.members.contains(m)).expect("found");
+            return Err(errors.at(
+                name.span(),
+                &field,
+                format!(
+                    "{shared} is a member of quorum.{} too: a server belongs to one quorum \
+                     group, since a batch restarts all of its services",
+                    other.service
+                ),
+            ));
+        }
+        let timeout_secs = match &q.timeout_secs {
+            Some(t) if *t.get_ref() == 0 || *t.get_ref() > 3600 => {
+                return Err(errors.at(
+                    t.span(),
+                    &format!("{field}.timeout_secs"),
+                    "between 1 and 3600 seconds".into(),
+                ));
+            }
+            Some(t) => *t.get_ref(),
+            None => DEFAULT_QUORUM_TIMEOUT_SECS,
+        };
+        groups.push(Quorum {
+            service: name.get_ref().clone(),
+            check: validate_check(errors, &q.check, &format!("{field}.check"), false)?,
+            leader: q
+                .leader
+                .as_ref()
+                .map(|l| validate_check(errors, l, &format!("{field}.leader"), true))
+                .transpose()?,
+            members,
+            timeout_secs,
+        });
+    }
+    Ok(groups)
 }
 
 /// `rss_config_path`: a file of the workspace, relative to its root, normalized and of
@@ -1027,6 +1359,17 @@ fn validate_server(
             .map(|p| ssh_file(errors, p, &format!("{field}.identity_file")))
             .transpose()?,
         vars,
+        confirm_timeout_secs: match raw.confirm_timeout_secs {
+            Some(v) if *v.get_ref() > MAX_CONFIRM_TIMEOUT_SECS => {
+                return Err(errors.at(
+                    v.span(),
+                    &format!("{field}.confirm_timeout_secs"),
+                    format!("at most {MAX_CONFIRM_TIMEOUT_SECS} seconds; 0 asks for none"),
+                ));
+            }
+            Some(v) => Some(v.into_inner()),
+            None => None,
+        },
     })
 }
 
@@ -1385,6 +1728,72 @@ addr = "node2.example.com"
         assert!(error(&text).starts_with("deploy.toml:8:15: deployment.staging_dir:"));
         let text = GOOD.replace("$HOME/flotilla", "~bob/flotilla");
         assert!(error(&text).contains("builder.source_path"), "{}", error(&text));
+    }
+
+    #[test]
+    fn rollouts_and_quorum_groups_parse_and_bad_ones_name_their_field_and_line() {
+        let config = parse(GOOD).unwrap();
+        assert_eq!(config.deployment.rollout, Rollout::default());
+        assert!(config.quorum.is_empty());
+        let text = GOOD.replace(
+            "staging_dir = \"/var/tmp/staging\"",
+            "staging_dir = \"/var/tmp/staging\"\n[deployment.rollout]\nbatches = [1, \"50%\"]\n\
+             max_failed = \"10%\"\npause_secs = 2\nconfirm_timeout_secs = 0",
+        ) + "[quorum.etcd]\nmembers = [\"n2\", \"n1\"]\ncheck = { command = [\"/bin/etcdctl\", \
+             \"endpoint\", \"health\"] }\nleader = { http = \"http://127.0.0.1:2381/metrics\", \
+             contains = \"etcd_server_is_leader 1\" }\n";
+        let config = parse(&text).unwrap();
+        let rollout = &config.deployment.rollout;
+        assert_eq!(rollout.ramp, [BatchSize::parse("1").unwrap(), BatchSize::Percent(50)]);
+        assert_eq!(rollout.max_failed, Budget::Percent(10));
+        assert_eq!((rollout.pause_secs, rollout.confirm_timeout_secs), (2, 0));
+        let etcd = &config.quorum[0];
+        // Members come in the deployment's order.
+        let members: Vec<&str> = etcd.members.iter().map(ServerName::as_str).collect();
+        assert_eq!(members, ["n1", "n2"]);
+        assert_eq!(etcd.timeout_secs, DEFAULT_QUORUM_TIMEOUT_SECS);
+        assert_eq!(
+            etcd.leader.as_ref().unwrap().probe_args(0),
+            ["--timeout", "0", "--http", "http://127.0.0.1:2381/metrics", "--contains",
+             "etcd_server_is_leader 1"]
+        );
+        for (bad, expected) in [
+            ("batches = [0]", "deployment.rollout.batches: \"0\": give a number"),
+            ("batches = [\"150%\"]", "deployment.rollout.batches: \"150%\": a percentage"),
+            ("batches = []", "deployment.rollout.batches: give at least one"),
+            ("max_failed = \"x\"", "deployment.rollout.max_failed: \"x\""),
+            ("serial = 1", "unknown field `serial`"),
+        ] {
+            let text = GOOD.replace(
+                "staging_dir = \"/var/tmp/staging\"",
+                &format!("staging_dir = \"/var/tmp/staging\"\n[deployment.rollout]\n{bad}"),
+            );
+            let err = error(&text);
+            assert!(err.contains(expected), "{bad}: {err}");
+            assert!(err.starts_with("deploy.toml:"), "{err}");
+        }
+        for (bad, expected) in [
+            ("members = [\"b\"]\ncheck = { http = \"http://x/\" }", "quorum.etcd.members: \"b\" is not one"),
+            ("check = { command = [\"etcdctl\"] }", "quorum.etcd.check: `command` is a program, by its absolute path"),
+            ("check = { http = \"https://x/\" }", "quorum.etcd.check: \"https://x/\": give an http://"),
+            ("check = { command = [\"/bin/true\"], contains = \"x\" }", "`contains` goes with `http`"),
+            ("check = {}", "quorum.etcd.check: give `command"),
+            ("check = { http = \"http://x/\" }\nleader = {}", "quorum.etcd.leader: give `command"),
+            ("check = { http = \"http://x/\" }\ntimeout_secs = 0", "quorum.etcd.timeout_secs"),
+        ] {
+            let text = format!("{GOOD}[quorum.etcd]\n{bad}\n");
+            let err = error(&text);
+            assert!(err.contains(expected), "{bad}: {err}");
+        }
+        let two = format!(
+            "{GOOD}[quorum.a]\ncheck = {{ http = \"http://x/\" }}\n[quorum.b]\nmembers = [\"n2\"]\n\
+             check = {{ http = \"http://x/\" }}\n"
+        );
+        assert!(error(&two).contains("n2 is a member of quorum.a too"), "{}", error(&two));
+        let text = GOOD.replace("addr = \"node2.example.com\"", "addr = \"node2.example.com\"\nconfirm_timeout_secs = 90");
+        let config = parse(&text).unwrap();
+        let n2 = ServerName::new("n2").unwrap();
+        assert_eq!(config.servers[&n2].confirm_timeout_secs, Some(90));
     }
 
     #[test]
