@@ -1070,9 +1070,9 @@ fn validate_check(
             Ok(Check::Command(argv.clone()))
         }
         (None, Some(url)) => {
-            let plain = url.strip_prefix("http://").is_some_and(|rest| {
-                !rest.is_empty() && rest.chars().all(|c| c.is_ascii_graphic())
-            });
+            let plain = url
+                .strip_prefix("http://")
+                .is_some_and(|rest| !rest.is_empty() && rest.chars().all(|c| c.is_ascii_graphic()));
             if !plain {
                 return Err(at(format!("{url:?}: give an http:// URL, as the server sees it")));
             }
@@ -1739,7 +1739,8 @@ addr = "node2.example.com"
             "staging_dir = \"/var/tmp/staging\"",
             "staging_dir = \"/var/tmp/staging\"\n[deployment.rollout]\nbatches = [1, \"50%\"]\n\
              max_failed = \"10%\"\npause_secs = 2\nconfirm_timeout_secs = 0",
-        ) + "[quorum.etcd]\nmembers = [\"n2\", \"n1\"]\ncheck = { command = [\"/bin/etcdctl\", \
+        )
+            + "[quorum.etcd]\nmembers = [\"n2\", \"n1\"]\ncheck = { command = [\"/bin/etcdctl\", \
              \"endpoint\", \"health\"] }\nleader = { http = \"http://127.0.0.1:2381/metrics\", \
              contains = \"etcd_server_is_leader 1\" }\n";
         let config = parse(&text).unwrap();
@@ -1754,8 +1755,14 @@ addr = "node2.example.com"
         assert_eq!(etcd.timeout_secs, DEFAULT_QUORUM_TIMEOUT_SECS);
         assert_eq!(
             etcd.leader.as_ref().unwrap().probe_args(0),
-            ["--timeout", "0", "--http", "http://127.0.0.1:2381/metrics", "--contains",
-             "etcd_server_is_leader 1"]
+            [
+                "--timeout",
+                "0",
+                "--http",
+                "http://127.0.0.1:2381/metrics",
+                "--contains",
+                "etcd_server_is_leader 1"
+            ]
         );
         for (bad, expected) in [
             ("batches = [0]", "deployment.rollout.batches: \"0\": give a number"),
@@ -1773,10 +1780,22 @@ addr = "node2.example.com"
             assert!(err.starts_with("deploy.toml:"), "{err}");
         }
         for (bad, expected) in [
-            ("members = [\"b\"]\ncheck = { http = \"http://x/\" }", "quorum.etcd.members: \"b\" is not one"),
-            ("check = { command = [\"etcdctl\"] }", "quorum.etcd.check: `command` is a program, by its absolute path"),
-            ("check = { http = \"https://x/\" }", "quorum.etcd.check: \"https://x/\": give an http://"),
-            ("check = { command = [\"/bin/true\"], contains = \"x\" }", "`contains` goes with `http`"),
+            (
+                "members = [\"b\"]\ncheck = { http = \"http://x/\" }",
+                "quorum.etcd.members: \"b\" is not one",
+            ),
+            (
+                "check = { command = [\"etcdctl\"] }",
+                "quorum.etcd.check: `command` is a program, by its absolute path",
+            ),
+            (
+                "check = { http = \"https://x/\" }",
+                "quorum.etcd.check: \"https://x/\": give an http://",
+            ),
+            (
+                "check = { command = [\"/bin/true\"], contains = \"x\" }",
+                "`contains` goes with `http`",
+            ),
             ("check = {}", "quorum.etcd.check: give `command"),
             ("check = { http = \"http://x/\" }\nleader = {}", "quorum.etcd.leader: give `command"),
             ("check = { http = \"http://x/\" }\ntimeout_secs = 0", "quorum.etcd.timeout_secs"),
@@ -1790,7 +1809,10 @@ addr = "node2.example.com"
              check = {{ http = \"http://x/\" }}\n"
         );
         assert!(error(&two).contains("n2 is a member of quorum.a too"), "{}", error(&two));
-        let text = GOOD.replace("addr = \"node2.example.com\"", "addr = \"node2.example.com\"\nconfirm_timeout_secs = 90");
+        let text = GOOD.replace(
+            "addr = \"node2.example.com\"",
+            "addr = \"node2.example.com\"\nconfirm_timeout_secs = 90",
+        );
         let config = parse(&text).unwrap();
         let n2 = ServerName::new("n2").unwrap();
         assert_eq!(config.servers[&n2].confirm_timeout_secs, Some(90));

@@ -114,7 +114,9 @@ pub fn execute(sh: &Shell, plan: &Plan, options: &Options, events: &dyn Events) 
         };
     }
     let mut setup_report = HostReport::new(&plan.builder);
-    let mut builder_reached = false;
+    // A plan without setup is only a teardown (a rollout's release of its lock): it runs
+    // even after an interrupt.
+    let mut builder_reached = plan.setup.is_empty();
     for step in &plan.setup {
         run_step(sh, &plan.builder, step, options, ui, Stop::OnInterrupt, &mut setup_report);
         // A setup step that got as far as the builder's shell may have created what the

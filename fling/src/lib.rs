@@ -21,6 +21,7 @@ pub mod overlay;
 pub mod plan;
 pub mod protocol;
 pub mod quote;
+pub mod rolling;
 pub mod rollout;
 pub mod ssh;
 

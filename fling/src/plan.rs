@@ -113,8 +113,12 @@ pub struct Context<'a> {
 /// Whether a command takes the deploy lock on the builder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Locking {
+    /// Take it (or wait for it), release it at the end.
     Lock,
     NoLock,
+    /// Take it, or find it held by this very run, and keep it: one plan of a rollout, whose
+    /// last plan ([`release`]) releases it.
+    Keep,
 }
 
 /// What a deploy does on each server.
@@ -230,7 +234,8 @@ impl Context<'_> {
     ) -> Plan {
         let mut connect = vec!["set -e".to_owned()];
         connect.extend(prepare);
-        if locking == Locking::Lock {
+        let takes = matches!(locking, Locking::Lock | Locking::Keep);
+        if takes {
             connect.push(self.lock_script(&command));
         }
         let connect = if connect.len() == 1 { "true".to_owned() } else { connect.join("; ") };
@@ -239,8 +244,11 @@ impl Context<'_> {
             reach.push_str("; ");
             reach.push_str(prepare);
         }
-        if locking == Locking::Lock {
+        if takes {
             reach.push_str(&format!("; take the deploy lock {}", self.config.builder.lock_dir));
+        }
+        if locking == Locking::Keep {
+            reach.push_str(" (or find it this run's) and keep it for the rollout's next step");
         }
         if self.config.debug {
             reach.push_str(
@@ -252,19 +260,7 @@ impl Context<'_> {
             vec![self.on_builder("connect", StepKind::Connect, agent, &connect).what([reach])];
         let mut teardown = Vec::new();
         if locking == Locking::Lock {
-            let lock = self.config.builder.lock_dir.shell_word();
-            // Release the lock only if this run holds it.
-            let release = format!(
-                "if grep -qx {} {lock}/info 2>/dev/null; then rm -rf -- {lock}; fi",
-                quote(&format!("run={}", self.run_id))
-            );
-            let what = format!(
-                "release the deploy lock {} if this run holds it",
-                self.config.builder.lock_dir
-            );
-            teardown.push(
-                self.on_builder("release", StepKind::Work, Agent::NoForward, &release).what([what]),
-            );
+            teardown.push(self.release_step());
         }
         teardown.push(Step {
             name: "disconnect",
@@ -291,9 +287,24 @@ impl Context<'_> {
         Plan { command, builder: self.builder_name(), setup, hosts: Vec::new(), teardown, session }
     }
 
+    /// The builder step that releases the deploy lock if this run holds it.
+    fn release_step(&self) -> Step {
+        let lock = self.config.builder.lock_dir.shell_word();
+        let release = format!(
+            "if grep -qx {} {lock}/info 2>/dev/null; then rm -rf -- {lock}; fi",
+            quote(&format!("run={}", self.run_id))
+        );
+        let what = format!(
+            "release the deploy lock {} if this run holds it",
+            self.config.builder.lock_dir
+        );
+        self.on_builder("release", StepKind::Work, Agent::NoForward, &release).what([what])
+    }
+
     /// Takes the deploy lock: a directory created atomically by `mkdir`, holding who, when
     /// and what. A held lock is waited for up to `lock_wait` seconds, then refused with the
-    /// holder's record.
+    /// holder's record; a lock this run holds already (a rollout's earlier plan) is taken
+    /// again at once.
     fn lock_script(&self, command: &str) -> String {
         let lock = self.config.builder.lock_dir.shell_word();
         let record =
@@ -310,6 +321,7 @@ impl Context<'_> {
         format!(
             "{claim}l={lock}; mkdir -p -- \"$(dirname -- \"$l\")\" || exit 1; n=0; \
              while ! mkdir -- \"$l\" 2>/dev/null; do \
+             if grep -qx {run} \"$l/info\" 2>/dev/null; then break; fi; \
              if [ \"$n\" -ge {wait} ]; then echo \"the deploy lock $l is held: \
              $(tr '\\n' ' ' < \"$l/info\" 2>/dev/null)\" >&2; exit {held}; fi; \
              n=$((n+1)); sleep 1; done; \
@@ -318,6 +330,7 @@ impl Context<'_> {
             wait = self.lock_wait,
             held = LOCK_HELD_STATUS,
             record = quote(&record),
+            run = quote(&format!("run={}", self.run_id)),
         )
     }
 
@@ -739,6 +752,25 @@ fn rsync_version_check(bin: &str, place: &str) -> String {
 /// `deploy install|uninstall|status|rollback|clean`.
 pub fn deploy(cx: &Context<'_>, action: DeployAction, servers: &[&Server]) -> Plan {
     let locking = if action == DeployAction::Status { Locking::NoLock } else { Locking::Lock };
+    deploy_with(cx, action, servers, &DeployOptions { locking, confirm_timeout: &|_| None })
+}
+
+/// How [`deploy_with`] runs beyond its action.
+pub struct DeployOptions<'a> {
+    pub locking: Locking,
+    /// Each server's `install --confirm-timeout`, in seconds; `None` asks for no confirmation.
+    pub confirm_timeout: &'a dyn Fn(&Server) -> Option<u64>,
+}
+
+/// [`deploy`], with its locking and each server's confirmation timeout given: one batch of a
+/// rollout, or an install that asks for confirmation.
+pub fn deploy_with(
+    cx: &Context<'_>,
+    action: DeployAction,
+    servers: &[&Server],
+    options: &DeployOptions<'_>,
+) -> Plan {
+    let locking = options.locking;
     let mut plan = cx.plan(format!("deploy {}", action.name()), locking, true, Agent::Forward);
     let manager = cx.config.deployment.service_manager.as_str();
     let packages = cx.staging().join("packages");
@@ -747,7 +779,8 @@ pub fn deploy(cx: &Context<'_>, action: DeployAction, servers: &[&Server]) -> Pl
         let hop = cx.server_hop(server);
         let phases = match &action {
             DeployAction::Install(artifacts) => {
-                let install = cx.installer(&[
+                let confirm = (options.confirm_timeout)(server).filter(|&secs| secs > 0);
+                let mut words = vec![
                     quote("--service-manager"),
                     quote(manager),
                     quote("install"),
@@ -755,7 +788,11 @@ pub fn deploy(cx: &Context<'_>, action: DeployAction, servers: &[&Server]) -> Pl
                     packages.shell_word(),
                     quote("--overlay"),
                     overlay.shell_word(),
-                ]);
+                ];
+                if let Some(secs) = confirm {
+                    words.extend([quote("--confirm-timeout"), quote(&secs.to_string())]);
+                }
+                let install = cx.installer(&words);
                 let (names, body) = install_body(cx, server, artifacts, &install);
                 let what = vec![
                     format!(
@@ -773,8 +810,15 @@ pub fn deploy(cx: &Context<'_>, action: DeployAction, servers: &[&Server]) -> Pl
                     format!(
                         "{INSTALLER} install --create-users {packages} --overlay {overlay} \
                          (prefix {}, {manager}; creates the services' missing users), then \
-                         record the staged key",
-                        cx.config.deployment.prefix
+                         record the staged key{}",
+                        cx.config.deployment.prefix,
+                        match confirm {
+                            Some(secs) => format!(
+                                "; a new release awaits confirmation within {secs} s, else the \
+                                 server puts its previous release back"
+                            ),
+                            None => String::new(),
+                        }
                     ),
                 ];
                 plan.hosts.push(HostPlan {
@@ -904,6 +948,65 @@ pub fn exec(cx: &Context<'_>, servers: &[&Server], command: &str) -> Plan {
             )],
         });
     }
+    plan
+}
+
+/// `flotilla-installer confirm` on each server, each over a connection of its own opened now:
+/// the proof that a newly activated release left the server reachable.
+pub fn confirm(cx: &Context<'_>, servers: &[&Server]) -> Plan {
+    let mut plan = cx.plan("deploy confirm".into(), Locking::NoLock, true, Agent::Forward);
+    for server in servers {
+        let remote = cx.installer(&[quote("confirm")]);
+        let what = format!(
+            "{INSTALLER} confirm, over a new connection: the new release stays (without it, the \
+             server puts its previous release back at the deadline)"
+        );
+        plan.hosts.push(HostPlan {
+            host: server.name.to_string(),
+            steps: vec![
+                cx.server_step(server, vec![("confirm", cx.server_hop(server).run(&remote), what)])
+            ],
+        });
+    }
+    plan
+}
+
+/// `flotilla-installer probe` of `check` on each server, tried until it passes within
+/// `timeout` seconds: a quorum group's health, or which member leads. The lock is kept, as the
+/// rollout that asks holds it.
+pub fn probe(
+    cx: &Context<'_>,
+    command: &str,
+    servers: &[&Server],
+    check: &super::config::Check,
+    timeout: u64,
+) -> Plan {
+    let mut plan = cx.plan(command.to_owned(), Locking::Keep, true, Agent::Forward);
+    let mut words = vec![quote("probe")];
+    words.extend(check.probe_args(timeout).iter().map(|w| quote(w)));
+    for server in servers {
+        let what = if timeout == 0 {
+            format!("{INSTALLER} probe: {check}")
+        } else {
+            format!("{INSTALLER} probe: {check}, until it passes, at most {timeout} s")
+        };
+        plan.hosts.push(HostPlan {
+            host: server.name.to_string(),
+            steps: vec![cx.server_step(
+                server,
+                vec![("probe", cx.server_hop(server).run(&cx.installer(&words)), what)],
+            )],
+        });
+    }
+    plan
+}
+
+/// The end of a rollout: releases the deploy lock if this run holds it, whatever happened
+/// before (an interrupt too), and closes the connection to the builder.
+pub fn release(cx: &Context<'_>) -> Plan {
+    let mut plan = cx.plan("rollout release".into(), Locking::NoLock, false, Agent::NoForward);
+    plan.setup.clear();
+    plan.teardown.insert(0, cx.release_step());
     plan
 }
 
