@@ -108,8 +108,28 @@ fn run_with(
         who: who(),
         lock_wait: args.lock_wait,
     };
+    if let Typed::Install(artifacts, rollout) = &command {
+        if rollout.rolling() {
+            let rollout_cx = RolloutCx { args: &args, control: &control.path, quiet };
+            return rolling_install(sh, &rollout_cx, &cx, &servers, artifacts, rollout);
+        }
+    }
+    // An install that asks some server for a confirmation confirms after it.
+    let mut confirming = false;
     let plan = match command {
         Typed::Build(build) => plan::build(&cx, &build),
+        Typed::Install(artifacts, rollout) => {
+            let confirm = |s: &config::Server| {
+                flotilla_fling::rolling::confirm_timeout(rollout.confirm_timeout, s, 0)
+            };
+            confirming = servers.iter().any(|s| confirm(s).is_some());
+            plan::deploy_with(
+                &cx,
+                DeployAction::Install(artifacts),
+                &servers,
+                &plan::DeployOptions { locking: plan::Locking::Lock, confirm_timeout: &confirm },
+            )
+        }
         Typed::Deploy(action) => plan::deploy(&cx, action, &servers),
         Typed::Exec(line) => plan::exec(&cx, &servers, &line),
         Typed::Other => match &args.command {
@@ -218,6 +238,11 @@ fn run_with(
             exec::execute(sh, &plan, &options, &ui)
         }
     };
+    let report = if confirming && !matches!(report.exit_code, 3 | 130) {
+        confirm_after(sh, &cx, &servers, report, &options, args.json, quiet)
+    } else {
+        report
+    };
     drop(agent);
     if !quiet {
         if args.json {
@@ -231,10 +256,158 @@ fn run_with(
     Ok((report.exit_code, Some(report)))
 }
 
+/// After a parallel install that asked for confirmations: confirms, over new connections, on
+/// every server that installed; a server that cannot be reached now puts its previous release
+/// back by itself, and counts as unreachable in the returned report.
+fn confirm_after(
+    sh: &Shell,
+    cx: &plan::Context<'_>,
+    servers: &[&config::Server],
+    mut report: exec::Report,
+    options: &exec::Options,
+    json: bool,
+    quiet: bool,
+) -> exec::Report {
+    let installed: Vec<&config::Server> = servers
+        .iter()
+        .copied()
+        .filter(|s| {
+            report.hosts.iter().any(|h| h.host == s.name.as_str() && h.outcome == exec::Outcome::Ok)
+        })
+        .collect();
+    if installed.is_empty() {
+        return report;
+    }
+    let plan = plan::confirm(cx, &installed);
+    let confirmed = if quiet {
+        exec::execute(sh, &plan, options, &exec::Quiet)
+    } else {
+        exec::execute(sh, &plan, options, &crate::fling_ui::Ui::new(json, &plan))
+    };
+    for host in confirmed.hosts {
+        if host.outcome != exec::Outcome::Ok {
+            if let Some(h) = report.hosts.iter_mut().find(|h| h.host == host.host) {
+                *h = host;
+            }
+        }
+    }
+    report.exit_code = exec::exit_code(report.setup_failure.as_ref(), &report.hosts);
+    report.duration += confirmed.duration;
+    report
+}
+
+/// What a rolling install takes from the command besides its plans' context.
+struct RolloutCx<'a> {
+    args: &'a cli::FlingArgs,
+    /// The run's private directory of local sockets.
+    control: &'a Utf8Path,
+    quiet: bool,
+}
+
+/// `install --rolling`: the batches, each plan run with the progress display, then the
+/// rollout's recap.
+fn rolling_install(
+    sh: &Shell,
+    rcx: &RolloutCx<'_>,
+    cx: &plan::Context<'_>,
+    servers: &[&config::Server],
+    artifacts: &Artifacts,
+    flags: &cli::FlingRolloutArgs,
+) -> anyhow::Result<(i32, Option<exec::Report>)> {
+    let (args, quiet) = (rcx.args, rcx.quiet);
+    let config = cx.config;
+    let mut rolling =
+        flotilla_fling::rolling::Rolling::new(config, artifacts.clone(), servers.to_vec());
+    if !flags.batch.is_empty() {
+        rolling.ramp = flags.batch.clone();
+    }
+    if let Some(budget) = flags.max_failed {
+        rolling.max_failed = budget;
+    }
+    if let Some(pause) = flags.pause {
+        rolling.pause = Duration::from_secs(pause);
+    }
+    rolling.confirm_flag = flags.confirm_timeout;
+    if args.dry_run {
+        if args.json {
+            let event = serde_json::json!({
+                "event": "rollout-plan",
+                "batches": rolling.batches(config, &[]),
+                "describe": rolling.describe(config),
+            });
+            println!("{event}");
+        } else {
+            print!("{}", rolling.describe(config));
+            let confirm = |s: &config::Server| rolling.confirm_timeout_of(s);
+            let plan = plan::deploy_with(
+                cx,
+                DeployAction::Install(artifacts.clone()),
+                servers,
+                &plan::DeployOptions { locking: plan::Locking::Keep, confirm_timeout: &confirm },
+            );
+            println!("each batch, for each of its servers:");
+            print!("{}", plan::describe(&plan));
+        }
+        return Ok((exec::EXIT_OK, None));
+    }
+    let identities = agent_identities(config, servers);
+    let agent = if identities.is_empty() {
+        None
+    } else {
+        Some(Agent::start(sh, rcx.control, &identities)?)
+    };
+    let mut env = Vec::new();
+    if let Some(agent) = &agent {
+        env.push(("SSH_AUTH_SOCK".to_owned(), agent.socket.to_string()));
+    }
+    let options = exec::Options {
+        parallel: args.parallel.unwrap_or(config.deployment.parallel).max(1),
+        connect_parallel: args
+            .connect_parallel
+            .unwrap_or(config.deployment.connect_parallel)
+            .max(1),
+        env,
+    };
+    let mut last: Option<exec::Report> = None;
+    let report = rolling.run(cx, &mut |what, plan| {
+        if !quiet && !args.json {
+            println!("== {what}");
+        }
+        let report = if quiet {
+            exec::execute(sh, plan, &options, &exec::Quiet)
+        } else {
+            let ui = crate::fling_ui::Ui::new(args.json, plan);
+            exec::execute(sh, plan, &options, &ui)
+        };
+        if !quiet {
+            if args.json {
+                println!("{}", report.summary());
+            } else if !plan.hosts.is_empty() {
+                print!("{}", report.recap());
+            }
+        }
+        if plan.command.starts_with("deploy install") {
+            last = Some(report.clone());
+        }
+        report
+    });
+    drop(agent);
+    if !quiet {
+        if args.json {
+            println!("{}", report.summary());
+        } else {
+            print!("{}", report.recap());
+        }
+    }
+    Ok((report.exit_code, last))
+}
+
 /// The commands whose arguments become the library's typed flags, checked before anything
 /// runs; `Other` is every command without any.
 enum Typed {
     Build(Build),
+    /// `install` and `deploy install`: the outputs to push, and how to reach the servers.
+    Install(flotilla_fling::flags::Artifacts, cli::FlingRolloutArgs),
     Deploy(DeployAction),
     Exec(String),
     Other,
@@ -256,16 +429,17 @@ impl Typed {
                 (None, None) => Ok(()),
             }
         };
-        let install = |after: &Option<Artifacts>| -> anyhow::Result<Typed> {
-            if args.target.is_some() {
-                bail!(
+        let install =
+            |after: &Option<Artifacts>, rollout: &cli::FlingRolloutArgs| -> anyhow::Result<Typed> {
+                if args.target.is_some() {
+                    bail!(
                     "-t/--target applies to `build` only: deploy install pushes what was built \
                      (name its outputs directory with --artifacts)"
                 );
-            }
-            let artifacts = merge("--artifacts", &args.artifacts, after.clone())?;
-            Ok(Typed::Deploy(DeployAction::Install(artifacts.unwrap_or_default())))
-        };
+                }
+                let artifacts = merge("--artifacts", &args.artifacts, after.clone())?;
+                Ok(Typed::Install(artifacts.unwrap_or_default(), rollout.clone()))
+            };
         let typed = match &args.command {
             FlingCommand::Build { command } => Typed::Build(match command {
                 FlingBuildCommand::Check { manifest } => {
@@ -276,10 +450,12 @@ impl Typed {
                 }
                 FlingBuildCommand::Dot { manifest } => Build::Dot(manifest_flags(args, manifest)?),
             }),
-            FlingCommand::Install => install(&None)?,
+            FlingCommand::Install { rollout } => install(&None, rollout)?,
             FlingCommand::Deploy { command } => {
                 let action = match command {
-                    FlingDeployCommand::Install { artifacts } => return install(artifacts),
+                    FlingDeployCommand::Install { artifacts, rollout } => {
+                        return install(artifacts, rollout)
+                    }
                     FlingDeployCommand::Uninstall => DeployAction::Uninstall,
                     FlingDeployCommand::Status => DeployAction::Status,
                     FlingDeployCommand::Rollback => DeployAction::Rollback,

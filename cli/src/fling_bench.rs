@@ -197,7 +197,7 @@ fn fling(
 ) -> anyhow::Result<(Duration, u64)> {
     let servers: Vec<&str> = servers.split(',').collect();
     let command = match command {
-        "install" => FlingCommand::Install,
+        "install" => FlingCommand::Install { rollout: Default::default() },
         "uninstall" => FlingCommand::Uninstall,
         other => bail!("fling bench runs install and uninstall, not {other}"),
     };

@@ -78,6 +78,7 @@ pub struct HostReport {
 }
 
 /// The result of a run.
+#[derive(Debug, Clone)]
 pub struct Report {
     pub command: String,
     pub hosts: Vec<HostReport>,
@@ -172,7 +173,8 @@ pub fn execute(sh: &Shell, plan: &Plan, options: &Options, events: &dyn Events) 
     }
 }
 
-fn exit_code(setup_failure: Option<&HostReport>, hosts: &[HostReport]) -> i32 {
+/// A run's exit code from its setup and its hosts (see the crate's exit codes).
+pub fn exit_code(setup_failure: Option<&HostReport>, hosts: &[HostReport]) -> i32 {
     if let Some(failure) = setup_failure {
         return match failure.outcome {
             Outcome::Unreachable => EXIT_UNREACHABLE,

@@ -2,14 +2,16 @@
 //!
 //! `config` reads the topology, `flags` holds the builder's flags that fling forwards, `quote`
 //! is the one quoting helper for remote shells, `ssh` builds the command lines of both hops,
-//! `plan` turns each command into per-host steps as data, `batch` is the builder session that
+//! `plan` turns each command into per-host steps as data, `rollout` orders a rolling deploy's
+//! batches and `rolling` runs them plan after plan, `batch` is the builder session that
 //! runs a plan's steps, `exec` walks a plan concurrently and returns a report, `overlay` asks
 //! the generators for each server's own files. Nothing here prints or exits: progress goes
 //! through [`exec::Events`].
 //!
 //! Exit codes of a run: 0 every host succeeded; 1 fling could not run (config, arguments, local
 //! error); 2 some hosts failed; 3 the deploy lock is held by another run; 4 some hosts were
-//! unreachable; 6 some failed and some were unreachable; 130 interrupted.
+//! unreachable; 5 a rolling install stopped before its last batch (`rolling`); 6 some failed and
+//! some were unreachable; 130 interrupted.
 
 pub mod batch;
 pub mod config;

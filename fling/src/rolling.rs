@@ -40,6 +40,14 @@ pub struct Rolling<'a> {
     /// The confirmation every server is asked for unless its own config says otherwise (0:
     /// none).
     pub confirm_timeout: u64,
+    /// `--confirm-timeout`: every server's, whatever the config says (0: none).
+    pub confirm_flag: Option<u64>,
+}
+
+/// A server's confirmation timeout in seconds: `--confirm-timeout` when given, else the
+/// server's own `confirm_timeout_secs`, else `default`; `None` when that is 0.
+pub fn confirm_timeout(flag: Option<u64>, server: &Server, default: u64) -> Option<u64> {
+    Some(flag.or(server.confirm_timeout_secs).unwrap_or(default)).filter(|&s| s > 0)
 }
 
 /// Why a rollout stopped early.
@@ -116,12 +124,13 @@ impl<'a> Rolling<'a> {
             max_failed: rollout.max_failed,
             pause: Duration::from_secs(rollout.pause_secs),
             confirm_timeout: rollout.confirm_timeout_secs,
+            confirm_flag: None,
         }
     }
 
     /// A server's confirmation timeout: its own, or the rollout's; `None` for none.
     pub fn confirm_timeout_of(&self, server: &Server) -> Option<u64> {
-        Some(server.confirm_timeout_secs.unwrap_or(self.confirm_timeout)).filter(|&s| s > 0)
+        confirm_timeout(self.confirm_flag, server, self.confirm_timeout)
     }
 
     /// The quorum groups of the config, restricted to the selected servers.

@@ -142,6 +142,9 @@ pub fn deployment(
 pub struct System {
     pub prefix: Option<toml::Value>,
     pub overlay: Option<toml::Value>,
+    /// The `[quorum.*]` tables: the workspace's quorum groups, whose members default to every
+    /// deployment server, so they fit a testbed of any size.
+    pub quorum: Option<toml::Value>,
 }
 
 pub fn system_tables(workspace: &Utf8Path) -> anyhow::Result<System> {
@@ -155,6 +158,7 @@ pub fn system_tables(workspace: &Utf8Path) -> anyhow::Result<System> {
     Ok(System {
         prefix: doc.get("deployment").and_then(|d| d.get("prefix")).cloned(),
         overlay: doc.get("overlay").cloned(),
+        quorum: doc.get("quorum").cloned(),
     })
 }
 
@@ -165,9 +169,23 @@ pub fn with_system(deployment: &str, system: &System) -> String {
     if let Some(prefix) = &system.prefix {
         text = text.replacen("[deployment]\n", &format!("[deployment]\nprefix = {prefix}\n"), 1);
     }
+    let mut table = toml::Table::new();
     if let Some(overlay) = &system.overlay {
-        let mut table = toml::Table::new();
         table.insert("overlay".into(), overlay.clone());
+    }
+    if let Some(quorum) = &system.quorum {
+        // Members named for the example's servers would not be the testbed's: every node is.
+        let mut quorum = quorum.clone();
+        if let Some(groups) = quorum.as_table_mut() {
+            for (_, group) in groups.iter_mut() {
+                if let Some(g) = group.as_table_mut() {
+                    g.remove("members");
+                }
+            }
+        }
+        table.insert("quorum".into(), quorum);
+    }
+    if !table.is_empty() {
         text.push_str("\n# From the workspace's deployment-example.toml.\n");
         text.push_str(&toml::to_string(&table).expect("a table serializes"));
     }

@@ -72,7 +72,10 @@ pub fn run(sh: &Shell, ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
         "generate each server's overlay (shares, TLS, configs)",
         FlingCommand::Overlay { generate_here: false, rotate: false },
     )?;
-    fling("install on every server and wait for health", FlingCommand::Install)?;
+    fling(
+        "install on every server and wait for health",
+        FlingCommand::Install { rollout: Default::default() },
+    )?;
     fling(
         "every server's release and services",
         FlingCommand::Deploy { command: FlingDeployCommand::Status },

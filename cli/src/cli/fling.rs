@@ -7,12 +7,13 @@ use clap::{Args, Subcommand};
 use flotilla_fling::flags::{Artifacts, PackageName, RetryDuration, TargetName};
 
 /// `fling`'s options. Exit codes: 0 every host succeeded; 1 fling could not run; 2 some hosts
-/// failed; 3 the deploy lock is held; 4 some hosts were unreachable; 6 both failed and
-/// unreachable hosts; 130 interrupted.
+/// failed; 3 the deploy lock is held; 4 some hosts were unreachable; 5 a rolling install
+/// stopped before its last batch; 6 both failed and unreachable hosts; 130 interrupted.
 #[derive(Debug, Args)]
 #[command(after_help = "Exit codes: 0 every host succeeded; 1 fling could not run (config, \
     arguments); 2 some hosts failed; 3 the deploy lock is held by another run; 4 some hosts \
-    were unreachable; 6 some failed and some were unreachable; 130 interrupted (Ctrl-C: the \
+    were unreachable; 5 a rolling install stopped before its last batch (a batch failed beyond \
+    max_failed, or a quorum did not come back); 6 some failed and some were unreachable; 130 interrupted (Ctrl-C: the \
     running steps stop, the deploy lock is released; a second Ctrl-C exits at once).")]
 // `--servers a b install`: the command's name ends the list of servers instead of joining it.
 #[command(subcommand_precedence_over_arg = true)]
@@ -109,7 +110,10 @@ pub enum FlingCommand {
         command: FlingDeployCommand,
     },
     /// Same as `deploy install` [runs on: builder -> servers].
-    Install,
+    Install {
+        #[command(flatten)]
+        rollout: FlingRolloutArgs,
+    },
     /// Same as `deploy uninstall` [runs on: builder -> servers].
     Uninstall,
     /// Run a shell command line on every server, in parallel [runs on: servers].
@@ -222,6 +226,8 @@ pub enum FlingDeployCommand {
         /// --artifacts`) [default: out].
         #[arg(long, value_name = "DIR")]
         artifacts: Option<Artifacts>,
+        #[command(flatten)]
+        rollout: FlingRolloutArgs,
     },
     /// Stop and remove the services and every release, then the staging directory.
     Uninstall,
@@ -233,6 +239,49 @@ pub enum FlingDeployCommand {
     /// marker stay) and every release but the active one, on servers whose staging directory
     /// flotilla created.
     Clean,
+}
+
+/// How `install` reaches the servers: all at once (the default) or in batches.
+#[derive(Debug, Args, Clone, Default, PartialEq, Eq)]
+pub struct FlingRolloutArgs {
+    /// Install in batches ([deployment.rollout]), never taking a quorum group
+    /// ([quorum.<service>]) below its quorum, each batch only once the last one is confirmed
+    /// and its groups are healthy again; exit 5 when a batch stops the rollout.
+    #[arg(long)]
+    pub rolling: bool,
+    /// The batch sizes, the last repeating: `1`, `25%` or `1,25%,100%` [default:
+    /// deployment.rollout.batches or 1]; implies --rolling.
+    #[arg(long, value_name = "SIZES", value_delimiter = ',', value_parser = batch_size)]
+    pub batch: Vec<flotilla_fling::rollout::BatchSize>,
+    /// Servers of the whole fleet that may fail before no further batch starts: a count or
+    /// a percentage [default: deployment.rollout.max_failed or 0]; implies --rolling.
+    #[arg(long, value_name = "N|P%", value_parser = budget)]
+    pub max_failed: Option<flotilla_fling::rollout::Budget>,
+    /// Seconds between batches [default: deployment.rollout.pause_secs or 0]; implies
+    /// --rolling.
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub pause: Option<u64>,
+    /// Seconds each server waits for a confirmation over a new connection before it puts its
+    /// previous release back by itself; 0 asks for none [default: a server's
+    /// confirm_timeout_secs, else deployment.rollout.confirm_timeout_secs (30) when rolling,
+    /// else none].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(0..=86400))]
+    pub confirm_timeout: Option<u64>,
+}
+
+impl FlingRolloutArgs {
+    /// Whether the install is a rolling one.
+    pub fn rolling(&self) -> bool {
+        self.rolling || !self.batch.is_empty() || self.max_failed.is_some() || self.pause.is_some()
+    }
+}
+
+fn batch_size(text: &str) -> Result<flotilla_fling::rollout::BatchSize, String> {
+    flotilla_fling::rollout::BatchSize::parse(text)
+}
+
+fn budget(text: &str) -> Result<flotilla_fling::rollout::Budget, String> {
+    flotilla_fling::rollout::Budget::parse(text)
 }
 
 #[derive(Debug, Subcommand)]
