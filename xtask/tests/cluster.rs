@@ -23,6 +23,9 @@ use std::time::{Duration, Instant};
 
 use flotilla_testbed::test_support::Testbed;
 
+#[path = "../src/etcd_load.rs"]
+mod etcd_load;
+
 const SERVICES_WITH_KEYS: [&str; 3] = ["node-agent", "control-plane", "etcd"];
 
 struct Cluster {
@@ -169,6 +172,62 @@ impl Cluster {
             assert!(Instant::now() < deadline, "etcd on {nodes:?} never became healthy: {text}");
             std::thread::sleep(Duration::from_millis(500));
         }
+    }
+
+    /// Appends `line` to a file of the builder's copy of the workspace.
+    fn change_builder_file(&self, path: &str, line: &str) {
+        let path = self.builder_source().join(path);
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(line);
+        std::fs::write(&path, text).unwrap();
+    }
+
+    /// The release a node runs.
+    fn current(&self, node: &str) -> String {
+        self.tb.ssh_ok(node, "readlink /opt/flotilla/current")
+    }
+
+    /// Waits until a node's control plane answers `/status` over HTTP.
+    fn wait_for_status(&self, node: &str) {
+        let address = format!("{}:12221", self.addr(node));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while let Err(e) = get_json(&address, "/status") {
+            assert!(Instant::now() < deadline, "{node} does not serve /status: {e}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// Runs fling with `args` while a client writes to etcd every 50 ms, from a second before
+    /// to a second after, and at least 10 s in all (200 writes). Returns fling's output, what
+    /// the writes saw and how long fling took.
+    fn under_load(&self, tag: &str, args: &[&str]) -> (Output, etcd_load::Load, Duration) {
+        let tls = self.builder_source().join("out/overlay/node1/opt/flotilla/etcd/pkg/tls");
+        let target = etcd_load::Target {
+            endpoints: self
+                .tb
+                .nodes
+                .iter()
+                .map(|n| format!("https://{}:2379", self.addr(n)))
+                .collect(),
+            ca: tls.join("ca.crt"),
+            cert: tls.join("node.crt"),
+            key: tls.join("node.key"),
+        };
+        let started = Instant::now();
+        let writer = etcd_load::Writer::start(
+            target,
+            &format!("flotilla/test/load-{tag}"),
+            Duration::from_millis(50),
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        let deploy = Instant::now();
+        let out = self.fling(args);
+        let took = deploy.elapsed();
+        std::thread::sleep(Duration::from_secs(1));
+        if let Some(rest) = Duration::from_secs(11).checked_sub(started.elapsed()) {
+            std::thread::sleep(rest);
+        }
+        (out, writer.stop(), took)
     }
 
     fn main_pid(&self, node: &str, service: &str) -> String {
@@ -330,6 +389,185 @@ fn a_three_node_cluster_unlocks_keeps_secrets_apart_rotates_and_survives_a_lost_
     });
     assert_eq!(rack["message"], "rack unlocked (2 of 3)");
     assert_eq!(rack["shares_from"], serde_json::json!([nodes[0], nodes[1]]));
+
+    // The stopped member and agent come back: the cluster is whole for the rollouts below.
+    cluster.tb.ssh_ok(lost, "systemctl start etcd.service node-agent.service");
+    cluster.wait_for_etcd(&nodes, true);
+    rolling_upgrades(&cluster);
+}
+
+/// Rolling upgrades on the same cluster: an etcd upgrade under a steady write load loses no
+/// write (the same upgrade all at once is measured and reported); a canary whose health check
+/// fails stops the rollout after the first batch; `max_failed` counts across batches; a release
+/// that stops sshd is reverted by the node itself when its confirmation cannot arrive.
+fn rolling_upgrades(cluster: &Cluster) {
+    let nodes = cluster.tb.nodes.clone();
+
+    // etcd, one member at a time, while a client writes every 50 ms.
+    cluster.change_builder_file("smf/etcd/etcd.service", "# changed by the test: rolling\n");
+    cluster.fling_ok(&["build", "package"]);
+    let pids: Vec<String> = nodes.iter().map(|n| cluster.main_pid(n, "etcd")).collect();
+    let (rolled, rolling, rolling_took) = cluster.under_load("rolling", &["install", "--rolling"]);
+    assert_eq!(rolled.status.code(), Some(0), "{}", text(&rolled));
+    let recap = text(&rolled);
+    eprintln!(
+        "etcd on 3 nodes, rolling: {} of {} writes failed, longest outage {:?}, deploy {:.1} s",
+        rolling.failed,
+        rolling.writes,
+        rolling.longest_outage,
+        rolling_took.as_secs_f64()
+    );
+    assert!(rolling.writes >= 200, "only {} writes", rolling.writes);
+    assert_eq!(rolling.failed, 0, "writes failed during the rolling upgrade: {:?}", rolling.errors);
+    assert!(recap.contains("complete: 3 server(s) in 3 batch(es)"), "{recap}");
+    // One member per batch, the cluster healthy after each, the leader last.
+    let batches: Vec<&str> =
+        recap.lines().filter(|l| l.trim_start().starts_with("batch ")).collect();
+    assert_eq!(batches.len(), 3, "{recap}");
+    assert!(
+        batches.iter().all(|b| b.contains("installed") && b.contains("quorum etcd healthy")),
+        "{recap}"
+    );
+    let leader_line = recap.lines().find(|l| l.contains("quorum etcd: healthy before the rollout"));
+    let leader = leader_line
+        .and_then(|l| l.split("leader ").nth(1))
+        .and_then(|l| l.split(',').next())
+        .unwrap_or_else(|| panic!("no leader found: {recap}"));
+    assert!(
+        batches[2].contains(&format!("[{leader}]")),
+        "the leader {leader} was not last: {recap}"
+    );
+    for (node, pid) in nodes.iter().zip(&pids) {
+        assert_ne!(&cluster.main_pid(node, "etcd"), pid, "etcd did not restart on {node}");
+    }
+    cluster.wait_for_etcd(&nodes, true);
+
+    // The same kind of upgrade, all at once: measured, not asserted.
+    cluster.change_builder_file("smf/etcd/etcd.service", "# changed by the test: all at once\n");
+    cluster.fling_ok(&["build", "package"]);
+    let (parallel, at_once, at_once_took) = cluster.under_load("parallel", &["install"]);
+    eprintln!(
+        "etcd on 3 nodes, all at once: {} of {} writes failed, longest outage {:?}, deploy {:.1} \
+         s (exit {:?})",
+        at_once.failed,
+        at_once.writes,
+        at_once.longest_outage,
+        at_once_took.as_secs_f64(),
+        parallel.status.code()
+    );
+    cluster.wait_for_etcd(&nodes, true);
+
+    // A canary that fails its health check stops the rollout after the first batch.
+    let health = "smf/control-plane/health.toml";
+    let original_health = std::fs::read_to_string(cluster.builder_source().join(health)).unwrap();
+    std::fs::write(
+        cluster.builder_source().join(health),
+        "command = [\"/usr/bin/test\", \"!\", \"-e\", \"/run/fail-canary\"]\ntimeout_secs = 5\n",
+    )
+    .unwrap();
+    cluster.fling_ok(&["build", "package"]);
+    for node in &nodes {
+        cluster.tb.ssh_ok(node, "touch /run/fail-canary");
+    }
+    let before: Vec<String> = nodes.iter().map(|n| cluster.current(n)).collect();
+    let cp_pids: Vec<String> = nodes.iter().map(|n| cluster.main_pid(n, "control-plane")).collect();
+    let out = cluster.fling(&["install", "--rolling"]);
+    let recap = text(&out);
+    assert_eq!(out.status.code(), Some(5), "{recap}");
+    assert!(recap.contains("batch 1/3 stopped the rollout: 1 server(s) failed ("), "{recap}");
+    let canary = batch_servers(&recap, 1);
+    assert_eq!(canary.len(), 1, "{recap}");
+    let untouched = not_reached(&recap);
+    assert_eq!(untouched.len(), 2, "{recap}");
+    for (i, node) in nodes.iter().enumerate() {
+        // The canary reverted; the others were never touched. All keep their release and serve.
+        assert_eq!(cluster.current(node), before[i], "{node} changed release: {recap}");
+        cluster.wait_for_status(node);
+        if untouched.contains(node) {
+            assert_eq!(cluster.main_pid(node, "control-plane"), cp_pids[i], "{node} restarted");
+        }
+    }
+
+    // max_failed = 1 counts across batches: the first batch's failure is within it, the second
+    // one's is not, and the third batch never starts.
+    let out = cluster.fling(&["install", "--rolling", "--max-failed", "1"]);
+    let recap = text(&out);
+    assert_eq!(out.status.code(), Some(5), "{recap}");
+    assert!(recap.contains("batch 1/3 ["), "{recap}");
+    assert!(recap.contains("batch 2/3 stopped the rollout: 2 server(s) failed ("), "{recap}");
+    assert!(recap.contains("more than max_failed allows (1)"), "{recap}");
+    let third = not_reached(&recap);
+    assert_eq!(third.len(), 1, "{recap}");
+    let i = nodes.iter().position(|n| n == &third[0]).unwrap();
+    assert_eq!(
+        cluster.main_pid(&third[0], "control-plane"),
+        cp_pids[i],
+        "{} was reached",
+        third[0]
+    );
+    for (i, node) in nodes.iter().enumerate() {
+        assert_eq!(cluster.current(node), before[i], "{node} changed release: {recap}");
+    }
+    for node in &nodes {
+        cluster.tb.ssh_ok(node, "rm -f /run/fail-canary");
+    }
+    std::fs::write(cluster.builder_source().join(health), original_health).unwrap();
+
+    // The dead-man's switch. Release A's control plane wants sshd; release B's conflicts with
+    // it, so activating B stops the node's sshd and no confirmation can reach it: the node
+    // puts A back by itself, which starts sshd again.
+    let unit = "smf/control-plane/control-plane.service";
+    let original_unit = std::fs::read_to_string(cluster.builder_source().join(unit)).unwrap();
+    let with = |dependency: &str| {
+        original_unit.replacen("[Unit]\n", &format!("[Unit]\n{dependency}\n"), 1)
+    };
+    std::fs::write(cluster.builder_source().join(unit), with("Wants=ssh.service")).unwrap();
+    cluster.fling_ok(&["build", "package"]);
+    cluster.fling_ok(&["install"]);
+    let node = &nodes[0];
+    let release_a = cluster.current(node);
+    std::fs::write(cluster.builder_source().join(unit), with("Conflicts=ssh.service")).unwrap();
+    cluster.fling_ok(&["build", "package"]);
+    let out = cluster.fling(&["install", "--confirm-timeout", "10", "--servers", node]);
+    let recap = text(&out);
+    assert_eq!(out.status.code(), Some(4), "the confirmation should not reach {node}: {recap}");
+    assert!(recap.contains("awaits confirmation within 10 s"), "{recap}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !cluster.tb.ssh(node, "true").status.success() {
+        assert!(Instant::now() < deadline, "{node} never came back: {recap}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(cluster.current(node), release_a, "{node} is not back on release A");
+    let log = cluster.tb.ssh_ok(node, "cat /opt/flotilla/confirm.log");
+    assert!(log.contains("was not confirmed within 10 s: reverted to release"), "{log}");
+    let status = cluster.fling_ok(&["deploy", "status", "--servers", node]);
+    assert!(status.contains("revert-unconfirmed"), "{status}");
+    assert_eq!(cluster.tb.ssh_ok(node, "systemctl is-active ssh.service"), "active");
+    cluster.wait_for_status(node);
+    std::fs::write(cluster.builder_source().join(unit), original_unit).unwrap();
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// The servers of batch `n` in a rollout's recap.
+fn batch_servers(recap: &str, n: usize) -> Vec<String> {
+    let line = recap
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("batch {n}/")) && l.contains(" ["))
+        .unwrap_or_else(|| panic!("no batch {n} in {recap}"));
+    let inside = line.split('[').nth(1).and_then(|r| r.split(']').next()).unwrap_or_default();
+    inside.split(", ").map(str::to_owned).collect()
+}
+
+/// The servers a stopped rollout never reached.
+fn not_reached(recap: &str) -> Vec<String> {
+    let Some(rest) = recap.split("not reached, still on their release: ").nth(1) else {
+        return Vec::new();
+    };
+    let list = rest.split(" (").next().unwrap_or_default();
+    list.split(", ").map(|s| s.trim().to_owned()).collect()
 }
 
 /// A client key and certificate signed by a CA of its own, not the cluster's, removed with the

@@ -1,0 +1,129 @@
+//! A client that writes to the testbed's etcd cluster on a fixed schedule while a deploy runs:
+//! one `etcdctl put` started every `interval` (each in its own thread, so a slow write does not
+//! delay the next), against every member's client URL with a node's client certificate. What a
+//! rolling upgrade is measured by: how many writes failed, and the longest time between two
+//! writes that succeeded (the outage a client saw). Shared by the cluster test and
+//! `cargo xtask rollout-bench`.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Where and as whom to write.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `https://<addr>:2379` of every member.
+    pub endpoints: Vec<String>,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// What the writes saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Load {
+    pub writes: usize,
+    pub failed: usize,
+    /// The longest time between two successful writes' completions (or from the start to the
+    /// first, or from the last to the end).
+    pub longest_outage: Duration,
+    /// The first failures' messages, for a test's assertion message.
+    pub errors: Vec<String>,
+}
+
+/// A running writer; [`Writer::stop`] ends it and reports.
+pub struct Writer {
+    stop: Arc<AtomicBool>,
+    ticker: Option<JoinHandle<Vec<JoinHandle<Result<Instant, String>>>>>,
+    started: Instant,
+}
+
+impl Writer {
+    /// Starts writing `<prefix>/<n>` every `interval`.
+    pub fn start(target: Target, prefix: &str, interval: Duration) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let prefix = prefix.to_owned();
+        let flag = stop.clone();
+        let target = Arc::new(target);
+        let ticker = std::thread::spawn(move || {
+            let mut writes = Vec::new();
+            let mut n = 0u64;
+            let mut next = Instant::now();
+            while !flag.load(Ordering::SeqCst) {
+                let target = target.clone();
+                let key = format!("{prefix}/{n}");
+                writes.push(std::thread::spawn(move || put(&target, &key)));
+                n += 1;
+                next += interval;
+                if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            writes
+        });
+        Writer { stop, ticker: Some(ticker), started }
+    }
+
+    /// Stops starting writes, waits for the ones under way, and reports.
+    pub fn stop(mut self) -> Load {
+        self.stop.store(true, Ordering::SeqCst);
+        let ended = Instant::now();
+        let handles = self.ticker.take().expect("stopped once").join().expect("the ticker ran");
+        let mut done = Vec::new();
+        let errors = Mutex::new(Vec::new());
+        let mut failed = 0;
+        let writes = handles.len();
+        for handle in handles {
+            match handle.join().expect("a write ran") {
+                Ok(at) => done.push(at),
+                Err(e) => {
+                    failed += 1;
+                    let mut errors = errors.lock().unwrap();
+                    if errors.len() < 5 {
+                        errors.push(e);
+                    }
+                }
+            }
+        }
+        done.sort();
+        let mut longest = Duration::ZERO;
+        let mut last = self.started;
+        for at in done.iter().copied().chain([ended]) {
+            longest = longest.max(at.saturating_duration_since(last));
+            last = last.max(at);
+        }
+        Load { writes, failed, longest_outage: longest, errors: errors.into_inner().unwrap() }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// One write; the time it completed, or why it failed.
+fn put(target: &Target, key: &str) -> Result<Instant, String> {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg("--cacert")
+        .arg(&target.ca)
+        .arg("--cert")
+        .arg(&target.cert)
+        .arg("--key")
+        .arg(&target.key)
+        .arg(format!("--endpoints={}", target.endpoints.join(",")))
+        .args(["--dial-timeout=2s", "--command-timeout=5s", "put", key, "v"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("run etcdctl: {e}"))?;
+    if out.status.success() {
+        Ok(Instant::now())
+    } else {
+        Err(format!("put {key}: {}", String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
