@@ -3,7 +3,8 @@
 //! It drives the same commands a user types, through this very binary: `testbed up`, then
 //! `fling install-prereqs`, `sync`, `build package`, `overlay` and `install` (which waits for
 //! every service's health check), then prints the nodes, their services and each control
-//! plane's rack unlock. The testbed is torn down at the end, even on failure, unless `--keep`.
+//! plane's rack unlock, then upgrades etcd with `install --rolling` while a client writes every
+//! 50 ms, and prints that no write failed. The testbed is torn down at the end, even on failure, unless `--keep`.
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -89,6 +90,25 @@ pub fn run(sh: &Shell, ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
         println!("  {server}: {message}");
     }
     etcd_health(sh, &config)?;
+
+    step("upgrade etcd with a rolling install while a client writes every 50 ms");
+    let up = crate::upgrade::upgrade(sh, ctx, &config_path, true, "demo")?;
+    let load = &up.load;
+    println!(
+        "\n  rolling upgrade of etcd on {NODES} nodes in {:.1} s: {} writes, {} failed, longest \
+         gap between writes {} ms",
+        up.deploy.as_secs_f64(),
+        load.writes,
+        load.failed,
+        load.longest_outage.as_millis()
+    );
+    if up.exit_code != 0 {
+        bail!("the rolling install exited with {}", up.exit_code);
+    }
+    if load.failed > 0 {
+        bail!("{} writes failed during the rolling upgrade: {:?}", load.failed, load.errors);
+    }
+    println!("  no write failed: the cluster kept its quorum throughout");
     if args.keep {
         println!(
             "\nthe testbed stays up: `cargo xtask testbed ssh --name {NAME} node1`, \

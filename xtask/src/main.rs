@@ -2,6 +2,9 @@
 //! that adopts flotilla has them, and `demo`, which shows this repository's example system.
 
 mod demo;
+mod etcd_load;
+mod rollout_bench;
+mod upgrade;
 
 use std::process::ExitCode;
 
@@ -26,6 +29,10 @@ enum Command {
     /// health, print the nodes, services and the rack unlock; torn down unless `--keep`
     /// [runs on: this machine, as root, Linux].
     Demo(demo::DemoArgs),
+    /// Failed writes and the longest write outage of an etcd upgrade, all at once against
+    /// rolling, on testbeds of 3 and 5 nodes, with each deploy's time [runs on: this machine,
+    /// as root, Linux].
+    RolloutBench(rollout_bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +50,12 @@ fn main() -> ExitCode {
                 anyhow::bail!("-m, -t and --artifacts do not apply to demo");
             }
             demo::run(&sh, &ctx, args).map(|()| ExitCode::SUCCESS)
+        }
+        Command::RolloutBench(args) => {
+            if cli.globals != flotilla_cli::cli::Globals::default() {
+                anyhow::bail!("-m, -t and --artifacts do not apply to rollout-bench");
+            }
+            rollout_bench::run(&sh, &ctx, args).map(|()| ExitCode::SUCCESS)
         }
     }))
 }
