@@ -137,7 +137,7 @@ pub fn http_get(url: &str, timeout: Duration) -> Result<(), String> {
 const BODY_LIMIT: u64 = 8 << 20;
 
 /// [`http_get`], and when `contains` is given, the answer's body must hold that text (for a
-/// leader check: `etcd_server_is_leader 1` in etcd's metrics).
+/// leader check: the line of a metrics page that says this member leads).
 pub fn http_check(url: &str, timeout: Duration, contains: Option<&str>) -> Result<(), String> {
     let parsed = parse_url(url)?;
     let addrs =

@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -34,10 +34,13 @@ pub struct Load {
     pub errors: Vec<String>,
 }
 
+/// One write under way: when it completed, or why it failed.
+type Write = JoinHandle<Result<Instant, String>>;
+
 /// A running writer; [`Writer::stop`] ends it and reports.
 pub struct Writer {
     stop: Arc<AtomicBool>,
-    ticker: Option<JoinHandle<Vec<JoinHandle<Result<Instant, String>>>>>,
+    ticker: Option<JoinHandle<Vec<Write>>>,
     started: Instant,
 }
 
@@ -74,7 +77,7 @@ impl Writer {
         let ended = Instant::now();
         let handles = self.ticker.take().expect("stopped once").join().expect("the ticker ran");
         let mut done = Vec::new();
-        let errors = Mutex::new(Vec::new());
+        let mut errors = Vec::new();
         let mut failed = 0;
         let writes = handles.len();
         for handle in handles {
@@ -82,7 +85,6 @@ impl Writer {
                 Ok(at) => done.push(at),
                 Err(e) => {
                     failed += 1;
-                    let mut errors = errors.lock().unwrap();
                     if errors.len() < 5 {
                         errors.push(e);
                     }
@@ -96,7 +98,7 @@ impl Writer {
             longest = longest.max(at.saturating_duration_since(last));
             last = last.max(at);
         }
-        Load { writes, failed, longest_outage: longest, errors: errors.into_inner().unwrap() }
+        Load { writes, failed, longest_outage: longest, errors }
     }
 }
 
