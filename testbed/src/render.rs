@@ -319,7 +319,20 @@ mod tests {
         assert_eq!(config.overlay.secret_services, ["node-agent"]);
         assert_eq!(config.overlay.identity_services, ["node-agent"]);
         assert_eq!(config.deployment.prefix.as_str(), "/opt/flotilla");
+        // The example's quorum groups, with every testbed node a member whatever it names.
+        let group = &config.quorum[0];
+        assert_eq!(group.members, config.deployment.servers);
+        assert!(group.leader.is_some());
+        let mut named = system;
+        named.quorum.as_mut().unwrap()["etcd"]
+            .as_table_mut()
+            .unwrap()
+            .insert("members".into(), toml::Value::Array(vec!["elsewhere".into()]));
+        let text = with_system(&v4_deployment(), &named);
+        let config = flotilla_fling::config::Config::parse(Utf8Path::new("d.toml"), &text)
+            .unwrap_or_else(|err| panic!("{err}\n{text}"));
+        assert_eq!(config.quorum[0].members, config.deployment.servers);
         let none = system_tables(Utf8Path::new("/nonexistent")).unwrap();
-        assert!(none.prefix.is_none() && none.overlay.is_none());
+        assert!(none.prefix.is_none() && none.overlay.is_none() && none.quorum.is_none());
     }
 }
