@@ -216,18 +216,7 @@ fn run_with(
 
     let agent =
         if needs_agent { Some(Agent::start(sh, &control.path, &identities)?) } else { None };
-    let mut env = Vec::new();
-    if let Some(agent) = &agent {
-        env.push(("SSH_AUTH_SOCK".to_owned(), agent.socket.to_string()));
-    }
-    let options = exec::Options {
-        parallel: args.parallel.unwrap_or(config.deployment.parallel).max(1),
-        connect_parallel: args
-            .connect_parallel
-            .unwrap_or(config.deployment.connect_parallel)
-            .max(1),
-        env,
-    };
+    let options = run_options(&args, &config, agent.as_ref());
     let report = if quiet {
         exec::execute(sh, &plan, &options, &exec::Quiet)
     } else {
@@ -254,6 +243,21 @@ fn run_with(
         }
     }
     Ok((report.exit_code, Some(report)))
+}
+
+/// How a run's plans execute: the parallelism asked for (or the config's) and the private
+/// agent's socket.
+fn run_options(args: &cli::FlingArgs, config: &Config, agent: Option<&Agent>) -> exec::Options {
+    exec::Options {
+        parallel: args.parallel.unwrap_or(config.deployment.parallel).max(1),
+        connect_parallel: args
+            .connect_parallel
+            .unwrap_or(config.deployment.connect_parallel)
+            .max(1),
+        env: agent
+            .map(|a| vec![("SSH_AUTH_SOCK".to_owned(), a.socket.to_string())])
+            .unwrap_or_default(),
+    }
 }
 
 /// After a parallel install that asked for confirmations: confirms, over new connections, on
@@ -356,18 +360,7 @@ fn rolling_install(
     } else {
         Some(Agent::start(sh, rcx.control, &identities)?)
     };
-    let mut env = Vec::new();
-    if let Some(agent) = &agent {
-        env.push(("SSH_AUTH_SOCK".to_owned(), agent.socket.to_string()));
-    }
-    let options = exec::Options {
-        parallel: args.parallel.unwrap_or(config.deployment.parallel).max(1),
-        connect_parallel: args
-            .connect_parallel
-            .unwrap_or(config.deployment.connect_parallel)
-            .max(1),
-        env,
-    };
+    let options = run_options(args, config, agent.as_ref());
     let mut last: Option<exec::Report> = None;
     let report = rolling.run(cx, &mut |what, plan| {
         if !quiet && !args.json {
