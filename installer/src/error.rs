@@ -64,6 +64,12 @@ pub enum Error {
          last log lines of {service}:\n{logs}"
     )]
     Unhealthy { release: String, service: String, reason: String, outcome: String, logs: String },
+    /// `install --expect-release`: the active release is not the one the deploy plan saw.
+    #[error(
+        "the active release is {found}, not {expected} as the deploy plan saw: nothing was \
+         changed; plan again"
+    )]
+    StateChanged { expected: String, found: String },
 }
 
 /// The installer's result type.

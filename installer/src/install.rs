@@ -178,6 +178,8 @@ pub struct Installer {
     runner: Arc<dyn Runner>,
     accounts: Arc<dyn Accounts>,
     log: Box<dyn Fn(&str) + Send + Sync>,
+    /// `install --expect-release`: the active release an install requires (`Some(None)`: none).
+    expect: Option<Option<String>>,
 }
 
 impl Installer {
@@ -192,7 +194,16 @@ impl Installer {
             runner,
             accounts: Arc::new(HostAccounts),
             log: Box::new(|_| {}),
+            expect: None,
         }
+    }
+
+    /// Installs only while the active release is `release` (`None`: while none is), checked
+    /// under the host's lock before anything changes; otherwise [`Error::StateChanged`]. What a
+    /// deploy plan saw is what the install applies to.
+    pub fn expecting_release(mut self, release: Option<String>) -> Installer {
+        self.expect = Some(release);
+        self
     }
 
     /// Looks the services' users up in `accounts` instead of the host's user database.
@@ -222,6 +233,15 @@ impl Installer {
     /// unpacked; if a service does not become healthy, the previous release is restored.
     pub fn install(&self, packages_dir: &Utf8Path, overlay: Option<&Utf8Path>) -> Result<Outcome> {
         let _lock = self.lock(&format!("install {packages_dir}"))?;
+        if let Some(expected) = &self.expect {
+            let found = self.layout.active()?;
+            if &found != expected {
+                return Err(Error::StateChanged {
+                    expected: expected.clone().unwrap_or_else(|| "none".into()),
+                    found: found.unwrap_or_else(|| "none".into()),
+                });
+            }
+        }
         // A confirmation still awaited is superseded: this install is the deployer's next word.
         if let Some(old) = crate::confirm::disarm(&self.layout)? {
             (self.log)(&format!(
@@ -612,11 +632,16 @@ impl Installer {
             service.after = after;
         }
         let services = dependency_order(services)?;
+        let overlay_files = match overlay {
+            Some(dir) => crate::survey::overlay_files(dir, self.config.packages_prefix.relative())?,
+            None => Vec::new(),
+        };
         let info = ReleaseInfo {
             id: id.to_owned(),
             created_at: now(),
             packages,
             overlay: overlay_digest,
+            overlay_files: Some(overlay_files),
             services,
         };
         info.write(&temp)?;
@@ -1255,6 +1280,14 @@ fn first_file(dir: &Utf8Path) -> Option<Utf8PathBuf> {
 
 /// Calls `f` for every entry under `root` (relative path, metadata), parents before children,
 /// in sorted order, without following symbolic links.
+pub(crate) fn walk_tree(
+    root: &Utf8Path,
+    f: &mut dyn FnMut(&Utf8Path, &fs::Metadata) -> Result<()>,
+) -> Result<()> {
+    walk(root, Utf8Path::new(""), f)
+}
+
+/// [`walk_tree`] below `rel`.
 fn walk(
     root: &Utf8Path,
     rel: &Utf8Path,

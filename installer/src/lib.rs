@@ -17,6 +17,7 @@ pub mod manager;
 pub mod release;
 pub mod runner;
 pub mod staging;
+pub mod survey;
 pub mod unpack;
 
 pub use confirm::Awaiting;

@@ -3,7 +3,9 @@
 //!
 //! Exit codes: 0 success; 1 any error before activation (nothing changed on the host); 2 the
 //! install lock is held by someone else; 3 a service was not healthy after activation and the
-//! previous release was restored.
+//! previous release was restored; 4 `install --if-staged` found the staging directory not
+//! holding what the deploy sends (push first); 5 `install --expect-release` or `payload
+//! --expect-*` found another state than the deploy plan saw (nothing changed).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -13,7 +15,8 @@ use anyhow::Context;
 use camino::Utf8PathBuf;
 use clap::{Parser, Subcommand};
 use flotilla_contracts::installer::{
-    EXIT_FAILED, EXIT_LOCKED, EXIT_NOT_STAGED, EXIT_OK, EXIT_UNHEALTHY,
+    EXIT_FAILED, EXIT_LOCKED, EXIT_NOT_STAGED, EXIT_OK, EXIT_STATE_CHANGED, EXIT_UNHEALTHY,
+    PAYLOAD_LINE, STATE_LINE,
 };
 use installer::runner::SystemRunner;
 use installer::{detect, Config, Error, Installer, ManagerKind, Prefix, DEFAULT_PREFIX};
@@ -76,6 +79,27 @@ enum Command {
         /// comes. The install returns at once; a detached watcher keeps the deadline.
         #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=86400))]
         confirm_timeout: Option<u64>,
+        /// Install only while this release is the active one (`none`: while none is), checked
+        /// under the lock before anything changes; otherwise exit with status 5. A deploy plan
+        /// passes what it saw.
+        #[arg(long, value_name = "RELEASE|none")]
+        expect_release: Option<String>,
+    },
+    /// Print this host's active release, its packages and overlay files by digest, and the
+    /// installer's own digest, as one `flotilla-state {json}` line: what a deploy plan reads.
+    State,
+    /// Print what installing PACKAGES (with --overlay) would make here, without installing:
+    /// the release id, the packages of its digests.b3, the overlay's files by digest, this
+    /// installer's digest, as one `flotilla-payload {json}` line. With --expect-release or
+    /// --expect-installer, exit 5 when they differ. The builder runs it for a deploy plan.
+    Payload {
+        packages: Utf8PathBuf,
+        #[arg(long)]
+        overlay: Option<Utf8PathBuf>,
+        #[arg(long)]
+        expect_release: Option<String>,
+        #[arg(long)]
+        expect_installer: Option<String>,
     },
     /// Confirm the activation that awaits it (`install --confirm-timeout`), so it stays;
     /// fails when the deadline passed and the previous release came back.
@@ -136,6 +160,7 @@ fn main() -> ExitCode {
             match err.downcast_ref::<Error>() {
                 Some(Error::Locked { .. }) => ExitCode::from(EXIT_LOCKED),
                 Some(Error::Unhealthy { .. }) => ExitCode::from(EXIT_UNHEALTHY),
+                Some(Error::StateChanged { .. }) => ExitCode::from(EXIT_STATE_CHANGED),
                 _ => ExitCode::from(EXIT_FAILED),
             }
         }
@@ -180,8 +205,49 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
     if let Command::Probe { http, contains, timeout, command } = &cli.command {
         return Ok(probe(http.as_deref(), contains.as_deref(), command, *timeout));
     }
-    let installer =
+    if let Command::Payload { packages, overlay, expect_release, expect_installer } = &cli.command {
+        let payload = installer::survey::payload(
+            packages,
+            overlay.as_deref(),
+            config.packages_prefix.relative(),
+            installer::survey::own_digest()?,
+        )?;
+        let stale = [
+            ("release", expect_release, &payload.release),
+            ("installer", expect_installer, &payload.installer),
+        ]
+        .into_iter()
+        .filter_map(|(what, expected, actual)| match expected {
+            Some(e) if e != actual => {
+                Some(format!("the {what} would be {actual}, the plan has {e}"))
+            }
+            _ => None,
+        })
+        .collect::<Vec<_>>();
+        if !stale.is_empty() {
+            eprintln!(
+                "error: the builder's outputs changed since the deploy plan: {}",
+                stale.join("; ")
+            );
+            return Ok(EXIT_STATE_CHANGED);
+        }
+        println!(
+            "{PAYLOAD_LINE}{}",
+            serde_json::to_string(&payload).context("write the payload as JSON")?
+        );
+        return Ok(EXIT_OK);
+    }
+    let expect = match &cli.command {
+        Command::Install { expect_release: Some(r), .. } => {
+            Some(if r == "none" { None } else { Some(r.clone()) })
+        }
+        _ => None,
+    };
+    let mut installer =
         Installer::new(config, Arc::new(SystemRunner)).with_log(|line| eprintln!("{line}"));
+    if let Some(expect) = expect {
+        installer = installer.expecting_release(expect);
+    }
     match cli.command {
         Command::Install { packages, overlay, staging, staged_key, if_staged, .. } => {
             let outcome = match (&staging, &staged_key) {
@@ -239,7 +305,17 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 }
             }
         }
-        Command::Probe { .. } => unreachable!("handled above"),
+        Command::Probe { .. } | Command::Payload { .. } => unreachable!("handled above"),
+        Command::State => {
+            let state = installer::survey::host_state(
+                installer.layout(),
+                installer::survey::own_digest()?,
+            )?;
+            println!(
+                "{STATE_LINE}{}",
+                serde_json::to_string(&state).context("write the state as JSON")?
+            );
+        }
         Command::Rollback { to } => {
             let outcome = installer.rollback(to.as_deref())?;
             println!("{outcome}");

@@ -165,6 +165,10 @@ pub struct ReleaseInfo {
     pub packages: Vec<PackageInfo>,
     /// The digest of the overlay tree placed into the release, if any.
     pub overlay: Option<String>,
+    /// Each file of the overlay, by path and digest (empty without an overlay); `None` in the
+    /// records of releases unpacked before the installer kept it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay_files: Option<Vec<flotilla_contracts::installer::OverlayFile>>,
     /// The services, in the order they are started.
     pub services: Vec<ServiceInfo>,
 }

@@ -81,8 +81,14 @@ pub fn install_staged(
         }
         Err(err) => {
             let _ = std::fs::remove_file(&file);
-            let changed_something = matches!(err, Error::Locked { .. } | Error::Unhealthy { .. });
-            if if_staged && !changed_something {
+            // Pushing again helps only when the staged files were the trouble: not when the
+            // install changed something, another holds the lock, or the host is no longer in
+            // the state the deploy plan saw.
+            let final_answer = matches!(
+                err,
+                Error::Locked { .. } | Error::Unhealthy { .. } | Error::StateChanged { .. }
+            );
+            if if_staged && !final_answer {
                 return Ok(Staged::NotStaged(format!("installing from {staging} failed: {err}")));
             }
             Err(err)

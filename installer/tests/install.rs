@@ -1143,3 +1143,55 @@ fn an_unconfirmed_install_is_reverted_at_its_deadline_and_a_confirmed_one_stays(
     assert!(what.contains("confirmed"), "{what}");
     assert_eq!(current(), Utf8Path::new("releases").join(&third.release));
 }
+
+#[test]
+fn the_payload_predicts_the_release_state_reports_it_and_expect_release_guards_it() {
+    use installer::survey;
+    let tmp = TempDir::new("survey");
+    let root = tmp.path();
+    let runner = running();
+    let v1 = two_services(root, "v1", "v = 1\n", None);
+    let overlay = root.join("overlay");
+    fs::create_dir_all(overlay.join("opt/flotilla/b/pkg")).unwrap();
+    fs::write(overlay.join("opt/flotilla/b/pkg/node.toml"), "n = 1\n").unwrap();
+    let layout = installer::Layout { prefix: root.join("prefix") };
+
+    let nothing = survey::host_state(&layout, "i".repeat(64)).unwrap();
+    assert_eq!(nothing.active, None);
+    let payload = survey::payload(&v1, Some(&overlay), "opt/flotilla", "i".repeat(64)).unwrap();
+    assert_eq!(payload.packages.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    assert_eq!(payload.overlay.len(), 1);
+    assert_eq!(payload.overlay[0].service, "b");
+
+    // An install that expects another active release changes nothing.
+    let refused = installer(root, ManagerKind::Systemd, &runner)
+        .expecting_release(Some("0123456789abcdef".into()))
+        .install(&v1, Some(&overlay))
+        .unwrap_err();
+    assert!(matches!(refused, Error::StateChanged { .. }), "{refused}");
+    assert!(refused.to_string().contains("the active release is none"), "{refused}");
+    assert!(!root.join("prefix/current").exists());
+
+    let outcome = installer(root, ManagerKind::Systemd, &runner)
+        .expecting_release(None)
+        .install(&v1, Some(&overlay))
+        .unwrap();
+    assert_eq!(outcome.release, payload.release, "the payload names the release it makes");
+    let state = survey::host_state(&layout, "i".repeat(64)).unwrap();
+    let active = state.active.unwrap();
+    assert_eq!(active.id, payload.release);
+    assert_eq!(active.packages, payload.packages);
+    assert_eq!(active.overlay.as_deref(), Some(payload.overlay.as_slice()));
+    assert_eq!(
+        active.services.iter().map(|s| (s.name.as_str(), s.packages.clone())).collect::<Vec<_>>(),
+        [("a", vec!["a".to_owned()]), ("b", vec!["b".to_owned()])]
+    );
+
+    // Expecting none once something is active is refused too, naming what is.
+    let again = installer(root, ManagerKind::Systemd, &runner)
+        .expecting_release(None)
+        .install(&v1, None)
+        .unwrap_err()
+        .to_string();
+    assert!(again.contains(&format!("the active release is {}", payload.release)), "{again}");
+}
