@@ -15,7 +15,7 @@ use flotilla_fling::config::{self, Config};
 use flotilla_fling::flags::{Artifacts, Build, ManifestFlags, PackageFlags};
 use flotilla_fling::overlay::{self, Identities};
 use flotilla_fling::plan::{self, DeployAction};
-use flotilla_fling::{batch, exec, quote, ssh};
+use flotilla_fling::{batch, exec, journal, quote, ssh, survey};
 
 use crate::{
     cli::{
@@ -108,14 +108,102 @@ fn run_with(
         who: who(),
         lock_wait: args.lock_wait,
     };
+    if let FlingCommand::History { last } = &args.command {
+        let entries = read_journal(sh, &cx, &args)?;
+        let runs = journal::last_runs(&entries, *last);
+        if args.json {
+            for e in runs.iter().flatten() {
+                println!("{}", serde_json::to_string(e).context("write the journal as JSON")?);
+            }
+        } else {
+            print!("{}", journal::render(&runs));
+        }
+        return Ok((exec::EXIT_OK, None));
+    }
+    let mut servers = servers;
+    let mut expect = std::collections::BTreeMap::new();
+    if let (Typed::Install(artifacts, flags), false) = (&command, args.dry_run) {
+        if let Some(path) = &flags.plan {
+            let path = ctx.user_path(path);
+            match held_to_plan(sh, &cx, &args, &control.path, &path, artifacts, quiet)? {
+                Applying::Nothing(why) => {
+                    if !quiet {
+                        println!("{why}");
+                    }
+                    return Ok((exec::EXIT_OK, None));
+                }
+                Applying::Stale(problems) => {
+                    eprintln!(
+                        "error: {path} is no longer what a deploy would do; nothing was \
+                         installed; plan again:"
+                    );
+                    for p in problems {
+                        eprintln!("  {p}");
+                    }
+                    return Ok((exec::EXIT_PLAN_STALE, None));
+                }
+                Applying::Servers(names, expectations) => {
+                    servers = names
+                        .iter()
+                        .map(|n| {
+                            config
+                                .deployment
+                                .servers
+                                .iter()
+                                .find(|s| s.as_str() == n)
+                                .map(|s| config.server(s))
+                                .with_context(|| {
+                                    format!(
+                                        "{path}: server {n} is not a deployment server of {}",
+                                        config.path
+                                    )
+                                })
+                        })
+                        .collect::<anyhow::Result<_>>()?;
+                    expect = expectations;
+                }
+            }
+        } else if flags.retry_failed {
+            let entries = read_journal(sh, &cx, &args)?;
+            let Some((last, failed)) = journal::to_retry(&entries, "deploy install") else {
+                bail!("--retry-failed: the builder's journal records no `deploy install` to retry");
+            };
+            let before = servers.len();
+            servers.retain(|s| failed.iter().any(|f| f == s.name.as_str()));
+            if servers.is_empty() {
+                if !quiet {
+                    println!(
+                        "nothing to retry: the last install (run {}, {}) failed on none of the {} \
+                         selected servers",
+                        last.run,
+                        journal::utc(last.at),
+                        before
+                    );
+                }
+                return Ok((exec::EXIT_OK, None));
+            }
+            if !quiet && !args.json {
+                println!(
+                    "retrying the servers the last install (run {}, {}) did not finish on: {}",
+                    last.run,
+                    journal::utc(last.at),
+                    servers.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+                );
+            }
+        }
+    }
     if let Typed::Install(artifacts, rollout) = &command {
         if rollout.rolling() {
             let rollout_cx = RolloutCx { args: &args, control: &control.path, quiet };
-            return rolling_install(sh, &rollout_cx, &cx, &servers, artifacts, rollout);
+            return rolling_install(sh, &rollout_cx, &cx, &servers, artifacts, rollout, expect);
         }
     }
     // An install that asks some server for a confirmation confirms after it.
     let mut confirming = false;
+    let survey_of = match &command {
+        Typed::Survey(artifacts, out) => Some((artifacts.clone(), out.clone())),
+        _ => None,
+    };
     let plan = match command {
         Typed::Build(build) => plan::build(&cx, &build),
         Typed::Install(artifacts, rollout) => {
@@ -127,9 +215,14 @@ fn run_with(
                 &cx,
                 DeployAction::Install(artifacts),
                 &servers,
-                &plan::DeployOptions { locking: plan::Locking::Lock, confirm_timeout: &confirm },
+                &plan::DeployOptions {
+                    locking: plan::Locking::Lock,
+                    confirm_timeout: &confirm,
+                    expect: &|s| expect.get(s.name.as_str()).cloned(),
+                },
             )
         }
+        Typed::Survey(ref artifacts, _) => plan::survey(&cx, &servers, artifacts),
         Typed::Deploy(action) => plan::deploy(&cx, action, &servers),
         Typed::Exec(line) => plan::exec(&cx, &servers, &line),
         Typed::Other => match &args.command {
@@ -217,6 +310,35 @@ fn run_with(
     let agent =
         if needs_agent { Some(Agent::start(sh, &control.path, &identities)?) } else { None };
     let options = run_options(&args, &config, agent.as_ref());
+    if let Some((artifacts, out)) = &survey_of {
+        let (report, surveyed) = run_survey(sh, &plan, &options, artifacts, args.json || quiet);
+        drop(agent);
+        if let Some(out) = out {
+            let path = ctx.user_path(out);
+            let text = serde_json::to_string_pretty(&surveyed).context("write the plan as JSON")?;
+            flotilla_contracts::atomic::write_atomic(&path, format!("{text}\n").as_bytes(), 0o644)
+                .map_err(|e| anyhow::anyhow!("write the plan {}: {}", e.path, e.source))?;
+        }
+        if !quiet {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&surveyed).context("write the plan as JSON")?
+                );
+            } else {
+                print!("{}", survey::render(&surveyed));
+                if let Some(out) = out {
+                    println!("plan written to {out}: `deploy install --plan {out}` applies it");
+                }
+            }
+        }
+        let code = if report.setup_failure.is_some() {
+            report.exit_code
+        } else {
+            exec::exit_code(None, &report.hosts)
+        };
+        return Ok((code, Some(report)));
+    }
     let report = if quiet {
         exec::execute(sh, &plan, &options, &exec::Quiet)
     } else {
@@ -317,11 +439,13 @@ fn rolling_install(
     servers: &[&config::Server],
     artifacts: &Artifacts,
     flags: &cli::FlingRolloutArgs,
+    expect: std::collections::BTreeMap<String, plan::Expectation>,
 ) -> anyhow::Result<(i32, Option<exec::Report>)> {
     let (args, quiet) = (rcx.args, rcx.quiet);
     let config = cx.config;
     let mut rolling =
         flotilla_fling::rolling::Rolling::new(config, artifacts.clone(), servers.to_vec());
+    rolling.expect = expect;
     if !flags.batch.is_empty() {
         rolling.ramp = flags.batch.clone();
     }
@@ -347,7 +471,11 @@ fn rolling_install(
                 cx,
                 DeployAction::Install(artifacts.clone()),
                 servers,
-                &plan::DeployOptions { locking: plan::Locking::Keep, confirm_timeout: &confirm },
+                &plan::DeployOptions {
+                    locking: plan::Locking::Keep,
+                    confirm_timeout: &confirm,
+                    expect: &|s| rolling.expect.get(s.name.as_str()).cloned(),
+                },
             );
             println!("each batch, for each of its servers:");
             print!("{}", plan::describe(&plan));
@@ -395,6 +523,139 @@ fn rolling_install(
     Ok((report.exit_code, last))
 }
 
+/// Runs a survey plan (`plan::survey`) and turns what it found into a deploy plan. `quiet`:
+/// no progress display.
+fn run_survey(
+    sh: &Shell,
+    plan: &plan::Plan,
+    options: &exec::Options,
+    artifacts: &Artifacts,
+    quiet: bool,
+) -> (exec::Report, survey::DeployPlan) {
+    let report = if quiet {
+        let collector = survey::Collector::new(&exec::Quiet);
+        let report = exec::execute(sh, plan, options, &collector);
+        (collector.seen(&report), report)
+    } else {
+        let ui = crate::fling_ui::Ui::new(false, plan);
+        let collector = survey::Collector::new(&ui);
+        let report = exec::execute(sh, plan, options, &collector);
+        (collector.seen(&report), report)
+    };
+    let (seen, report) = report;
+    let mut servers: Vec<survey::ServerPlan> =
+        seen.into_iter().map(|(host, seen)| survey::server_plan(&host, seen)).collect();
+    if let Some(failure) = &report.setup_failure {
+        for s in &mut servers {
+            s.notes = vec![format!(
+                "the builder: {} {}",
+                failure.step,
+                exec::outcome_name(&failure.outcome)
+            )];
+        }
+    }
+    let planned = survey::DeployPlan {
+        format: survey::FORMAT,
+        command: "deploy install".into(),
+        artifacts: artifacts.to_string(),
+        builder: plan.builder.clone(),
+        planned_at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        servers,
+    };
+    (report, planned)
+}
+
+/// What `install --plan` found.
+enum Applying {
+    /// Nothing to install: why.
+    Nothing(String),
+    /// The plan no longer holds: each server's differences.
+    Stale(Vec<String>),
+    /// Install on these servers, each held to what the plan saw.
+    Servers(Vec<String>, std::collections::BTreeMap<String, plan::Expectation>),
+}
+
+/// `install --plan`: reads the plan, surveys its servers again and compares.
+fn held_to_plan(
+    sh: &Shell,
+    cx: &plan::Context<'_>,
+    args: &cli::FlingArgs,
+    control: &Utf8Path,
+    path: &Utf8Path,
+    artifacts: &Artifacts,
+    quiet: bool,
+) -> anyhow::Result<Applying> {
+    if !args.servers.is_empty() {
+        bail!("--plan decides the servers (those it would change): leave out -s/--servers");
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("read the plan {path}"))?;
+    let saved = survey::DeployPlan::parse(path.as_str(), &text).map_err(anyhow::Error::msg)?;
+    if saved.artifacts != artifacts.as_str() {
+        bail!(
+            "{path}: artifacts: the plan is for {}/, this install pushes {artifacts}/",
+            saved.artifacts
+        );
+    }
+    let names: Vec<String> = saved.to_apply().iter().map(|s| s.server.clone()).collect();
+    if names.is_empty() {
+        return Ok(Applying::Nothing(format!("{path} changes nothing: nothing to install")));
+    }
+    let mut servers = Vec::new();
+    for name in &names {
+        let Some(s) = cx.config.deployment.servers.iter().find(|s| s.as_str() == name) else {
+            bail!("{path}: server {name} is not a deployment server of {}", cx.config.path);
+        };
+        servers.push(cx.config.server(s));
+    }
+    let plan = plan::survey(cx, &servers, artifacts);
+    let identities = agent_identities(cx.config, &servers);
+    let agent =
+        if identities.is_empty() { None } else { Some(Agent::start(sh, control, &identities)?) };
+    let options = run_options(args, cx.config, agent.as_ref());
+    let (_, fresh) = run_survey(sh, &plan, &options, artifacts, quiet || args.json);
+    let problems = survey::stale(&saved, &fresh);
+    if !problems.is_empty() {
+        return Ok(Applying::Stale(problems));
+    }
+    Ok(Applying::Servers(names, saved.expectations()))
+}
+
+/// The builder's journal, parsed.
+fn read_journal(
+    sh: &Shell,
+    cx: &plan::Context<'_>,
+    args: &cli::FlingArgs,
+) -> anyhow::Result<Vec<journal::Entry>> {
+    let plan = plan::history(cx);
+    let lines = StdoutLines::default();
+    let report = exec::execute(sh, &plan, &run_options(args, cx.config, None), &lines);
+    if report.exit_code != exec::EXIT_OK {
+        let why = report
+            .setup_failure
+            .iter()
+            .chain(&report.hosts)
+            .flat_map(|h| h.stderr_tail.last())
+            .next()
+            .cloned()
+            .unwrap_or_default();
+        bail!("read the journal on the builder {}: {why}", plan.builder);
+    }
+    let text = lines.0.into_inner().expect("lines lock").join("\n");
+    Ok(journal::parse(&text))
+}
+
+/// The standard output lines of a run.
+#[derive(Default)]
+struct StdoutLines(std::sync::Mutex<Vec<String>>);
+
+impl exec::Events for StdoutLines {
+    fn output(&self, _host: &str, _step: Option<&str>, stream: &str, line: &str) {
+        if stream == "stdout" {
+            self.0.lock().expect("lines lock").push(line.to_owned());
+        }
+    }
+}
+
 /// The commands whose arguments become the library's typed flags, checked before anything
 /// runs; `Other` is every command without any.
 enum Typed {
@@ -402,6 +663,8 @@ enum Typed {
     /// `install` and `deploy install`: the outputs to push, and how to reach the servers.
     Install(flotilla_fling::flags::Artifacts, cli::FlingRolloutArgs),
     Deploy(DeployAction),
+    /// `deploy plan`: the outputs directory and the file to keep the plan in.
+    Survey(Artifacts, Option<Utf8PathBuf>),
     Exec(String),
     Other,
 }
@@ -448,6 +711,13 @@ impl Typed {
                 let action = match command {
                     FlingDeployCommand::Install { artifacts, rollout } => {
                         return install(artifacts, rollout)
+                    }
+                    FlingDeployCommand::Plan { artifacts, out } => {
+                        if args.target.is_some() {
+                            bail!("-t/--target applies to `build` only: a plan compares what was built");
+                        }
+                        let artifacts = merge("--artifacts", &args.artifacts, artifacts.clone())?;
+                        return Ok(Typed::Survey(artifacts.unwrap_or_default(), out.clone()));
                     }
                     FlingDeployCommand::Uninstall => DeployAction::Uninstall,
                     FlingDeployCommand::Status => DeployAction::Status,

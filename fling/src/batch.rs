@@ -187,6 +187,7 @@ mod tests {
                 .collect(),
             teardown: vec![step(&format!("echo released > {}", quote(&format!("{dir}.released"))))],
             session: Some(Session { argv: Vec::new(), dir: dir.to_owned() }),
+            journal: None,
         }
     }
 

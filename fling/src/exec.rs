@@ -40,6 +40,9 @@ pub const EXIT_LOCKED: i32 = 3;
 pub const EXIT_UNREACHABLE: i32 = 4;
 /// Some hosts failed and some could not be reached.
 pub const EXIT_FAILED_AND_UNREACHABLE: i32 = 6;
+/// `install --plan`: the builder's outputs or a server's active release are no longer what the
+/// plan saw; nothing was installed.
+pub const EXIT_PLAN_STALE: i32 = 7;
 
 /// How many stderr lines of a failed step the recap shows.
 const TAIL_LINES: usize = 8;
@@ -95,24 +98,35 @@ pub fn execute(sh: &Shell, plan: &Plan, options: &Options, events: &dyn Events) 
     let ui = events;
     if let Some(session) = &plan.session {
         let (setup_failure, hosts) = run_session(sh, plan, session, options, ui);
-        // The session released the lock and closed the server connections itself; what is
-        // left is the client's shared connection to the builder.
-        for step in plan.teardown.iter().filter(|s| s.script.is_none()) {
-            let _ = command(sh, &step.argv).output();
-        }
-        ui.finish();
         let exit_code = if interrupt::interrupted() {
             interrupt::EXIT_INTERRUPTED
         } else {
             exit_code(setup_failure.as_ref(), &hosts)
         };
-        return Report {
+        let report = Report {
             command: plan.command.clone(),
             hosts,
             setup_failure,
             exit_code,
             duration: started.elapsed(),
         };
+        // An unreachable builder has no journal to write to.
+        let reached = !matches!(
+            &report.setup_failure,
+            Some(HostReport { outcome: Outcome::Unreachable, .. })
+        );
+        if let (Some(journal), true) = (&plan.journal, reached) {
+            if let Err(why) = write_journal(sh, journal, &report, options) {
+                ui.output(&plan.builder, None, "warning", &format!("journal not written: {why}"));
+            }
+        }
+        // The session released the lock and closed the server connections itself; what is
+        // left is the client's shared connection to the builder.
+        for step in plan.teardown.iter().filter(|s| s.script.is_none()) {
+            let _ = command(sh, &step.argv).output();
+        }
+        ui.finish();
+        return report;
     }
     let mut setup_report = HostReport::new(&plan.builder);
     // A plan without setup is only a teardown (a rollout's release of its lock): it runs
@@ -170,6 +184,32 @@ pub fn execute(sh: &Shell, plan: &Plan, options: &Options, events: &dyn Events) 
         setup_failure,
         exit_code,
         duration: started.elapsed(),
+    }
+}
+
+/// Appends the run's lines to the journal on the builder.
+fn write_journal(
+    sh: &Shell,
+    journal: &super::plan::JournalSink,
+    report: &Report,
+    options: &Options,
+) -> Result<(), String> {
+    let lines = super::journal::lines(&journal.info, report);
+    let mut child = command(sh, &journal.argv)
+        .envs(options.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(lines.as_bytes()).map_err(|e| e.to_string())?;
+    }
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
     }
 }
 
@@ -854,6 +894,7 @@ mod tests {
             ],
             teardown: vec![step("release", format!("rmdir {d}/lock"))],
             session: None,
+            journal: None,
         };
         let options = Options { parallel: 1, connect_parallel: 1, env: Vec::new() };
         let interrupter = std::thread::spawn(|| {

@@ -11,7 +11,7 @@
 //! Exit codes of a run: 0 every host succeeded; 1 fling could not run (config, arguments, local
 //! error); 2 some hosts failed; 3 the deploy lock is held by another run; 4 some hosts were
 //! unreachable; 5 a rolling install stopped before its last batch (`rolling`); 6 some failed and
-//! some were unreachable; 130 interrupted.
+//! some were unreachable; 7 `install --plan` found its plan stale (`survey`); 130 interrupted.
 
 pub mod batch;
 pub mod config;
@@ -19,6 +19,7 @@ pub mod error;
 pub mod exec;
 pub mod flags;
 pub mod interrupt;
+pub mod journal;
 pub mod overlay;
 pub mod plan;
 pub mod protocol;
@@ -26,5 +27,6 @@ pub mod quote;
 pub mod rolling;
 pub mod rollout;
 pub mod ssh;
+pub mod survey;
 
 pub use error::{Error, Result};

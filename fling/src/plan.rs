@@ -81,6 +81,17 @@ pub struct Plan {
     /// The one builder session that runs a plan reaching servers: setup, every host and the
     /// release. `None` for plans whose steps are sessions of their own.
     pub session: Option<Session>,
+    /// Where a plan that reaches servers records each host's outcome: the journal on the
+    /// builder (`journal`), written after the hosts and before the connection closes.
+    pub journal: Option<JournalSink>,
+}
+
+/// The journal of a plan's run: the client command that appends to it, and what the run's
+/// lines share.
+#[derive(Debug, Clone)]
+pub struct JournalSink {
+    pub argv: Vec<String>,
+    pub info: super::journal::RunInfo,
 }
 
 /// A builder session that runs a whole plan, with the script of `batch::script` on its
@@ -284,7 +295,25 @@ impl Context<'_> {
         } else {
             (setup, teardown)
         };
-        Plan { command, builder: self.builder_name(), setup, hosts: Vec::new(), teardown, session }
+        let journal = servers.then(|| JournalSink {
+            argv: journal_append(self),
+            info: super::journal::RunInfo {
+                run: self.run_id.clone(),
+                who: self.who.clone(),
+                at: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            },
+        });
+        Plan {
+            command,
+            builder: self.builder_name(),
+            setup,
+            hosts: Vec::new(),
+            teardown,
+            session,
+            journal,
+        }
     }
 
     /// The builder step that releases the deploy lock if this run holds it.
@@ -503,6 +532,8 @@ pub fn sync(cx: &Context<'_>) -> Plan {
     // The default deploy lock lives in the builder's workspace: excluded, so it is neither
     // sent nor deleted by `--delete`.
     argv.push(format!("--exclude=/{}/", super::config::DEFAULT_LOCK_DIR));
+    // So does the journal of runs.
+    argv.push(format!("--exclude=/{}", super::journal::JOURNAL_FILE));
     // The marker that makes the directory fling's is not in the client's workspace.
     argv.push(format!("--exclude=/{SOURCE_MARKER}"));
     argv.extend(["--".into(), format!("{}/", cx.local_source), format!("{target}/")]);
@@ -752,7 +783,12 @@ fn rsync_version_check(bin: &str, place: &str) -> String {
 /// `deploy install|uninstall|status|rollback|clean`.
 pub fn deploy(cx: &Context<'_>, action: DeployAction, servers: &[&Server]) -> Plan {
     let locking = if action == DeployAction::Status { Locking::NoLock } else { Locking::Lock };
-    deploy_with(cx, action, servers, &DeployOptions { locking, confirm_timeout: &|_| None })
+    deploy_with(
+        cx,
+        action,
+        servers,
+        &DeployOptions { locking, confirm_timeout: &|_| None, expect: &|_| None },
+    )
 }
 
 /// How [`deploy_with`] runs beyond its action.
@@ -760,6 +796,21 @@ pub struct DeployOptions<'a> {
     pub locking: Locking,
     /// Each server's `install --confirm-timeout`, in seconds; `None` asks for no confirmation.
     pub confirm_timeout: &'a dyn Fn(&Server) -> Option<u64>,
+    /// What a deploy plan saw for each server (`install --plan`); `None` installs whatever
+    /// the builder holds over whatever the server runs.
+    pub expect: &'a dyn Fn(&Server) -> Option<Expectation>,
+}
+
+/// What `install --plan` holds a server's install to: the builder must still be about to send
+/// `release` with `installer`, and the server must still run `active`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expectation {
+    /// The server's active release the plan saw; `None`: none.
+    pub active: Option<String>,
+    /// The release the builder's outputs and the server's overlay make.
+    pub release: String,
+    /// The digest of the installer the builder sends.
+    pub installer: String,
 }
 
 /// [`deploy`], with its locking and each server's confirmation timeout given: one batch of a
@@ -792,9 +843,34 @@ pub fn deploy_with(
                 if let Some(secs) = confirm {
                     words.extend([quote("--confirm-timeout"), quote(&secs.to_string())]);
                 }
+                let expect = (options.expect)(server);
+                if let Some(expect) = &expect {
+                    words.extend([
+                        quote("--expect-release"),
+                        quote(expect.active.as_deref().unwrap_or("none")),
+                    ]);
+                }
                 let install = cx.installer(&words);
-                let (names, body) = install_body(cx, server, artifacts, &install);
-                let what = vec![
+                let (mut names, mut body) = install_body(cx, server, artifacts, &install);
+                let mut what = Vec::new();
+                if let Some(expect) = &expect {
+                    names.insert(0, "verify");
+                    body = format!(
+                        "{}; {} || exit $?; {body}",
+                        phase("verify"),
+                        verify_payload(cx, server, artifacts, expect)
+                    );
+                    what.push(format!(
+                        "check on the builder that {artifacts}/ and out/overlay/{}/ still make \
+                         release {} with installer {} (the plan's); the install below also \
+                         requires the server's active release to be {} still",
+                        server.name,
+                        expect.release,
+                        short(&expect.installer),
+                        expect.active.as_deref().unwrap_or("none")
+                    ));
+                }
+                what.extend([
                     format!(
                         "when {} already holds what this deploy sends (its staged key), only \
                          install",
@@ -820,7 +896,7 @@ pub fn deploy_with(
                             None => String::new(),
                         }
                     ),
-                ];
+                ]);
                 plan.hosts.push(HostPlan {
                     host: server.name.to_string(),
                     steps: vec![cx.server_step_with(server, names, &body, what)],
@@ -1010,6 +1086,139 @@ pub fn release(cx: &Context<'_>) -> Plan {
     plan
 }
 
+/// The first characters of a digest or release id, as plans and tables show them.
+pub fn short(digest: &str) -> &str {
+    &digest[..digest.len().min(8)]
+}
+
+/// The builder's `flotilla-installer payload` for one server, in the builder's workspace:
+/// what its outputs and the server's overlay would install. `expect` makes it exit 5 when they
+/// no longer are what a deploy plan saw.
+fn payload_command(
+    cx: &Context<'_>,
+    server: &Server,
+    artifacts: &Artifacts,
+    expect: Option<&Expectation>,
+) -> String {
+    let prefix = quote(cx.config.deployment.prefix.as_str());
+    let mut words = vec![
+        format!("target/release/{INSTALLER}"),
+        "--prefix".into(),
+        prefix.clone(),
+        "--packages-prefix".into(),
+        prefix,
+        "payload".into(),
+        quote(artifacts.as_str()),
+        "--overlay".into(),
+        quote(&format!("out/overlay/{}", server.name)),
+    ];
+    if let Some(expect) = expect {
+        words.extend([
+            "--expect-release".into(),
+            quote(&expect.release),
+            "--expect-installer".into(),
+            quote(&expect.installer),
+        ]);
+    }
+    format!(
+        "( cd -- {src} || exit 1; [ -x target/release/{INSTALLER} ] || {{ echo 'no \
+         target/release/{INSTALLER} on the builder: run `fling build package` first' >&2; \
+         exit 1; }}; {} )",
+        words.join(" "),
+        src = cx.workspace(),
+    )
+}
+
+/// `install --plan`'s check before a server's install: the builder's outputs are still the
+/// plan's.
+fn verify_payload(
+    cx: &Context<'_>,
+    server: &Server,
+    artifacts: &Artifacts,
+    expect: &Expectation,
+) -> String {
+    format!("{} >/dev/null", payload_command(cx, server, artifacts, Some(expect)))
+}
+
+/// `deploy plan`: for each server, what the builder would send it (`flotilla-installer payload`
+/// on the builder) and what it runs now (`flotilla-installer state` there), each one JSON line
+/// on standard output; `survey::compare` turns the two into the server's changes. Nothing is
+/// pushed, installed or locked.
+pub fn survey(cx: &Context<'_>, servers: &[&Server], artifacts: &Artifacts) -> Plan {
+    let mut plan = cx.plan("deploy plan".into(), Locking::NoLock, true, Agent::Forward);
+    let bin = cx.staging().join("bin").join(INSTALLER).shell_word();
+    let never =
+        serde_json::json!({"installer": null, "active": null, "awaiting_confirmation": null});
+    for server in servers {
+        let hop = cx.server_hop(server);
+        let state = format!(
+            "if [ -x {bin} ]; then {}; else echo {}; fi",
+            cx.installer(&[quote("state")]),
+            quote(&format!("{}{never}", flotilla_contracts::installer::STATE_LINE))
+        );
+        let phases = vec![
+            (
+                "outputs",
+                payload_command(cx, server, artifacts, None),
+                format!(
+                    "{INSTALLER} payload on the builder: the release {artifacts}/ and \
+                     out/overlay/{}/ would make, each package and overlay file by digest",
+                    server.name
+                ),
+            ),
+            (
+                "state",
+                hop.run(&state),
+                format!(
+                    "{INSTALLER} state: the active release, its packages and overlay files by \
+                     digest (nothing changes on the server)"
+                ),
+            ),
+        ];
+        plan.hosts.push(HostPlan {
+            host: server.name.to_string(),
+            steps: vec![cx.server_step(server, phases)],
+        });
+    }
+    plan
+}
+
+/// The journal's file on the builder: one JSON line per host of every run that reached
+/// servers, in the builder's copy of the sources (which `sync` leaves alone).
+pub fn journal_path(cx: &Context<'_>) -> RemotePath {
+    cx.config.builder.source_path.join(super::journal::JOURNAL_FILE)
+}
+
+/// The client command that appends its standard input to the journal on the builder, over the
+/// run's shared connection, then keeps the file within `journal::MAX_BYTES` by dropping its
+/// oldest lines.
+pub fn journal_append(cx: &Context<'_>) -> Vec<String> {
+    let file = journal_path(cx).shell_word();
+    let dir = cx.config.builder.source_path.shell_word();
+    let script = format!(
+        "[ -d {dir} ] || exit 0; umask 077; cat >> {file} && s=$(wc -c < {file}) && if [ \"$s\" \
+         -gt {max} ]; then tail -c {keep} {file} | sed 1d > {file}.tmp && mv -f -- {file}.tmp \
+         {file}; fi",
+        max = super::journal::MAX_BYTES,
+        keep = super::journal::MAX_BYTES / 2,
+    );
+    cx.builder.run(Agent::NoForward, &script)
+}
+
+/// `history`: the journal's last lines, read on the builder.
+pub fn history(cx: &Context<'_>) -> Plan {
+    let mut plan = cx.plan("history".into(), Locking::NoLock, false, Agent::NoForward);
+    let file = journal_path(cx).shell_word();
+    let script = format!("if [ -f {file} ]; then tail -n 20000 {file}; fi");
+    plan.hosts.push(HostPlan {
+        host: cx.builder_name(),
+        steps: vec![cx.on_builder("journal", StepKind::Work, Agent::NoForward, &script).what([
+            format!("read the journal {} (the last runs' outcome on each host)", journal_path(cx)),
+        ])],
+    });
+    plan
+}
+
 /// `lock status|release`.
 pub fn lock(cx: &Context<'_>, release: bool) -> Plan {
     let mut plan = cx.plan(
@@ -1188,22 +1397,34 @@ fn push(cx: &Context<'_>, server: &Server, artifacts: &Artifacts) -> String {
 /// it does, in the order a run takes them. `render` has the commands themselves.
 pub fn describe(plan: &Plan) -> String {
     let mut out = format!("fling {}: what each host would do (nothing runs)\n", plan.command);
-    let mut section = |host: &str, steps: &[Step]| {
-        for step in steps {
-            let names: Vec<&str> =
-                if step.phases.is_empty() { vec![step.name] } else { step.phases.clone() };
-            for (i, name) in names.iter().enumerate() {
-                let what = step.what.get(i).map_or("", String::as_str);
-                let _ = writeln!(out, "[{host}] {name} ({}): {what}", step.runs_on);
-            }
-        }
-    };
-    section(&plan.builder, &plan.setup);
+    describe_steps(&mut out, &plan.builder, &plan.setup);
     for host in &plan.hosts {
-        section(&host.host, &host.steps);
+        describe_steps(&mut out, &host.host, &host.steps);
     }
-    section(&plan.builder, &plan.teardown);
+    if plan.journal.is_some() {
+        let _ = writeln!(
+            out,
+            "[{}] journal (client): append each host's outcome to the builder's {} (at most \
+             {} KiB, oldest runs dropped)",
+            plan.builder,
+            super::journal::JOURNAL_FILE,
+            super::journal::MAX_BYTES / 1024
+        );
+    }
+    describe_steps(&mut out, &plan.builder, &plan.teardown);
     out
+}
+
+/// One line per step (or phase) of `steps` of `host`, for [`describe`].
+fn describe_steps(out: &mut String, host: &str, steps: &[Step]) {
+    for step in steps {
+        let names: Vec<&str> =
+            if step.phases.is_empty() { vec![step.name] } else { step.phases.clone() };
+        for (i, name) in names.iter().enumerate() {
+            let what = step.what.get(i).map_or("", String::as_str);
+            let _ = writeln!(out, "[{host}] {name} ({}): {what}", step.runs_on);
+        }
+    }
 }
 
 /// Prints a plan as the commands it would run, host by host, and the builder session that

@@ -42,6 +42,9 @@ pub struct Rolling<'a> {
     pub confirm_timeout: u64,
     /// `--confirm-timeout`: every server's, whatever the config says (0: none).
     pub confirm_flag: Option<u64>,
+    /// `install --plan`: what the plan saw for each server, by name; each batch's installs
+    /// are held to it.
+    pub expect: std::collections::BTreeMap<String, super::plan::Expectation>,
 }
 
 /// A server's confirmation timeout in seconds: `--confirm-timeout` when given, else the
@@ -125,6 +128,7 @@ impl<'a> Rolling<'a> {
             pause: Duration::from_secs(rollout.pause_secs),
             confirm_timeout: rollout.confirm_timeout_secs,
             confirm_flag: None,
+            expect: std::collections::BTreeMap::new(),
         }
     }
 
@@ -319,7 +323,11 @@ impl<'a> Rolling<'a> {
                 cx,
                 DeployAction::Install(self.artifacts.clone()),
                 &servers,
-                &DeployOptions { locking: Locking::Keep, confirm_timeout: &confirm },
+                &DeployOptions {
+                    locking: Locking::Keep,
+                    confirm_timeout: &confirm,
+                    expect: &|s| self.expect.get(s.name.as_str()).cloned(),
+                },
             );
             let deployed = run(&format!("batch {number}/{count}: install"), &plan);
             if let Some(stop) = plan_failure(&deployed, number) {

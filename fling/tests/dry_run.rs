@@ -125,6 +125,27 @@ fn plans<'a>(
         ("deploy-rollback", plan::deploy(&cx, DeployAction::Rollback, &servers)),
         ("deploy-clean", plan::deploy(&cx, DeployAction::Clean, &servers)),
         ("exec", plan::exec(&cx, &servers, "systemctl is-active 'greeter.service'")),
+        ("deploy-plan", plan::survey(&cx, &servers, &Artifacts::default())),
+        (
+            "deploy-install-held-to-plan",
+            plan::deploy_with(
+                &cx,
+                install(),
+                &one,
+                &plan::DeployOptions {
+                    locking: plan::Locking::Lock,
+                    confirm_timeout: &|_| None,
+                    expect: &|_| {
+                        Some(plan::Expectation {
+                            active: Some("0123456789abcdef".into()),
+                            release: "fedcba9876543210".into(),
+                            installer: "ab".repeat(32),
+                        })
+                    },
+                },
+            ),
+        ),
+        ("history", plan::history(&cx)),
         ("lock-status", plan::lock(&cx, false)),
         ("lock-release", plan::lock(&cx, true)),
         ("debug-sync", plan::sync(&debug_cx)),

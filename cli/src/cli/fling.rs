@@ -8,12 +8,15 @@ use flotilla_fling::flags::{Artifacts, PackageName, RetryDuration, TargetName};
 
 /// `fling`'s options. Exit codes: 0 every host succeeded; 1 fling could not run; 2 some hosts
 /// failed; 3 the deploy lock is held; 4 some hosts were unreachable; 5 a rolling install
-/// stopped before its last batch; 6 both failed and unreachable hosts; 130 interrupted.
+/// stopped before its last batch; 6 both failed and unreachable hosts; 7 `install --plan`
+/// found the plan stale; 130 interrupted.
 #[derive(Debug, Args)]
 #[command(after_help = "Exit codes: 0 every host succeeded; 1 fling could not run (config, \
     arguments); 2 some hosts failed; 3 the deploy lock is held by another run; 4 some hosts \
     were unreachable; 5 a rolling install stopped before its last batch (a batch failed beyond \
-    max_failed, or a quorum did not come back); 6 some failed and some were unreachable; 130 interrupted (Ctrl-C: the \
+    max_failed, or a quorum did not come back); 6 some failed and some were unreachable; 7 \
+    `install --plan` refused a plan that no longer matches the builder or a server; 130 \
+    interrupted (Ctrl-C: the \
     running steps stop, the deploy lock is released; a second Ctrl-C exits at once).")]
 // `--servers a b install`: the command's name ends the list of servers instead of joining it.
 #[command(subcommand_precedence_over_arg = true)]
@@ -116,6 +119,13 @@ pub enum FlingCommand {
     },
     /// Same as `deploy uninstall` [runs on: builder -> servers].
     Uninstall,
+    /// The last runs that reached servers and each host's outcome, from the builder's journal
+    /// [runs on: builder].
+    History {
+        /// How many runs to show.
+        #[arg(long, default_value_t = 10)]
+        last: usize,
+    },
     /// Run a shell command line on every server, in parallel [runs on: servers].
     Exec {
         /// The command line as one argument (thing-flinger's form), instead of after `--`.
@@ -229,6 +239,18 @@ pub enum FlingDeployCommand {
         #[command(flatten)]
         rollout: FlingRolloutArgs,
     },
+    /// What `deploy install` would change on each server, from its real state, before
+    /// anything runs: packages and overlay files whose digest differs, services that would
+    /// restart, servers where nothing would change or that cannot be reached. `--json` for
+    /// tools; `--out` keeps it for `deploy install --plan`.
+    Plan {
+        /// The builder's outputs directory the install would push [default: out].
+        #[arg(long, value_name = "DIR")]
+        artifacts: Option<Artifacts>,
+        /// Write the plan (JSON) to this file too, for `deploy install --plan`.
+        #[arg(long, value_name = "PLAN.json")]
+        out: Option<Utf8PathBuf>,
+    },
     /// Stop and remove the services and every release, then the staging directory.
     Uninstall,
     /// Show each server's releases and services.
@@ -267,6 +289,15 @@ pub struct FlingRolloutArgs {
     /// else none].
     #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(0..=86400))]
     pub confirm_timeout: Option<u64>,
+    /// Apply this plan (`deploy plan --out`): install exactly on the servers it would change,
+    /// and refuse, naming the server and what differs, when the builder's outputs or a
+    /// server's active release are no longer what it saw (exit 7).
+    #[arg(long, value_name = "PLAN.json", conflicts_with = "retry_failed")]
+    pub plan: Option<Utf8PathBuf>,
+    /// Install only on the servers that failed or were unreachable in the last install, as
+    /// the builder's journal recorded it (`fling history`).
+    #[arg(long)]
+    pub retry_failed: bool,
 }
 
 impl FlingRolloutArgs {
