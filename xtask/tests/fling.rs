@@ -1401,6 +1401,9 @@ fn full_flow_and_faults_on_a_three_node_testbed() {
     let release_five = bed.assert_converged();
     assert_ne!(release_five[1], release_four[1], "node2 did not converge");
 
+    plans_journal_and_retry(&bed);
+    let release_five = bed.assert_converged();
+
     // thing-flinger's forms on the real builder: the package graph on standard output;
     // packages built into another outputs directory and pushed from it.
     let out = bed.fling_ok(&["build", "dot"]);
@@ -1445,6 +1448,158 @@ fn full_flow_and_faults_on_a_three_node_testbed() {
         assert_eq!(found, "absent", "a hostile variable ran on {node}");
     }
     assert!(!Path::new(&marker).exists(), "a hostile variable ran on the client or builder");
+}
+
+/// The connections a node's sshd accepted so far, counted from its journal inside the node
+/// (through its init's namespaces, not over ssh, so counting adds none).
+fn accepted_connections(bed: &Bed, node: &str) -> usize {
+    let leader = node_leader(bed, node);
+    let out = Command::new("nsenter")
+        .args(["-t", &leader, "-m", "-u", "-i", "-n", "-p"])
+        .args(["journalctl", "--no-pager", "-o", "cat"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "journalctl on {node}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("Accepted publickey"))
+        .count()
+}
+
+/// `deploy plan`, `install --plan` and the journal on the shared testbed: a plan after one
+/// service changed shows only that service changing and restarting on every server; a file
+/// changed on the builder after planning, and a server rolled back after planning, each make
+/// the apply refuse (exit 7) naming the server and what differs, installing nothing; a fresh
+/// plan applies and installs exactly what it showed; an install with one node's link down,
+/// then `install --retry-failed` after healing reaches only that node (the others' sshd
+/// accepts no connection), and `history` shows both runs.
+fn plans_journal_and_retry(bed: &Bed) {
+    let nodes = &bed.tb.nodes;
+    let dir = std::env::temp_dir().join(format!("fling-plan-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let plan_file = dir.join("plan.json");
+    let plan_arg = plan_file.to_str().unwrap();
+    let before = bed.assert_converged();
+
+    // Nothing to do: every server unchanged.
+    let out = bed.fling_ok(&["deploy", "plan"]);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    for node in nodes {
+        assert!(table.contains(&format!("{node}: nothing would change")), "{table}");
+    }
+
+    bed.change_control_plane("planned");
+    let out = bed.fling_ok(&["deploy", "plan", "--out", plan_arg]);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        table.contains(&format!("{} servers: {} would change", nodes.len(), nodes.len())),
+        "{table}"
+    );
+    let out = bed.fling_ok(&["--json", "deploy", "plan"]);
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the plan is JSON");
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&plan_file).unwrap()).unwrap();
+    for (i, node) in nodes.iter().enumerate() {
+        let server = &plan["servers"][i];
+        assert_eq!(server["server"], node.as_str());
+        assert_eq!(server["verdict"], "changes", "{server}");
+        let packages: Vec<&str> = server["packages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(packages, ["control-plane"], "{node}: only control-plane changes");
+        assert!(server["overlay"].is_null(), "{node}: no overlay file changes: {server}");
+        assert_eq!(server["restart"], serde_json::json!(["control-plane"]), "{server}");
+        let unchanged = server["unchanged"].as_array().unwrap();
+        assert!(unchanged.contains(&serde_json::json!("node-agent")), "{server}");
+        assert!(!unchanged.contains(&serde_json::json!("control-plane")), "{server}");
+        assert_eq!(
+            server["release"]["from"].as_str().unwrap(),
+            before[i].rsplit('/').next().unwrap(),
+            "{node}: the plan's current release is the node's"
+        );
+        let line = table.lines().position(|l| l.starts_with(&format!("{node}: release "))).unwrap();
+        let package_line = table.lines().nth(line + 1).unwrap();
+        assert!(package_line.trim_start().starts_with("package  control-plane"), "{table}");
+        // The table shows only short digests; the file keeps them whole.
+        assert_eq!(saved["servers"][i]["payload"], server["payload"]);
+    }
+
+    // Another file changes on the builder after planning: the apply refuses, installing
+    // nothing.
+    let agent_config = bed.builder_source().join("smf/node-agent/config.toml");
+    let original = std::fs::read_to_string(&agent_config).unwrap();
+    std::fs::write(&agent_config, format!("{original}# changed after the plan\n")).unwrap();
+    bed.fling_ok(&["build", "package"]);
+    let out = bed.fling(&["deploy", "install", "--plan", plan_arg]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    for node in nodes {
+        assert!(err.contains(&format!("{node}: package node-agent is now")), "{err}");
+    }
+    assert_eq!(bed.assert_converged(), before, "a refused plan installed something");
+    std::fs::write(&agent_config, &original).unwrap();
+    bed.fling_ok(&["build", "package"]);
+
+    // A server rolled back after planning: refused, naming that server's active release.
+    bed.fling_ok(&["deploy", "plan", "--out", plan_arg]);
+    bed.fling_ok(&["-s", "node2", "deploy", "rollback"]);
+    let rolled = bed.current("node2");
+    let out = bed.fling(&["deploy", "install", "--plan", plan_arg]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("node2: the server's active release is"), "{err}");
+    assert!(!err.contains("node1:"), "{err}");
+    assert_eq!(bed.current("node2"), rolled);
+    bed.fling_ok(&["-s", "node2", "install"]);
+
+    // A fresh plan applies: exactly its releases, only control-plane restarted.
+    bed.fling_ok(&["deploy", "plan", "--out", plan_arg]);
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&plan_file).unwrap()).unwrap();
+    let agents: Vec<String> = nodes.iter().map(|n| bed.main_pid(n, "node-agent")).collect();
+    bed.fling_ok(&["deploy", "install", "--plan", plan_arg]);
+    let after = bed.assert_converged();
+    for (i, node) in nodes.iter().enumerate() {
+        let to = saved["servers"][i]["release"]["to"].as_str().unwrap();
+        assert_eq!(after[i].rsplit('/').next().unwrap(), to, "{node} is not on the plan's release");
+        assert_eq!(bed.main_pid(node, "node-agent"), agents[i], "node-agent restarted on {node}");
+    }
+    // A plan is spent once applied: the servers no longer run what it saw.
+    let out = bed.fling(&["deploy", "install", "--plan", plan_arg]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+
+    // The journal: an install with node2's link down, then only node2 is retried.
+    bed.change_control_plane("retried");
+    let veth = bed.host_veth("node2");
+    bed.ip(&["link", "set", &veth, "down"]);
+    let out = bed.fling(&["install"]);
+    bed.ip(&["link", "set", &veth, "up"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let others: Vec<&String> = nodes.iter().filter(|n| n.as_str() != "node2").collect();
+    let accepted: Vec<usize> = others.iter().map(|n| accepted_connections(bed, n)).collect();
+    let out = bed.fling_ok(&["install", "--retry-failed"]);
+    let recap = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(recap.contains("did not finish on: node2\n"), "{recap}");
+    assert!(host_line(&recap, "node2").contains(" ok "), "{recap}");
+    for (node, was) in others.iter().zip(&accepted) {
+        assert!(!recap.lines().any(|l| l.starts_with(&format!("{node} "))), "{recap}");
+        assert_eq!(accepted_connections(bed, node), *was, "the retry connected to {node}");
+    }
+    let out = bed.fling_ok(&["install", "--retry-failed"]);
+    assert!(text(&out).contains("nothing to retry"), "{}", text(&out));
+    let out = bed.fling_ok(&["history", "--last", "3"]);
+    let history = String::from_utf8_lossy(&out.stdout).into_owned();
+    let installs: Vec<&str> =
+        history.lines().filter(|l| l.starts_with("  ") && l.contains("deploy install")).collect();
+    assert_eq!(installs.len(), nodes.len() + 1, "{history}");
+    assert!(
+        installs.iter().any(|l| l.starts_with("  node2 ") && l.contains("unreachable")),
+        "{history}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// The process id of a node's init: the child of its systemd-nspawn.
