@@ -479,6 +479,12 @@ fn payload_differences(was: &Payload, now: &Payload) -> Vec<String> {
     what
 }
 
+/// A release id in full (what `status` shows and `rollback --to` takes), or `none`.
+fn release(id: &Option<String>) -> &str {
+    id.as_deref().unwrap_or("none")
+}
+
+/// A digest, short, or `-` where there is none.
 fn opt(d: &Option<String>) -> &str {
     d.as_deref().map_or("-", short)
 }
@@ -520,7 +526,7 @@ pub fn render(plan: &DeployPlan) -> String {
                     out,
                     "{}: nothing would change (release {})",
                     s.server,
-                    opt(&s.release.from)
+                    release(&s.release.from)
                 );
                 for note in &s.notes {
                     let _ = writeln!(out, "  note: {note}");
@@ -530,14 +536,14 @@ pub fn render(plan: &DeployPlan) -> String {
             Verdict::Changes => {}
         }
         if s.release.from == s.release.to {
-            let _ = writeln!(out, "{}: release {} stays", s.server, opt(&s.release.from));
+            let _ = writeln!(out, "{}: release {} stays", s.server, release(&s.release.from));
         } else {
             let _ = writeln!(
                 out,
                 "{}: release {} -> {}",
                 s.server,
-                s.release.from.as_deref().unwrap_or("none"),
-                opt(&s.release.to)
+                release(&s.release.from),
+                release(&s.release.to)
             );
         }
         let width = s.packages.iter().map(|p| p.name.len()).max().unwrap_or(0);
