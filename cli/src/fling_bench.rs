@@ -1,4 +1,5 @@
-//! `fling bench`: `deploy install` to 1, 4 and 8 servers next to the plainest baseline, in
+//! `fling bench`: `deploy install` to 1, 4 and 8 servers next to the plainest baseline, and a
+//! no-op `deploy plan` next to a no-op redeploy, in
 //! one run, on a testbed whose builder is this machine.
 //!
 //! The baseline does, per host and all hosts in parallel, what a shell script would: `ssh
@@ -25,6 +26,8 @@ struct Row {
     connections: Option<f64>,
     noop: Duration,
     noop_sent: u64,
+    /// `deploy plan` with nothing to do, right after the no-op redeploy.
+    plan: Duration,
     baseline: Duration,
 }
 
@@ -89,6 +92,11 @@ pub fn run(
                 _ => None,
             };
             let (noop, noop_sent) = fling(sh, ctx, config_path, &names, "install")?;
+            // A plan with nothing to do, between two no-op redeploys; the faster of those is
+            // its yardstick.
+            let (plan, _) = fling(sh, ctx, config_path, &names, "plan")?;
+            let (noop_again, _) = fling(sh, ctx, config_path, &names, "install")?;
+            let noop = noop.min(noop_again);
             let _ = fling(sh, ctx, config_path, &names, "uninstall");
 
             let baseline = baseline(sh, config, &servers, &tarballs)?;
@@ -100,6 +108,7 @@ pub fn run(
                 connections,
                 noop,
                 noop_sent,
+                plan,
                 baseline,
             });
         }
@@ -115,18 +124,20 @@ pub fn run(
         payload as f64 / 1e6
     );
     println!(
-        "| nodes | fling install | sent | ssh conns/host | no-op redeploy | sent | baseline (ssh+scp+ssh) |"
+        "| nodes | fling install | sent | ssh conns/host | no-op redeploy | sent | no-op deploy plan | plan / no-op | baseline (ssh+scp+ssh) |"
     );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in &rows {
         println!(
-            "| {} | {:.2} s | {:.1} MB | {} | {:.2} s | {:.1} kB | {:.2} s |",
+            "| {} | {:.2} s | {:.1} MB | {} | {:.2} s | {:.1} kB | {:.2} s | {:.2}x | {:.2} s |",
             r.nodes,
             r.fling.as_secs_f64(),
             r.fling_sent as f64 / 1e6,
             r.connections.map_or("?".into(), |c| format!("{c:.1}")),
             r.noop.as_secs_f64(),
             r.noop_sent as f64 / 1e3,
+            r.plan.as_secs_f64(),
+            r.plan.as_secs_f64() / r.noop.as_secs_f64(),
             r.baseline.as_secs_f64()
         );
     }
@@ -199,7 +210,10 @@ fn fling(
     let command = match command {
         "install" => FlingCommand::Install { rollout: Default::default() },
         "uninstall" => FlingCommand::Uninstall,
-        other => bail!("fling bench runs install and uninstall, not {other}"),
+        "plan" => FlingCommand::Deploy {
+            command: crate::cli::FlingDeployCommand::Plan { artifacts: None, out: None },
+        },
+        other => bail!("fling bench runs install, plan and uninstall, not {other}"),
     };
     let started = Instant::now();
     let report = crate::fling::run_report(sh, ctx, args(config, &servers, command))?;
