@@ -122,7 +122,7 @@ fn run_with(
     }
     let mut servers = servers;
     let mut expect = std::collections::BTreeMap::new();
-    if let (Typed::Install(artifacts, flags), false) = (&command, args.dry_run) {
+    if let Typed::Install(artifacts, flags) = &command {
         if let Some(path) = &flags.plan {
             let path = ctx.user_path(path);
             match held_to_plan(sh, &cx, &args, &control.path, &path, artifacts, quiet)? {
@@ -163,7 +163,7 @@ fn run_with(
                     expect = expectations;
                 }
             }
-        } else if flags.retry_failed {
+        } else if flags.retry_failed && !args.dry_run {
             let entries = read_journal(sh, &cx, &args)?;
             let Some((last, failed)) = journal::to_retry(&entries, "deploy install") else {
                 bail!("--retry-failed: the builder's journal records no `deploy install` to retry");
@@ -606,6 +606,10 @@ fn held_to_plan(
             bail!("{path}: server {name} is not a deployment server of {}", cx.config.path);
         };
         servers.push(cx.config.server(s));
+    }
+    if args.dry_run {
+        // What the install would be held to; the survey that checks it runs only for real.
+        return Ok(Applying::Servers(names, saved.expectations()));
     }
     let plan = plan::survey(cx, &servers, artifacts);
     let identities = agent_identities(cx.config, &servers);
