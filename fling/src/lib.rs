@@ -5,7 +5,9 @@
 //! `plan` turns each command into per-host steps as data, `rollout` orders a rolling deploy's
 //! batches and `rolling` runs them plan after plan, `batch` is the builder session that
 //! runs a plan's steps, `exec` walks a plan concurrently and returns a report, `overlay` asks
-//! the generators for each server's own files. Nothing here prints or exits: progress goes
+//! the generators for each server's own files, `survey` turns a `deploy plan` run into each
+//! server's changes, `journal` keeps every run's per-host outcome on the builder. Nothing here
+//! prints or exits: progress goes
 //! through [`exec::Events`].
 //!
 //! Exit codes of a run: 0 every host succeeded; 1 fling could not run (config, arguments, local
