@@ -168,6 +168,39 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<u8> {
+    // `payload` runs on the builder, which need not have a service manager.
+    if let Command::Payload { packages, overlay, expect_release, expect_installer } = &cli.command {
+        let payload = installer::survey::payload(
+            packages,
+            overlay.as_deref(),
+            cli.packages_prefix.as_ref().unwrap_or(&cli.prefix).relative(),
+            installer::survey::own_digest()?,
+        )?;
+        let stale = [
+            ("release", expect_release, &payload.release),
+            ("installer", expect_installer, &payload.installer),
+        ]
+        .into_iter()
+        .filter_map(|(what, expected, actual)| match expected {
+            Some(e) if e != actual => {
+                Some(format!("the {what} would be {actual}, the plan has {e}"))
+            }
+            _ => None,
+        })
+        .collect::<Vec<_>>();
+        if !stale.is_empty() {
+            eprintln!(
+                "error: the builder's outputs changed since the deploy plan: {}",
+                stale.join("; ")
+            );
+            return Ok(EXIT_STATE_CHANGED);
+        }
+        println!(
+            "{PAYLOAD_LINE}{}",
+            serde_json::to_string(&payload).context("write the payload as JSON")?
+        );
+        return Ok(EXIT_OK);
+    }
     let manager = match cli.service_manager {
         Some(kind) => kind,
         None => detect("/".into())?,
@@ -204,38 +237,6 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
     ];
     if let Command::Probe { http, contains, timeout, command } = &cli.command {
         return Ok(probe(http.as_deref(), contains.as_deref(), command, *timeout));
-    }
-    if let Command::Payload { packages, overlay, expect_release, expect_installer } = &cli.command {
-        let payload = installer::survey::payload(
-            packages,
-            overlay.as_deref(),
-            config.packages_prefix.relative(),
-            installer::survey::own_digest()?,
-        )?;
-        let stale = [
-            ("release", expect_release, &payload.release),
-            ("installer", expect_installer, &payload.installer),
-        ]
-        .into_iter()
-        .filter_map(|(what, expected, actual)| match expected {
-            Some(e) if e != actual => {
-                Some(format!("the {what} would be {actual}, the plan has {e}"))
-            }
-            _ => None,
-        })
-        .collect::<Vec<_>>();
-        if !stale.is_empty() {
-            eprintln!(
-                "error: the builder's outputs changed since the deploy plan: {}",
-                stale.join("; ")
-            );
-            return Ok(EXIT_STATE_CHANGED);
-        }
-        println!(
-            "{PAYLOAD_LINE}{}",
-            serde_json::to_string(&payload).context("write the payload as JSON")?
-        );
-        return Ok(EXIT_OK);
     }
     let expect = match &cli.command {
         Command::Install { expect_release: Some(r), .. } => {
