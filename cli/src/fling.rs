@@ -856,6 +856,8 @@ struct Agent {
 impl Agent {
     fn start(sh: &Shell, dir: &Utf8Path, identities: &[Utf8PathBuf]) -> anyhow::Result<Agent> {
         let socket = dir.join("agent");
+        // An agent of an earlier plan of this run (`install --plan`'s survey) left its socket.
+        let _ = std::fs::remove_file(&socket);
         let child = Command::from(cmd!(sh, "ssh-agent -D -a {socket}"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
