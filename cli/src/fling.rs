@@ -86,6 +86,44 @@ fn run_with(
             );
         }
     }
+    if let FlingCommand::StoreSync { artifacts, sign } = &args.command {
+        // The builder's half of a deploy through the store, run in its workspace.
+        let Some(store) = &config.artifacts else {
+            bail!("{}: no [artifacts] store configured", config.path);
+        };
+        let credentials_file = match &store.credentials_file {
+            Some(p) => {
+                Some(p.local().map_err(|e| anyhow::anyhow!("artifacts.credentials_file: {e}"))?)
+            }
+            None => None,
+        };
+        let credentials = crate::store::credentials(credentials_file.as_deref())?;
+        let client = crate::store::Client::new(store, credentials)?;
+        let root = ctx.root();
+        let installer = root.join("target/release").join(plan::INSTALLER);
+        match crate::store::sync(&client, &root.join(artifacts.as_str()), &installer, *sign) {
+            Ok(done) => {
+                println!(
+                    "{}{}",
+                    flotilla_contracts::store::SYNC_LINE,
+                    serde_json::to_string(&done).context("write the store's answer")?
+                );
+                eprintln!(
+                    "store {}: uploaded {} file(s), {} bytes; {} already there",
+                    store.endpoint,
+                    done.uploaded.len(),
+                    done.uploaded_bytes,
+                    done.present.len()
+                );
+                return Ok((exec::EXIT_OK, None));
+            }
+            Err(crate::store::StoreError::Unreachable(why)) => {
+                eprintln!("the store cannot be reached: {why}");
+                return Ok((flotilla_fling::plan::STORE_UNREACHABLE, None));
+            }
+            Err(e) => bail!("{e}"),
+        }
+    }
     if let FlingCommand::Bench { nodes, runs } = &args.command {
         let path = ctx.user_path(&args.config);
         crate::fling_bench::run(sh, ctx, &config, &path, nodes, (*runs).max(1))?;
@@ -192,10 +230,44 @@ fn run_with(
             }
         }
     }
+    // Through the store: the builder uploads what it lacks and signs this run's URLs first.
+    let mut fetch: Option<flotilla_contracts::store::FetchList> = None;
+    if let Typed::Install(artifacts, flags) = &command {
+        match (&config.artifacts, args.dry_run) {
+            (None, _) if flags.require_store => {
+                bail!("--require-store: {} has no [artifacts] store", config.path)
+            }
+            (None, _) => {}
+            (Some(_), true) => fetch = Some(signed_when_run()),
+            (Some(store), false) => match store_urls(sh, &cx, &args, artifacts)? {
+                Ok(list) => fetch = Some(list),
+                Err(why) if flags.require_store => {
+                    bail!("--require-store: the store {} cannot be reached: {why}", store.endpoint)
+                }
+                Err(why) => {
+                    if !quiet {
+                        eprintln!(
+                            "warning: the store {} cannot be reached ({why}): pushing over ssh \
+                             instead (--require-store refuses)",
+                            store.endpoint
+                        );
+                    }
+                }
+            },
+        }
+    }
     if let Typed::Install(artifacts, rollout) = &command {
         if rollout.rolling() {
             let rollout_cx = RolloutCx { args: &args, control: &control.path, quiet };
-            return rolling_install(sh, &rollout_cx, &cx, &servers, artifacts, rollout, expect);
+            return rolling_install(
+                sh,
+                &rollout_cx,
+                &cx,
+                &servers,
+                artifacts,
+                rollout,
+                (expect, fetch),
+            );
         }
     }
     // An install that asks some server for a confirmation confirms after it.
@@ -219,6 +291,7 @@ fn run_with(
                     locking: plan::Locking::Lock,
                     confirm_timeout: &confirm,
                     expect: &|s| expect.get(s.name.as_str()).cloned(),
+                    fetch: fetch.as_ref(),
                 },
             )
         }
@@ -439,13 +512,17 @@ fn rolling_install(
     servers: &[&config::Server],
     artifacts: &Artifacts,
     flags: &cli::FlingRolloutArgs,
-    expect: std::collections::BTreeMap<String, plan::Expectation>,
+    (expect, fetch): (
+        std::collections::BTreeMap<String, plan::Expectation>,
+        Option<flotilla_contracts::store::FetchList>,
+    ),
 ) -> anyhow::Result<(i32, Option<exec::Report>)> {
     let (args, quiet) = (rcx.args, rcx.quiet);
     let config = cx.config;
     let mut rolling =
         flotilla_fling::rolling::Rolling::new(config, artifacts.clone(), servers.to_vec());
     rolling.expect = expect;
+    rolling.fetch = fetch;
     if !flags.batch.is_empty() {
         rolling.ramp = flags.batch.clone();
     }
@@ -475,6 +552,7 @@ fn rolling_install(
                     locking: plan::Locking::Keep,
                     confirm_timeout: &confirm,
                     expect: &|s| rolling.expect.get(s.name.as_str()).cloned(),
+                    fetch: rolling.fetch.as_ref(),
                 },
             );
             println!("each batch, for each of its servers:");
@@ -622,6 +700,52 @@ fn held_to_plan(
         return Ok(Applying::Stale(problems));
     }
     Ok(Applying::Servers(names, saved.expectations()))
+}
+
+/// The fetch list a dry run shows: the URLs are signed only when the deploy runs.
+fn signed_when_run() -> flotilla_contracts::store::FetchList {
+    let placeholder = flotilla_contracts::store::FetchObject {
+        file: plan::INSTALLER.into(),
+        digest: "0".repeat(64),
+        size: 0,
+        url: "<signed by the builder when the deploy runs>".into(),
+    };
+    flotilla_contracts::store::FetchList {
+        packages: Vec::new(),
+        installer: placeholder,
+        expires_at: 0,
+    }
+}
+
+/// The builder's store step: the URLs it signed, or why the store cannot be reached (a deploy
+/// then pushes); any other failure is an error.
+fn store_urls(
+    sh: &Shell,
+    cx: &plan::Context<'_>,
+    args: &cli::FlingArgs,
+    artifacts: &Artifacts,
+) -> anyhow::Result<Result<flotilla_contracts::store::FetchList, String>> {
+    let plan = plan::store_sync(cx, artifacts);
+    let lines = StdoutLines::default();
+    let report = exec::execute(sh, &plan, &run_options(args, cx.config, None), &lines);
+    let host =
+        report.setup_failure.iter().chain(&report.hosts).find(|h| h.outcome != exec::Outcome::Ok);
+    if let Some(host) = host {
+        let why = host.stderr_tail.join("; ");
+        if host.outcome == (exec::Outcome::Failed { code: Some(plan::STORE_UNREACHABLE) }) {
+            return Ok(Err(why));
+        }
+        bail!("the builder's store step ({}) failed: {why}", host.step);
+    }
+    let lines = lines.0.into_inner().expect("lines lock");
+    let Some(json) =
+        lines.iter().find_map(|l| l.strip_prefix(flotilla_contracts::store::SYNC_LINE))
+    else {
+        bail!("the builder's store step printed no {}line", flotilla_contracts::store::SYNC_LINE);
+    };
+    let done: flotilla_contracts::store::StoreSync =
+        serde_json::from_str(json).context("read the builder's store answer")?;
+    done.fetch.map(Ok).context("the builder's store step signed no URLs")
 }
 
 /// The builder's journal, parsed.

@@ -15,6 +15,7 @@ mod fling_ui;
 mod install;
 mod package;
 mod progress;
+pub mod store;
 mod target_flags;
 pub mod testbed;
 mod workflow;

@@ -13,6 +13,7 @@ pub mod layout;
 pub mod manager;
 pub mod overlay;
 pub mod services;
+pub mod store;
 
 pub use layout::{Prefix, DEFAULT_PREFIX, INSTALLER};
 pub use manager::ManagerKind;

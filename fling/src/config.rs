@@ -48,6 +48,8 @@ pub struct Config {
     /// `[quorum.<service>]`: the services whose members across servers form one cluster,
     /// which a rolling deploy never takes below its quorum.
     pub quorum: Vec<Quorum>,
+    /// `[artifacts]`: the S3-compatible store the servers fetch packages from.
+    pub artifacts: Option<Store>,
     /// thing-flinger's `debug`: verbose remote output. Every command a step runs on the
     /// builder, or from it on a server, is echoed (`+ <command>`) before it runs, and every
     /// rsync lists each file it sends or deletes. (thing-flinger built its own tools in the
@@ -59,6 +61,26 @@ pub struct Config {
     /// service ([`RSS_CONFIG_FILE`]).
     pub rss_config_path: Option<String>,
 }
+
+/// An S3-compatible store of content-addressed artifacts (`[artifacts]`): the builder uploads
+/// each output once, keyed by its digest, and signs short-lived `GET` URLs for the servers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Store {
+    /// `http://` or `https://` host and port, as both the builder and the servers reach it.
+    pub endpoint: String,
+    pub bucket: String,
+    /// The key prefix, without leading or trailing `/`; empty for none.
+    pub prefix: String,
+    pub region: String,
+    /// A file on the builder with `access_key_id` and `secret_access_key` (TOML, mode 0600),
+    /// read when the builder's environment has no `AWS_ACCESS_KEY_ID`.
+    pub credentials_file: Option<RemotePath>,
+    /// How long the URLs a deploy signs stay valid.
+    pub url_ttl_secs: u64,
+}
+
+/// The presigned URLs' lifetime unless `url_ttl_secs` says otherwise.
+pub const DEFAULT_URL_TTL_SECS: u64 = 900;
 
 /// The name under which the file `rss_config_path` names reaches the rss server, in
 /// `<prefix>/<service>/pkg/` (thing-flinger's name for it).
@@ -480,9 +502,26 @@ struct RawConfig {
     servers: BTreeMap<Spanned<String>, RawServer>,
     #[serde(default)]
     quorum: BTreeMap<Spanned<String>, RawQuorum>,
+    artifacts: Option<Spanned<RawArtifacts>>,
     #[serde(default)]
     debug: bool,
     rss_config_path: Option<Spanned<String>>,
+}
+
+/// `[artifacts]`: the store. Credentials are not among its fields, by design.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawArtifacts {
+    endpoint: Spanned<String>,
+    bucket: Spanned<String>,
+    #[serde(default)]
+    prefix: Option<Spanned<String>>,
+    #[serde(default)]
+    region: Option<Spanned<String>>,
+    #[serde(default)]
+    credentials_file: Option<Spanned<String>>,
+    #[serde(default)]
+    url_ttl_secs: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -949,6 +988,7 @@ fn validate(errors: &Errors<'_>, raw: RawConfig, text: &str) -> Result<Config, C
         rollout: validate_rollout(errors, d.rollout)?,
     };
     let quorum = validate_quorum(errors, raw.quorum, &deployment)?;
+    let artifacts = raw.artifacts.map(|a| validate_store(errors, a.into_inner())).transpose()?;
     let overlay = validate_overlay(errors, raw.overlay)?;
     let rss_config_path = match &raw.rss_config_path {
         Some(path) => Some(rss_config_path(errors, path, &deployment, &overlay)?),
@@ -990,8 +1030,98 @@ fn validate(errors: &Errors<'_>, raw: RawConfig, text: &str) -> Result<Config, C
         overlay,
         servers,
         quorum,
+        artifacts,
         debug: raw.debug,
         rss_config_path,
+    })
+}
+
+/// `[artifacts]`: an endpoint URL without path, query or credentials; a bucket name as S3
+/// allows it; a prefix of plain key characters.
+fn validate_store(errors: &Errors<'_>, raw: RawArtifacts) -> Result<Store, ConfigError> {
+    let endpoint = raw.endpoint.get_ref().trim_end_matches('/').to_owned();
+    let bad_endpoint = |m: &str| errors.at(raw.endpoint.span(), "artifacts.endpoint", m.to_owned());
+    let rest = endpoint
+        .strip_prefix("http://")
+        .or_else(|| endpoint.strip_prefix("https://"))
+        .ok_or_else(|| bad_endpoint("an http:// or https:// URL of the store"))?;
+    if rest.is_empty()
+        || rest.contains(['/', '?', '#', '@'])
+        || !rest.chars().all(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(c))
+    {
+        return Err(bad_endpoint(
+            "the store's scheme, host and port only (http://10.0.0.1:8333), no path, query or \
+             credentials: credentials come from the builder's environment or credentials_file",
+        ));
+    }
+    let bucket = raw.bucket.get_ref().clone();
+    let bucket_ok = (3..=63).contains(&bucket.len())
+        && bucket.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-.".contains(c))
+        && !bucket.starts_with(['-', '.'])
+        && !bucket.ends_with(['-', '.']);
+    if !bucket_ok {
+        return Err(errors.at(
+            raw.bucket.span(),
+            "artifacts.bucket",
+            format!("{bucket:?}: 3 to 63 lowercase letters, digits, - and ., as S3 names buckets"),
+        ));
+    }
+    let prefix = match &raw.prefix {
+        Some(p) => {
+            let text = p.get_ref().trim_matches('/').to_owned();
+            let ok = text.split('/').all(|part| {
+                !part.is_empty()
+                    && part != "."
+                    && part != ".."
+                    && part.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+            });
+            if !text.is_empty() && !ok {
+                return Err(errors.at(
+                    p.span(),
+                    "artifacts.prefix",
+                    format!("{text:?}: /-separated parts of ASCII letters, digits, - . _"),
+                ));
+            }
+            text
+        }
+        None => String::new(),
+    };
+    let region = match &raw.region {
+        Some(r) => {
+            let text = r.get_ref();
+            if text.is_empty() || !text.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+                return Err(errors.at(
+                    r.span(),
+                    "artifacts.region",
+                    format!("{text:?}: letters, digits and - (us-east-1)"),
+                ));
+            }
+            text.clone()
+        }
+        None => "us-east-1".into(),
+    };
+    let url_ttl_secs = match &raw.url_ttl_secs {
+        Some(t) if !(1..=604_800).contains(t.get_ref()) => {
+            return Err(errors.at(
+                t.span(),
+                "artifacts.url_ttl_secs",
+                "between 1 and 604800 seconds (S3's limit for presigned URLs)".into(),
+            ));
+        }
+        Some(t) => *t.get_ref(),
+        None => DEFAULT_URL_TTL_SECS,
+    };
+    Ok(Store {
+        endpoint,
+        bucket,
+        prefix,
+        region,
+        credentials_file: raw
+            .credentials_file
+            .as_ref()
+            .map(|p| remote_path(errors, p, "artifacts.credentials_file"))
+            .transpose()?,
+        url_ttl_secs,
     })
 }
 
@@ -1681,6 +1811,49 @@ addr = "node2.example.com"
         assert_eq!(names(&["n1,n2", "n1"]).unwrap_err(), "--servers: \"n1\" is given twice");
         assert!(names(&["b"]).unwrap_err().contains("\"b\" is not one of"), "the builder");
         assert_eq!(names(&[", "]).unwrap_err(), "--servers: [\", \"] names no server");
+    }
+
+    #[test]
+    fn the_store_is_checked_and_never_holds_credentials() {
+        let store = |body: &str| format!("{GOOD}\n[artifacts]\n{body}\n");
+        let ok = parse(&store(
+            "endpoint = \"http://10.0.0.1:8333/\"\nbucket = \"acme-artifacts\"\nprefix = \"/rack1/\"",
+        ))
+        .unwrap();
+        let a = ok.artifacts.unwrap();
+        assert_eq!(
+            (a.endpoint.as_str(), a.prefix.as_str(), a.region.as_str(), a.url_ttl_secs),
+            ("http://10.0.0.1:8333", "rack1", "us-east-1", DEFAULT_URL_TTL_SECS)
+        );
+        assert!(parse(GOOD).unwrap().artifacts.is_none());
+        for (body, field, says) in [
+            ("endpoint = \"ftp://x\"\nbucket = \"abc\"", "artifacts.endpoint", "http://"),
+            (
+                "endpoint = \"http://key:secret@x:1\"\nbucket = \"abc\"",
+                "artifacts.endpoint",
+                "no path, query or credentials",
+            ),
+            ("endpoint = \"http://x\"\nbucket = \"AB\"", "artifacts.bucket", "3 to 63"),
+            (
+                "endpoint = \"http://x\"\nbucket = \"abc\"\nprefix = \"a/../b\"",
+                "artifacts.prefix",
+                "parts",
+            ),
+            (
+                "endpoint = \"http://x\"\nbucket = \"abc\"\nurl_ttl_secs = 0",
+                "artifacts.url_ttl_secs",
+                "between",
+            ),
+        ] {
+            let err = error(&store(body));
+            assert!(err.contains(&format!(": {field}: ")) && err.contains(says), "{body}: {err}");
+            assert!(err.starts_with("deploy.toml:"), "{err}");
+        }
+        let err = error(&store(
+            "endpoint = \"http://x\"\nbucket = \"abc\"\nsecret_access_key = \"hunter2\"",
+        ));
+        assert!(err.contains("unknown field `secret_access_key`"), "{err}");
+        assert!(!err.contains("hunter2"), "a refused secret is echoed: {err}");
     }
 
     #[test]

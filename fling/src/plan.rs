@@ -581,6 +581,7 @@ pub fn build(cx: &Context<'_>, build: &Build) -> Plan {
         cx.workspace(),
     );
     let mut what = format!("in {}: {xtask}", cx.config.builder.workspace_path());
+    let mut store_stdin = false;
     if let Build::Package(_, flags) = build {
         let artifacts = build.manifest().artifacts.clone().unwrap_or_default();
         if artifacts != Artifacts::default() {
@@ -599,15 +600,65 @@ pub fn build(cx: &Context<'_>, build: &Build) -> Plan {
             );
             let _ = write!(script, " && {}{tools}", cx.echo(&tools));
             what.push_str(&format!(", then build {INSTALLER} (release) and flotilla-overlay"));
+            if let Some(store) = &cx.config.artifacts {
+                let upload = format!(
+                    "{{ cargo xtask fling --config - store-sync --artifacts {} >/dev/null || {{ \
+                     rc=$?; [ \"$rc\" -eq {STORE_UNREACHABLE} ] || exit \"$rc\"; echo 'warning: \
+                     the store cannot be reached now: deploy install will push over ssh' >&2; \
+                     }}; }}",
+                    quote(artifacts.as_str())
+                );
+                let _ = write!(script, " && {}{upload}", cx.echo(&upload));
+                what.push_str(&format!(
+                    ", then upload to the store {}/{} what it lacks of them and of the \
+                     installer, keyed by digest",
+                    store.endpoint, store.bucket
+                ));
+                store_stdin = true;
+            }
         }
     }
     if let Build::Dot(_) = build {
         what.push_str(" (the graph in graphviz's format, on standard output)");
     }
-    plan.hosts.push(HostPlan {
-        host: cx.builder_name(),
-        steps: vec![cx.on_builder(command, StepKind::Work, Agent::NoForward, &script).what([what])],
-    });
+    let mut step = cx.on_builder(command, StepKind::Work, Agent::NoForward, &script).what([what]);
+    if store_stdin {
+        // The store step reads the config from standard input, as `overlay` does.
+        step.stdin = Some(cx.config.text.clone());
+    }
+    plan.hosts.push(HostPlan { host: cx.builder_name(), steps: vec![step] });
+    plan
+}
+
+/// The exit status of the builder's `store-sync` when the store cannot be reached: a deploy
+/// then pushes over ssh (unless `--require-store`).
+pub const STORE_UNREACHABLE: i32 = 75;
+
+/// `deploy install` through the store, first: the builder uploads what the store lacks and
+/// signs this run's URLs, printed as one `flotilla-store {json}` line.
+pub fn store_sync(cx: &Context<'_>, artifacts: &Artifacts) -> Plan {
+    let mut plan = cx.plan("store sync".into(), Locking::NoLock, false, Agent::NoForward);
+    let sync = format!(
+        "cargo xtask fling --config - store-sync --artifacts {} --sign",
+        quote(artifacts.as_str())
+    );
+    let script = format!(
+        "{} && cd -- {} && PATH=\"$HOME/.cargo/bin:$PATH\" && {}{sync}",
+        synced(cx),
+        cx.workspace(),
+        cx.echo_to_stderr(&sync),
+    );
+    let store = cx.config.artifacts.as_ref();
+    let what = format!(
+        "upload to the store {} what it lacks of {artifacts}/ and the installer (keyed by \
+         blake3 digest), and sign this run's GET URLs for the servers (valid {} s); \
+         credentials stay on the builder",
+        store.map_or(String::new(), |s| format!("{}/{}", s.endpoint, s.bucket)),
+        store.map_or(0, |s| s.url_ttl_secs)
+    );
+    let mut step = cx.on_builder("store", StepKind::Work, Agent::NoForward, &script).what([what]);
+    step.stdin = Some(cx.config.text.clone());
+    plan.hosts.push(HostPlan { host: cx.builder_name(), steps: vec![step] });
     plan
 }
 
@@ -787,7 +838,7 @@ pub fn deploy(cx: &Context<'_>, action: DeployAction, servers: &[&Server]) -> Pl
         cx,
         action,
         servers,
-        &DeployOptions { locking, confirm_timeout: &|_| None, expect: &|_| None },
+        &DeployOptions { locking, confirm_timeout: &|_| None, expect: &|_| None, fetch: None },
     )
 }
 
@@ -799,6 +850,9 @@ pub struct DeployOptions<'a> {
     /// What a deploy plan saw for each server (`install --plan`); `None` installs whatever
     /// the builder holds over whatever the server runs.
     pub expect: &'a dyn Fn(&Server) -> Option<Expectation>,
+    /// Through the store: the URLs the builder signed for this run; servers fetch the packages
+    /// and the installer, and only their overlay travels over ssh.
+    pub fetch: Option<&'a flotilla_contracts::store::FetchList>,
 }
 
 /// What `install --plan` holds a server's install to: the builder must still be about to send
@@ -851,7 +905,8 @@ pub fn deploy_with(
                     ]);
                 }
                 let install = cx.installer(&words);
-                let (mut names, mut body) = install_body(cx, server, artifacts, &install);
+                let (mut names, mut body) =
+                    install_body(cx, server, artifacts, &install, options.fetch);
                 let mut what = Vec::new();
                 if let Some(expect) = &expect {
                     names.insert(0, "verify");
@@ -870,33 +925,50 @@ pub fn deploy_with(
                         expect.active.as_deref().unwrap_or("none")
                     ));
                 }
-                what.extend([
-                    format!(
-                        "when {} already holds what this deploy sends (its staged key), only \
+                what.extend([format!(
+                    "when {} already holds what this deploy sends (its staged key), only \
                          install",
-                        cx.staging()
-                    ),
-                    format!(
+                    cx.staging()
+                )]);
+                match options.fetch {
+                    None => what.push(format!(
                         "rsync the packages and digests.b3 of {artifacts}/, {INSTALLER} and \
                          out/overlay/{}/ to {} (--delete, --checksum, --protect-args; refused \
                          without its marker)",
                         server.name,
                         cx.staging()
-                    ),
-                    format!(
-                        "{INSTALLER} install --create-users {packages} --overlay {overlay} \
+                    )),
+                    Some(list) => what.extend([
+                        format!(
+                            "{INSTALLER} fetch on the server: the {} package(s) of {artifacts}/ \
+                             and {INSTALLER} from the store with this run's presigned URLs, \
+                             each verified against its digest before it takes its name, resumed \
+                             and retried; a server without a fetching installer gets it pushed \
+                             first",
+                            list.packages.len()
+                        ),
+                        format!(
+                            "rsync out/overlay/{}/ to {} (only the overlay: it never goes to \
+                             the store; --delete, --checksum, --protect-args; refused without \
+                             its marker)",
+                            server.name,
+                            cx.staging()
+                        ),
+                    ]),
+                }
+                what.extend([format!(
+                    "{INSTALLER} install --create-users {packages} --overlay {overlay} \
                          (prefix {}, {manager}; creates the services' missing users), then \
                          record the staged key{}",
-                        cx.config.deployment.prefix,
-                        match confirm {
-                            Some(secs) => format!(
-                                "; a new release awaits confirmation within {secs} s, else the \
+                    cx.config.deployment.prefix,
+                    match confirm {
+                        Some(secs) => format!(
+                            "; a new release awaits confirmation within {secs} s, else the \
                                  server puts its previous release back"
-                            ),
-                            None => String::new(),
-                        }
-                    ),
-                ]);
+                        ),
+                        None => String::new(),
+                    }
+                )]);
                 plan.hosts.push(HostPlan {
                     host: server.name.to_string(),
                     steps: vec![cx.server_step_with(server, names, &body, what)],
@@ -1140,6 +1212,11 @@ fn verify_payload(
     format!("{} >/dev/null", payload_command(cx, server, artifacts, Some(expect)))
 }
 
+/// The state `deploy plan` reports for a server without an installer: nothing installed.
+pub fn never_installed() -> serde_json::Value {
+    serde_json::json!({"installer": "", "active": null, "awaiting_confirmation": null})
+}
+
 /// `deploy plan`: for each server, what the builder would send it (`flotilla-installer payload`
 /// on the builder) and what it runs now (`flotilla-installer state` there), each one JSON line
 /// on standard output; `survey::compare` turns the two into the server's changes. Nothing is
@@ -1147,8 +1224,7 @@ fn verify_payload(
 pub fn survey(cx: &Context<'_>, servers: &[&Server], artifacts: &Artifacts) -> Plan {
     let mut plan = cx.plan("deploy plan".into(), Locking::NoLock, true, Agent::Forward);
     let bin = cx.staging().join("bin").join(INSTALLER).shell_word();
-    let never =
-        serde_json::json!({"installer": null, "active": null, "awaiting_confirmation": null});
+    let never = serde_json::json!({"installer": "", "active": null, "awaiting_confirmation": null});
     for server in servers {
         let hop = cx.server_hop(server);
         let state = format!(
@@ -1270,6 +1346,7 @@ fn install_body(
     server: &Server,
     artifacts: &Artifacts,
     install: &str,
+    fetch: Option<&flotilla_contracts::store::FetchList>,
 ) -> (Vec<&'static str>, String) {
     let hop = cx.server_hop(server);
     let digests = quote(&format!("{artifacts}/digests.b3"));
@@ -1304,13 +1381,66 @@ fn install_body(
         install_phase = phase("install"),
         echo_install = cx.echo(&install_and_record),
     );
-    (vec!["check", "push", "install"], body)
+    let Some(list) = fetch else {
+        return (vec!["check", "push", "install"], body);
+    };
+    // Through the store: the server's installer fetches the packages and the new installer
+    // with this run's URLs; one without an installer (or too old to fetch) gets the installer
+    // pushed first, then fetches the packages with it. Only the overlay travels over ssh.
+    let bin = cx.staging().join("bin").join(INSTALLER).shell_word();
+    let packages = cx.staging().join("packages").shell_word();
+    let list = quote(&serde_json::to_string(list).expect("a fetch list serializes"));
+    let fetch_with = |installer: bool| {
+        let words = if installer {
+            format!("fetch --packages {packages} --installer {bin}")
+        } else {
+            format!("fetch --packages {packages}")
+        };
+        let remote = format!("if [ -x {bin} ]; then exec {bin} {words}; else exit 127; fi");
+        format!("printf '%s' {list} | {}", hop.run(&remote))
+    };
+    let body = format!(
+        "( {key}; if [ \"$k\" != none ]; then {check_phase}; {echo_check}{check}; rc=$?; case $rc \
+         in {not_staged} | 126 | 127) ;; *) exit \"$rc\" ;; esac; fi; {fetch_phase}; {fetch}; \
+         rc=$?; case $rc in 0) i=fetched ;; 2 | 126 | 127) i=pushed ;; *) exit \"$rc\" ;; esac; \
+         {push_phase}; if [ \"$i\" = pushed ]; then {push_installer} && {fetch_packages}; else \
+         {push_overlay}; fi || exit $?; {install_phase}; {echo_install}{install_and_record} )",
+        not_staged = flotilla_contracts::installer::EXIT_NOT_STAGED,
+        check_phase = phase("check"),
+        echo_check = cx.echo(&check),
+        fetch_phase = phase("fetch"),
+        fetch = fetch_with(true),
+        push_phase = phase("push"),
+        push_installer = push_with(cx, server, artifacts, PushMode::OverlayAndInstaller),
+        fetch_packages = fetch_with(false),
+        push_overlay = push_with(cx, server, artifacts, PushMode::Overlay),
+        install_phase = phase("install"),
+        echo_install = cx.echo(&install_and_record),
+    );
+    (vec!["check", "fetch", "push", "install"], body)
 }
 
 /// The builder-side command that pushes the packages, the digest list, the installer and this
 /// server's overlay (nothing of any other server's) to the server's staging directory. rsync
 /// sends only what changed, so a redeploy of the same packages sends no payload.
 fn push(cx: &Context<'_>, server: &Server, artifacts: &Artifacts) -> String {
+    push_with(cx, server, artifacts, PushMode::Everything)
+}
+
+/// What a push sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PushMode {
+    /// The packages, the digest list, the installer and the overlay.
+    Everything,
+    /// Through the store, to a server without a fetching installer: the installer and the
+    /// overlay; the packages the server fetched stay.
+    OverlayAndInstaller,
+    /// Through the store: the overlay alone; the fetched packages and installer stay.
+    Overlay,
+}
+
+/// [`push`] of what `mode` names.
+fn push_with(cx: &Context<'_>, server: &Server, artifacts: &Artifacts, mode: PushMode) -> String {
     let hop = cx.server_hop(server);
     let overlay_dir = format!("out/overlay/{}", server.name);
     // One rsync per server moves everything: the builder assembles the server's staging tree
@@ -1342,6 +1472,13 @@ fn push(cx: &Context<'_>, server: &Server, artifacts: &Artifacts) -> String {
     rsync_words.extend(cx.itemize());
     let exclude_marker = format!("--exclude=/{STAGING_MARKER}");
     let exclude_tools = format!("--exclude=/{TOOLS}/");
+    // Through the store, what the server fetched is neither sent nor deleted.
+    let kept: &[&str] = match mode {
+        PushMode::Everything => &[],
+        PushMode::OverlayAndInstaller => &["--exclude=/packages/"],
+        PushMode::Overlay => &["--exclude=/packages/", "--exclude=/bin/"],
+    };
+    rsync_words.extend(kept);
     let rsync_path = format!("--rsync-path={rsync_path}");
     let source = format!("{view}/");
     let destination = format!("{}:{}/", hop.rsync_destination, cx.staging().for_rsync());
@@ -1366,11 +1503,7 @@ fn push(cx: &Context<'_>, server: &Server, artifacts: &Artifacts) -> String {
          builder: run `fling build package` first' >&2; exit 1; }}; \
          [ -d {od} ] || {{ echo {missing} >&2; exit 1; }}; \
          v={view}; rm -rf -- \"$v\"; mkdir -p -m 700 -- \"$v\"; mkdir -- \"$v/packages\" \"$v/bin\"; \
-         for f in {out}/*.tar.gz {out}/*.tar {out}/digests.b3; do [ -e \"$f\" ] || continue; \
-         ln -- \"$f\" \"$v/packages/\" 2>/dev/null || cp -p -- \"$f\" \"$v/packages/\"; done; \
-         ln -- target/release/{INSTALLER} \"$v/bin/\" 2>/dev/null || \
-         cp -p -- target/release/{INSTALLER} \"$v/bin/\"; \
-         cp -al -- {od} \"$v/overlay\" 2>/dev/null || cp -a -- {od} \"$v/overlay\"; \
+         {copy_packages}{copy_installer}cp -al -- {od} \"$v/overlay\" 2>/dev/null || cp -a -- {od} \"$v/overlay\"; \
          rc=0; {echo}{rsync} || rc=$?; rm -rf -- \"$v\"; exit $rc",
         src = cx.workspace(),
         // Plain: `Artifacts` holds only characters no shell treats specially, so the globs
@@ -1388,6 +1521,24 @@ fn push(cx: &Context<'_>, server: &Server, artifacts: &Artifacts) -> String {
         od = quote(&overlay_dir),
         view = quote(&view),
         missing = quote(&format!("no {overlay_dir} on the builder: run `fling overlay` first")),
+        copy_packages = if mode == PushMode::Everything {
+            format!(
+                "for f in {out}/*.tar.gz {out}/*.tar {out}/digests.b3; do [ -e \"$f\" ] || \
+                 continue; ln -- \"$f\" \"$v/packages/\" 2>/dev/null || cp -p -- \"$f\" \
+                 \"$v/packages/\"; done; ",
+                out = quote(artifacts.as_str())
+            )
+        } else {
+            String::new()
+        },
+        copy_installer = if mode == PushMode::Overlay {
+            String::new()
+        } else {
+            format!(
+                "ln -- target/release/{INSTALLER} \"$v/bin/\" 2>/dev/null || cp -p -- \
+                 target/release/{INSTALLER} \"$v/bin/\"; "
+            )
+        },
     );
     // A subshell, so `set -e` and `cd` stay inside this phase.
     format!("( {script} )")

@@ -45,6 +45,9 @@ pub struct Rolling<'a> {
     /// `install --plan`: what the plan saw for each server, by name; each batch's installs
     /// are held to it.
     pub expect: std::collections::BTreeMap<String, super::plan::Expectation>,
+    /// Through the store: the URLs the builder signed for the run, which every batch's
+    /// servers fetch with (they must stay valid for the whole rollout: `url_ttl_secs`).
+    pub fetch: Option<flotilla_contracts::store::FetchList>,
 }
 
 /// A server's confirmation timeout in seconds: `--confirm-timeout` when given, else the
@@ -129,6 +132,7 @@ impl<'a> Rolling<'a> {
             confirm_timeout: rollout.confirm_timeout_secs,
             confirm_flag: None,
             expect: std::collections::BTreeMap::new(),
+            fetch: None,
         }
     }
 
@@ -327,6 +331,7 @@ impl<'a> Rolling<'a> {
                     locking: Locking::Keep,
                     confirm_timeout: &confirm,
                     expect: &|s| self.expect.get(s.name.as_str()).cloned(),
+                    fetch: self.fetch.as_ref(),
                 },
             );
             let deployed = run(&format!("batch {number}/{count}: install"), &plan);

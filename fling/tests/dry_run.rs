@@ -30,6 +30,12 @@ known_hosts = "/etc/fling/known_hosts"
 [overlay]
 identity_services = ["greeter"]
 
+[artifacts]
+endpoint = "http://192.0.2.1:8333"
+bucket = "acme-artifacts"
+prefix = "rack1"
+credentials_file = "$HOME/.config/flotilla/store.toml"
+
 [servers.builder]
 username = "builder"
 addr = "builder.example.com"
@@ -81,6 +87,24 @@ fn debug_config() -> Config {
     let text = format!("debug = true\nrss_config_path = \"rack/config-rss.toml\"\n{CONFIG}")
         .replace("prefix = \"/opt/acme\"", "prefix = \"/opt/acme\"\nrss_server = \"node1\"");
     Config::parse(Utf8Path::new("deployment.toml"), &text).unwrap()
+}
+
+/// What a store step signs, as a fixed example.
+fn fetch_list() -> flotilla_contracts::store::FetchList {
+    let object = |file: &str, seed: &str| flotilla_contracts::store::FetchObject {
+        file: file.into(),
+        digest: seed.repeat(64),
+        size: 1000,
+        url: format!(
+            "http://192.0.2.1:8333/flotilla/blake3/{}?X-Amz-Signature=00",
+            seed.repeat(64)
+        ),
+    };
+    flotilla_contracts::store::FetchList {
+        packages: vec![object("greeter.tar.gz", "a")],
+        installer: object("flotilla-installer", "b"),
+        expires_at: 1_796_300_900,
+    }
 }
 
 /// Every command's plan, by the name of its golden file.
@@ -142,9 +166,25 @@ fn plans<'a>(
                             installer: "ab".repeat(32),
                         })
                     },
+                    fetch: None,
                 },
             ),
         ),
+        (
+            "deploy-install-store",
+            plan::deploy_with(
+                &cx,
+                install(),
+                &one,
+                &plan::DeployOptions {
+                    locking: plan::Locking::Lock,
+                    confirm_timeout: &|_| None,
+                    expect: &|_| None,
+                    fetch: Some(&fetch_list()),
+                },
+            ),
+        ),
+        ("store-sync", plan::store_sync(&cx, &Artifacts::default())),
         ("history", plan::history(&cx)),
         ("lock-status", plan::lock(&cx, false)),
         ("lock-release", plan::lock(&cx, true)),

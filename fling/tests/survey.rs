@@ -151,6 +151,15 @@ fn the_plan_table_and_json_match_their_golden_files() {
 }
 
 #[test]
+fn a_server_without_an_installer_reads_as_nothing_installed() {
+    let state: HostState = serde_json::from_value(flotilla_fling::plan::never_installed()).unwrap();
+    let plan = survey::compare("node9", payload("5555666677778888", 'd', Vec::new()), state);
+    assert_eq!(plan.verdict, Verdict::Changes);
+    assert_eq!(plan.release.from, None);
+    assert_eq!(plan.installer.as_ref().and_then(|i| i.from.clone()), None);
+}
+
+#[test]
 fn a_plan_is_stale_when_the_builder_or_a_server_moved() {
     let saved = fixture();
     assert!(survey::stale(&saved, &saved).is_empty());

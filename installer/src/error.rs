@@ -64,6 +64,9 @@ pub enum Error {
          last log lines of {service}:\n{logs}"
     )]
     Unhealthy { release: String, service: String, reason: String, outcome: String, logs: String },
+    /// `fetch`: an object could not be downloaded from the store.
+    #[error("fetch {file} from the store: {message}")]
+    Fetch { file: String, message: String },
     /// `install --expect-release`: the active release is not the one the deploy plan saw.
     #[error(
         "the active release is {found}, not {expected} as the deploy plan saw: nothing was \

@@ -10,6 +10,7 @@ pub mod accounts;
 pub mod confirm;
 pub mod digests;
 pub mod error;
+pub mod fetch;
 pub mod health;
 pub mod install;
 pub mod lock;

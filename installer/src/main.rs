@@ -85,6 +85,19 @@ enum Command {
         #[arg(long, value_name = "RELEASE|none")]
         expect_release: Option<String>,
     },
+    /// Download the packages and the installer a deploy lists on standard input (presigned
+    /// URLs of an S3-compatible store, JSON) into the staging directory, each verified against
+    /// its digest before it takes its name; resumed and retried, at most --attempts times.
+    Fetch {
+        /// The staging directory's packages directory: the archives and digests.b3 go there.
+        #[arg(long)]
+        packages: Utf8PathBuf,
+        /// Where the installer binary goes, when the list's installer is wanted.
+        #[arg(long)]
+        installer: Option<Utf8PathBuf>,
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+        attempts: u32,
+    },
     /// Print this host's active release, its packages and overlay files by digest, and the
     /// installer's own digest, as one `flotilla-state {json}` line: what a deploy plan reads.
     State,
@@ -168,6 +181,27 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<u8> {
+    if let Command::Fetch { packages, installer, attempts } = &cli.command {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .context("read the fetch list from standard input")?;
+        let list = installer::fetch::read_list(&text)?;
+        installer::fetch::unstage_key(packages)?;
+        let options = installer::fetch::FetchOptions { attempts: *attempts, ..Default::default() };
+        let done = installer::fetch::fetch(&list, packages, installer.as_deref(), &options)?;
+        println!(
+            "fetched {} file(s), {} bytes, from the store; {} already staged{}",
+            done.downloaded.len(),
+            done.bytes,
+            done.kept.len(),
+            if done.removed.is_empty() {
+                String::new()
+            } else {
+                format!("; removed {}", done.removed.join(", "))
+            }
+        );
+        return Ok(EXIT_OK);
+    }
     // `payload` runs on the builder, which need not have a service manager.
     if let Command::Payload { packages, overlay, expect_release, expect_installer } = &cli.command {
         let payload = installer::survey::payload(
@@ -306,7 +340,9 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 }
             }
         }
-        Command::Probe { .. } | Command::Payload { .. } => unreachable!("handled above"),
+        Command::Probe { .. } | Command::Payload { .. } | Command::Fetch { .. } => {
+            unreachable!("handled above")
+        }
         Command::State => {
             let state = installer::survey::host_state(
                 installer.layout(),

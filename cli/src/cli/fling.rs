@@ -105,6 +105,16 @@ pub enum FlingCommand {
         #[arg(long)]
         rotate: bool,
     },
+    /// What the builder runs for a deploy through the artifact store ([artifacts]): upload
+    /// what the store lacks of the outputs and the installer, and with --sign print the
+    /// servers' presigned URLs [runs on: builder].
+    #[command(hide = true)]
+    StoreSync {
+        #[arg(long, value_name = "DIR", default_value = "out")]
+        artifacts: Artifacts,
+        #[arg(long)]
+        sign: bool,
+    },
     /// Install, uninstall, inspect or roll back the servers; the builder pushes to each
     /// server [runs on: builder -> servers].
     #[command(subcommand_precedence_over_arg = true)]
@@ -298,6 +308,9 @@ pub struct FlingRolloutArgs {
     /// the builder's journal recorded it (`fling history`).
     #[arg(long)]
     pub retry_failed: bool,
+    /// With [artifacts]: fail when the store cannot be reached, instead of pushing over ssh.
+    #[arg(long)]
+    pub require_store: bool,
 }
 
 impl FlingRolloutArgs {
