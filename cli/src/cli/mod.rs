@@ -381,6 +381,10 @@ pub enum TestbedCommand {
         /// The testbed's name; several testbeds with different names can run at once.
         #[arg(long, default_value = "default")]
         name: String,
+        /// Also start an S3-compatible artifact store (SeaweedFS) on the testbed's bridge and
+        /// name it in `[artifacts]` of the deployment configs, so deploys fetch through it.
+        #[arg(long)]
+        store: bool,
     },
     /// Show the nodes of a testbed, their addresses and whether sshd answers.
     Status {
