@@ -171,7 +171,11 @@ pub fn start(
 
 /// Waits until the S3 port answers an anonymous request with an S3 answer (a refusal is one):
 /// the gateway then has its filer and can serve the builder.
-pub fn wait_until_ready(child: &mut Child, store: &StoreState, dir: &Utf8Path) -> anyhow::Result<()> {
+pub fn wait_until_ready(
+    child: &mut Child,
+    store: &StoreState,
+    dir: &Utf8Path,
+) -> anyhow::Result<()> {
     let log = dir.join("weed.log");
     let addr: SocketAddr = store
         .endpoint

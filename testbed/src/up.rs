@@ -38,7 +38,12 @@ pub struct Options {
     pub store: bool,
 }
 
-pub fn up(sh: &Shell, tb: &Testbeds<'_>, name: &TestbedName, options: Options) -> anyhow::Result<Up> {
+pub fn up(
+    sh: &Shell,
+    tb: &Testbeds<'_>,
+    name: &TestbedName,
+    options: Options,
+) -> anyhow::Result<Up> {
     let root = &tb.root;
     let nodes = options.nodes;
     preflight()?;

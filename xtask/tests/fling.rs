@@ -1230,13 +1230,21 @@ fn full_flow_and_faults_on_a_three_node_testbed() {
     if !flotilla_testbed::test_support::can_run("full_flow_and_faults_on_a_three_node_testbed") {
         return;
     }
-    let tb = flotilla_testbed::test_support::Testbed::up(&workspace(), "fling", 3);
+    let options = flotilla_testbed::Options { nodes: 3, store: true };
+    let tb = flotilla_testbed::test_support::Testbed::up_with(&workspace(), "fling", options);
     let bed = Bed { config: tb.deployment.clone(), tb: &tb };
     // Every server carries the whole hostile corpus in its variables, as data, through the
     // real deploy below: nothing it spells runs anywhere.
     let marker = format!("/tmp/fling-pwned-flow-{}", std::process::id());
     let _ = std::fs::remove_file(&marker);
     add_hostile_vars(&bed.config, &bed.tb.nodes, &marker);
+    // The testbed's configs name its store; the flow pushes, and the store's part of it uses
+    // a copy that keeps `[artifacts]`.
+    let store_bed = Bed { config: tb.dir.join("deployment-store.toml"), tb: &tb };
+    std::fs::copy(&bed.config, &store_bed.config).unwrap();
+    let mut table: toml::Table = std::fs::read_to_string(&bed.config).unwrap().parse().unwrap();
+    assert!(table.remove("artifacts").is_some(), "testbed up --store named no store");
+    std::fs::write(&bed.config, toml::to_string(&table).unwrap()).unwrap();
 
     // The third node has no rsync (and no route to a mirror): install-prereqs carries the
     // builder's there, every deploy below uses it, and uninstall removes it.
@@ -1402,6 +1410,7 @@ fn full_flow_and_faults_on_a_three_node_testbed() {
     assert_ne!(release_five[1], release_four[1], "node2 did not converge");
 
     plans_journal_and_retry(&bed);
+    through_the_store(&store_bed);
     let release_five = bed.assert_converged();
 
     // thing-flinger's forms on the real builder: the package graph on standard output;
@@ -1448,6 +1457,152 @@ fn full_flow_and_faults_on_a_three_node_testbed() {
         assert_eq!(found, "absent", "a hostile variable ran on {node}");
     }
     assert!(!Path::new(&marker).exists(), "a hostile variable ran on the client or builder");
+}
+
+/// Deploys through the testbed's artifact store (SeaweedFS): the servers fetch the packages
+/// from it and the builder sends no package bytes over ssh; an object tampered with in the
+/// store is refused by every installer with a digest error while the old release keeps
+/// serving; an expired URL fails clearly; with the store stopped, the deploy falls back to
+/// pushing (and `--require-store` refuses to).
+fn through_the_store(bed: &Bed) {
+    let store = bed.tb.store.clone().expect("the testbed has a store");
+    let nodes = &bed.tb.nodes;
+    let digests = || std::fs::read_to_string(bed.builder_source().join("out/digests.b3")).unwrap();
+    let control_plane_digest = || {
+        let list = digests();
+        let line = list.lines().find(|l| l.ends_with("  control-plane.tar.gz")).unwrap();
+        line.split_whitespace().next().unwrap().to_owned()
+    };
+    let sent = |out: &Output| -> Vec<u64> {
+        let summary = json_lines(out).pop().unwrap();
+        summary["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["bytes_sent"].as_u64().unwrap())
+            .collect()
+    };
+
+    // A new control-plane goes to the store once, at packaging; each server fetches it.
+    bed.change_control_plane("store");
+    let out = bed.fling_ok(&["--json", "install"]);
+    let before = bed.assert_converged();
+    for (node, bytes) in nodes.iter().zip(sent(&out)) {
+        // The package is 1.4 MB; what ssh carried is the check and the overlay's file lists.
+        assert!(bytes < 100_000, "{node}: {bytes} bytes over ssh in a deploy through the store");
+    }
+    assert!(text(&out).contains("from the store"), "{}", text(&out));
+    let staged = bed.ssh_ok(&nodes[0], "cat /var/tmp/flotilla-staging/packages/digests.b3");
+    assert_eq!(staged.trim(), digests().trim(), "node1 staged other packages");
+
+    // Tampered: the store's copy of the next control-plane has one byte flipped.
+    bed.change_control_plane("tampered");
+    let key = format!("/buckets/flotilla/testbed/blake3/{}", control_plane_digest());
+    let (status, original) = http(&store.filer, "GET", &key, &[]);
+    assert_eq!(status, 200, "the filer has no {key}");
+    let mut bad = original.clone();
+    bad[original.len() / 2] ^= 0xff;
+    let (status, _) = http(&store.filer, "PUT", &key, &bad);
+    assert!((200..300).contains(&status), "tamper with {key}: {status}");
+    let out = bed.fling(&["install"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    for (node, current) in nodes.iter().zip(&before) {
+        let line = host_line(&String::from_utf8_lossy(&out.stdout), node).to_owned();
+        assert!(line.contains("fetch") && line.contains("failed"), "{line}");
+        assert_eq!(&bed.current(node), current, "{node} left its release for a tampered one");
+    }
+    let err = text(&out);
+    assert!(
+        err.contains("the store's object has digest") && err.contains("nothing was unpacked"),
+        "{err}"
+    );
+    bed.assert_healthy();
+    // The good bytes back, the same deploy converges.
+    let (status, _) = http(&store.filer, "PUT", &key, &original);
+    assert!((200..300).contains(&status), "restore {key}: {status}");
+    bed.fling_ok(&["install"]);
+    assert_ne!(bed.assert_converged(), before);
+
+    // Expired: URLs signed for one second, used after two.
+    let short = bed.tb.dir.join("deployment-short-urls.toml");
+    let config = std::fs::read_to_string(&bed.config).unwrap();
+    std::fs::write(&short, config.replace("[artifacts]\n", "[artifacts]\nurl_ttl_secs = 1\n"))
+        .unwrap();
+    let source = bed.builder_source();
+    let signed = Command::new(source.join("target/debug/xtask"))
+        .current_dir(&source)
+        .args(["fling", "--config"])
+        .arg(&short)
+        .args(["store-sync", "--artifacts", "out", "--sign"])
+        .output()
+        .unwrap();
+    assert!(signed.status.success(), "store-sync: {}", text(&signed));
+    let answer: serde_json::Value = String::from_utf8_lossy(&signed.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("flotilla-store "))
+        .map(|j| serde_json::from_str(j).unwrap())
+        .unwrap_or_else(|| panic!("no answer from store-sync: {}", text(&signed)));
+    let list = answer["fetch"].to_string();
+    std::thread::sleep(Duration::from_secs(2));
+    let dir = format!("/var/tmp/fling-expired-{}", std::process::id());
+    let mut fetch = bed.tb.ssh_command(&nodes[0], &[]);
+    fetch
+        .arg(format!("/var/tmp/flotilla-staging/bin/flotilla-installer fetch --packages {dir}; rc=$?; rm -rf {dir}; exit $rc"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = fetch.spawn().unwrap();
+    use std::io::Write as _;
+    child.stdin.take().unwrap().write_all(list.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "an expired URL was served: {}", text(&out));
+    assert!(text(&out).contains("it expired"), "{}", text(&out));
+
+    // The store stopped: packaging warns, the deploy pushes instead, unless told not to.
+    let killed = Command::new("kill").arg(store.pid.to_string()).status().unwrap();
+    assert!(killed.success(), "stop the store (pid {})", store.pid);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while flotilla_testbed::store::http_status(
+        store.endpoint.trim_start_matches("http://").parse().unwrap(),
+        "GET",
+        "/",
+        &[],
+    )
+    .is_some()
+    {
+        assert!(Instant::now() < deadline, "the store still answers");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bed.change_control_plane("fallback");
+    let out = bed.fling(&["install", "--require-store"]);
+    assert_ne!(out.status.code(), Some(0), "--require-store deployed without the store");
+    assert!(text(&out).contains("cannot be reached"), "{}", text(&out));
+    let unchanged = bed.assert_converged();
+    let out = bed.fling_ok(&["--json", "install"]);
+    assert!(text(&out).contains("pushing"), "{}", text(&out));
+    for (node, bytes) in nodes.iter().zip(sent(&out)) {
+        assert!(bytes > 1_000_000, "{node}: the fallback pushed only {bytes} bytes");
+    }
+    assert_ne!(bed.assert_converged(), unchanged);
+}
+
+/// One HTTP/1.0 request to `base` (`http://host:port`): the status and the body.
+fn http(base: &str, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    use std::io::{Read as _, Write as _};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(addr).unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).unwrap();
+    let split = answer.windows(4).position(|w| w == b"\r\n\r\n").expect("an HTTP answer");
+    let status_line = String::from_utf8_lossy(&answer[..split]).lines().next().unwrap().to_owned();
+    let status = status_line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, answer[split + 4..].to_vec())
 }
 
 /// The connections a node's sshd accepted so far, counted from its journal inside the node
