@@ -144,6 +144,8 @@ pub fn start(
         format!("-volume.port={volume}"),
         format!("-volume.port.grpc={volume_grpc}"),
         "-volume.max=8".to_owned(),
+        // `down` stops it at once rather than after the default ten seconds' grace.
+        "-volume.preStopSeconds=0".to_owned(),
         "-filer".to_owned(),
         format!("-filer.port={filer}"),
         format!("-filer.port.grpc={filer_grpc}"),

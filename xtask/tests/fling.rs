@@ -1558,8 +1558,8 @@ fn through_the_store(bed: &Bed) {
     assert!(!out.status.success(), "an expired URL was served: {}", text(&out));
     assert!(text(&out).contains("it expired"), "{}", text(&out));
 
-    // The store stopped: packaging warns, the deploy pushes instead, unless told not to.
-    let killed = Command::new("kill").arg(store.pid.to_string()).status().unwrap();
+    // The store gone (killed, as a crash would): packaging warns, the deploy pushes instead, unless told not to.
+    let killed = Command::new("kill").args(["-KILL", &store.pid.to_string()]).status().unwrap();
     assert!(killed.success(), "stop the store (pid {})", store.pid);
     let deadline = Instant::now() + Duration::from_secs(15);
     while flotilla_testbed::store::http_status(
