@@ -7,6 +7,12 @@
 //! fling is timed as a user runs it: a whole `cargo xtask fling ... install` (run in this
 //! process, through the same entry point as the command line), from reading the config to the
 //! report, including its own connection to the builder.
+//!
+//! With `[artifacts]` in the config, the tables above push (the bench's configs leave the
+//! store out), and a second table compares the builder's egress of a deploy that pushes with
+//! one through the store, to servers that have the installer and lack the packages (after
+//! `deploy clean`, as for every new release): what ssh carried, what was uploaded to the store
+//! (under a key prefix of the run's own, so every object is uploaded), and the deploy's time.
 
 use std::time::{Duration, Instant};
 
@@ -17,6 +23,16 @@ use xshell::{cmd, Shell};
 use flotilla_fling::config::{Config, Server};
 
 use crate::cli::{FlingArgs, FlingCommand};
+
+/// One row of the egress table: push against store.
+struct Egress {
+    nodes: usize,
+    push: Duration,
+    push_ssh: u64,
+    store: Duration,
+    store_ssh: u64,
+    uploaded: u64,
+}
 
 /// One row of the result table.
 struct Row {
@@ -69,13 +85,14 @@ pub fn run(
     }
     let scratch = Scratch::new()?;
     let mut rows = Vec::new();
+    let mut egress_rows = Vec::new();
     for &n in nodes {
         let servers: Vec<&Server> =
             config.deployment.servers[..n].iter().map(|s| config.server(s)).collect();
         let names = servers.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(",");
         // The first n servers are a cluster of their own (a database's members, the rack
         // secret's shares): a config that names only them, and their overlay generated from it.
-        let config_path = &first_servers_config(config, n, &scratch.0)?;
+        let config_path = &first_servers_config(config, n, &scratch.0, None)?;
         overlay(sh, ctx, config_path)?;
         let mut samples = Vec::new();
         for _ in 0..runs {
@@ -114,6 +131,14 @@ pub fn run(
         }
         samples.sort_by_key(|r| r.fling);
         rows.push(samples.swap_remove(samples.len() / 2));
+        if let Some(store) = &config.artifacts {
+            let mut samples = Vec::new();
+            for run in 0..runs {
+                samples.push(egress(sh, ctx, config, store, n, run, &names, &scratch.0, &source)?);
+            }
+            samples.sort_by_key(|r| r.store);
+            egress_rows.push(samples.swap_remove(samples.len() / 2));
+        }
     }
     // Leave the overlay of the whole deployment, as `fling overlay` made it.
     overlay(sh, ctx, config_path)?;
@@ -141,7 +166,78 @@ pub fn run(
             r.baseline.as_secs_f64()
         );
     }
+    if !egress_rows.is_empty() {
+        let installer = source.join("target/release").join(flotilla_fling::plan::INSTALLER);
+        let installer_size = installer.metadata().map(|m| m.len()).unwrap_or(0);
+        println!(
+            "\nnew release to servers that have the installer: push against the store; egress \
+             is what left the builder (ssh + uploads); one server's payload is {:.1} MB \
+             ({:.1} MB packages + {:.1} MB installer)\n",
+            (payload + installer_size) as f64 / 1e6,
+            payload as f64 / 1e6,
+            installer_size as f64 / 1e6
+        );
+        println!(
+            "| nodes | push: ssh | push: time | store: upload | store: ssh | store: time | egress push | egress store | store egress / one payload |"
+        );
+        println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        for r in &egress_rows {
+            let store_egress = r.uploaded + r.store_ssh;
+            println!(
+                "| {} | {:.1} MB | {:.2} s | {:.1} MB | {:.1} kB | {:.2} s | {:.1} MB | {:.1} MB | {:.2}x |",
+                r.nodes,
+                r.push_ssh as f64 / 1e6,
+                r.push.as_secs_f64(),
+                r.uploaded as f64 / 1e6,
+                r.store_ssh as f64 / 1e3,
+                r.store.as_secs_f64(),
+                r.push_ssh as f64 / 1e6,
+                store_egress as f64 / 1e6,
+                store_egress as f64 / (payload + installer_size) as f64
+            );
+        }
+    }
     Ok(())
+}
+
+/// One egress sample for the first `n` servers: installed by push, staged packages removed
+/// (`deploy clean`), a push deploy; staged packages removed again, every object uploaded under
+/// a fresh prefix, a deploy through the store; then uninstalled.
+#[allow(clippy::too_many_arguments)]
+fn egress(
+    sh: &Shell,
+    ctx: &crate::Context,
+    config: &Config,
+    store: &flotilla_fling::config::Store,
+    n: usize,
+    run: usize,
+    names: &str,
+    dir: &Utf8Path,
+    source: &Utf8Path,
+) -> anyhow::Result<Egress> {
+    let push_config = first_servers_config(config, n, dir, None)?;
+    let prefix = format!("{}/bench-{}-{n}-{run}", store.prefix, std::process::id());
+    let prefix = prefix.trim_start_matches('/').to_owned();
+    let store_config = first_servers_config(config, n, dir, Some(&prefix))?;
+    fling(sh, ctx, &push_config, names, "install")?;
+    fling(sh, ctx, &push_config, names, "clean")?;
+    let (push, push_ssh) = fling(sh, ctx, &push_config, names, "install")?;
+    fling(sh, ctx, &push_config, names, "clean")?;
+    let mut fresh = store.clone();
+    fresh.prefix = prefix;
+    let credentials = match &store.credentials_file {
+        Some(p) => Some(p.local().map_err(|e| anyhow::anyhow!("artifacts.credentials_file: {e}"))?),
+        None => None,
+    };
+    let client =
+        crate::store::Client::new(&fresh, crate::store::credentials(credentials.as_deref())?)?;
+    let installer = source.join("target/release").join(flotilla_fling::plan::INSTALLER);
+    let uploaded = crate::store::sync(&client, &source.join("out"), &installer, false)
+        .map_err(|e| anyhow::anyhow!("upload to the store: {e}"))?
+        .uploaded_bytes;
+    let (store_time, store_ssh) = fling(sh, ctx, &store_config, names, "install-from-store")?;
+    let _ = fling(sh, ctx, &push_config, names, "uninstall");
+    Ok(Egress { nodes: n, push, push_ssh, store: store_time, store_ssh, uploaded })
 }
 
 /// A private directory of the bench's derived configs, removed when dropped.
@@ -162,8 +258,14 @@ impl Drop for Scratch {
     }
 }
 
-/// Writes a copy of the config whose deployment is its first `n` servers.
-fn first_servers_config(config: &Config, n: usize, dir: &Utf8Path) -> anyhow::Result<Utf8PathBuf> {
+/// Writes a copy of the config whose deployment is its first `n` servers: without its store,
+/// or with the store under `store_prefix`.
+fn first_servers_config(
+    config: &Config,
+    n: usize,
+    dir: &Utf8Path,
+    store_prefix: Option<&str>,
+) -> anyhow::Result<Utf8PathBuf> {
     let mut table: toml::Table =
         toml::from_str(&config.text).with_context(|| format!("parse {} again", config.path))?;
     let servers = config.deployment.servers[..n]
@@ -176,7 +278,20 @@ fn first_servers_config(config: &Config, n: usize, dir: &Utf8Path) -> anyhow::Re
     deployment.insert("servers".into(), toml::Value::Array(servers));
     // A threshold fitted to the whole deployment may be more than n servers hold.
     deployment.remove("rack_threshold");
-    let path = dir.join(format!("first-{n}.toml"));
+    let name = match store_prefix {
+        None => {
+            table.remove("artifacts");
+            format!("first-{n}.toml")
+        }
+        Some(prefix) => {
+            let Some(toml::Value::Table(artifacts)) = table.get_mut("artifacts") else {
+                bail!("{}: no [artifacts] table", config.path);
+            };
+            artifacts.insert("prefix".into(), prefix.into());
+            format!("first-{n}-store.toml")
+        }
+    };
+    let path = dir.join(name);
     std::fs::write(&path, toml::to_string(&table)?).with_context(|| format!("write {path}"))?;
     Ok(path)
 }
@@ -209,11 +324,17 @@ fn fling(
     let servers: Vec<&str> = servers.split(',').collect();
     let command = match command {
         "install" => FlingCommand::Install { rollout: Default::default() },
+        "install-from-store" => {
+            let rollout =
+                crate::cli::FlingRolloutArgs { require_store: true, ..Default::default() };
+            FlingCommand::Install { rollout }
+        }
+        "clean" => FlingCommand::Deploy { command: crate::cli::FlingDeployCommand::Clean },
         "uninstall" => FlingCommand::Uninstall,
         "plan" => FlingCommand::Deploy {
             command: crate::cli::FlingDeployCommand::Plan { artifacts: None, out: None },
         },
-        other => bail!("fling bench runs install, plan and uninstall, not {other}"),
+        other => bail!("fling bench runs install, clean, plan and uninstall, not {other}"),
     };
     let started = Instant::now();
     let report = crate::fling::run_report(sh, ctx, args(config, &servers, command))?;

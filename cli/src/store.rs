@@ -223,12 +223,12 @@ fn s3_message(body: &str) -> String {
     }
 }
 
+/// A file to upload: its path, digest and size.
+type Object = (Utf8PathBuf, String, u64);
+
 /// The outputs of `artifacts` (what its digest list names) and the installer, each with its
 /// digest and size.
-fn objects(
-    artifacts: &Utf8Path,
-    installer: &Utf8Path,
-) -> anyhow::Result<(Vec<(Utf8PathBuf, String, u64)>, (Utf8PathBuf, String, u64))> {
+fn objects(artifacts: &Utf8Path, installer: &Utf8Path) -> anyhow::Result<(Vec<Object>, Object)> {
     let list_path = artifacts.join(DIGEST_LIST);
     let text = std::fs::read_to_string(&list_path)
         .with_context(|| format!("read {list_path}: run `fling build package` first"))?;

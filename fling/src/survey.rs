@@ -111,7 +111,7 @@ pub struct ServerPlan {
 /// What a survey run found for one server.
 #[derive(Debug, Clone)]
 pub enum Seen {
-    Found { payload: Payload, state: HostState },
+    Found { payload: Box<Payload>, state: Box<HostState> },
     Unreachable(String),
     Failed(String),
 }
@@ -242,7 +242,7 @@ pub fn compare(server: &str, payload: Payload, state: HostState) -> ServerPlan {
 /// A server's plan from what its survey found.
 pub fn server_plan(server: &str, seen: Seen) -> ServerPlan {
     match seen {
-        Seen::Found { payload, state } => compare(server, payload, state),
+        Seen::Found { payload, state } => compare(server, *payload, *state),
         Seen::Unreachable(why) => absent(server, Verdict::Unreachable, why),
         Seen::Failed(why) => absent(server, Verdict::Failed, why),
     }
@@ -267,10 +267,13 @@ fn absent(server: &str, verdict: Verdict, why: String) -> ServerPlan {
 
 const UNREACHABLE: &str = "unreachable";
 
+/// A server's payload line and state line, as they arrive.
+type Lines = (Option<String>, Option<String>);
+
 /// Collects the payload and state lines of a survey run, passing every other event on.
 pub struct Collector<'a> {
     inner: &'a dyn Events,
-    found: Mutex<BTreeMap<String, (Option<String>, Option<String>)>>,
+    found: Mutex<BTreeMap<String, Lines>>,
 }
 
 impl<'a> Collector<'a> {
@@ -289,7 +292,9 @@ impl<'a> Collector<'a> {
                 let seen = match (&host.outcome, lines) {
                     (Outcome::Ok, Some((Some(payload), Some(state)))) => {
                         match (serde_json::from_str(payload), serde_json::from_str(state)) {
-                            (Ok(payload), Ok(state)) => Seen::Found { payload, state },
+                            (Ok(payload), Ok(state)) => {
+                                Seen::Found { payload: Box::new(payload), state: Box::new(state) }
+                            }
                             (Err(e), _) => Seen::Failed(format!("the builder's payload: {e}")),
                             (_, Err(e)) => Seen::Failed(format!("the server's state: {e}")),
                         }

@@ -72,15 +72,15 @@ fn fixture() -> DeployPlan {
         (
             "node1",
             Seen::Found {
-                payload: payload("aaaabbbbccccdddd", 'd', changed_overlay),
-                state: running(overlay("node1", '0')),
+                payload: Box::new(payload("aaaabbbbccccdddd", 'd', changed_overlay)),
+                state: Box::new(running(overlay("node1", '0'))),
             },
         ),
         (
             "node2",
             Seen::Found {
-                payload: payload("1111222233334444", 'a', overlay("node2", '0')),
-                state: running(overlay("node2", '0')),
+                payload: Box::new(payload("1111222233334444", 'a', overlay("node2", '0'))),
+                state: Box::new(running(overlay("node2", '0'))),
             },
         ),
         (
@@ -92,12 +92,12 @@ fn fixture() -> DeployPlan {
         (
             "node4",
             Seen::Found {
-                payload: node4,
-                state: HostState {
+                payload: Box::new(node4),
+                state: Box::new(HostState {
                     installer: String::new(),
                     active: None,
                     awaiting_confirmation: None,
-                },
+                }),
             },
         ),
     ];
