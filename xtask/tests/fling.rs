@@ -1581,7 +1581,9 @@ fn through_the_store(bed: &Bed) {
     let out = bed.fling_ok(&["--json", "install"]);
     assert!(text(&out).contains("pushing"), "{}", text(&out));
     for (node, bytes) in nodes.iter().zip(sent(&out)) {
-        assert!(bytes > 1_000_000, "{node}: the fallback pushed only {bytes} bytes");
+        // rsync sends the blocks of the new control-plane that differ from the staged one:
+        // hundreds of kB, against about 1 kB through the store.
+        assert!(bytes > 20_000, "{node}: the fallback pushed only {bytes} bytes");
     }
     assert_ne!(bed.assert_converged(), unchanged);
 }
