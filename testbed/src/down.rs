@@ -39,6 +39,10 @@ pub fn down(sh: &Shell, tb: &Testbeds<'_>, name: &TestbedName) -> anyhow::Result
         }
     }
     stop(tb, &processes);
+    // What the store left behind that it made under the temporary directory.
+    for socket in state.iter().flat_map(|s| &s.store).flat_map(|s| &s.sockets) {
+        let _ = std::fs::remove_file(socket);
+    }
     remove_network(sh, Some(&tag))?;
     let machine_prefix = format!("{}-{tag}-node", layout::PREFIX);
     cgroups::remove(|machine| machine.starts_with(&machine_prefix))?;

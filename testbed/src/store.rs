@@ -41,6 +41,10 @@ pub struct StoreState {
     /// The argument that names the store's data directory: the marker by which `down`
     /// recognises the process as the testbed's.
     pub marker: String,
+    /// The sockets SeaweedFS makes in the temporary directory for its gRPC ports (no flag
+    /// moves them); `down` removes them once the store has stopped.
+    #[serde(default)]
+    pub sockets: Vec<Utf8PathBuf>,
 }
 
 impl StoreState {
@@ -181,6 +185,20 @@ pub fn start(
         filer: format!("http://{ip}:{filer}"),
         credentials_file,
         marker,
+        sockets: [
+            ("master", master_grpc),
+            ("volume", volume_grpc),
+            ("filer", filer_grpc),
+            ("s3", s3_grpc),
+        ]
+        .iter()
+        .map(|(kind, port)| {
+            Utf8PathBuf::from(format!(
+                "{}/seaweedfs-{kind}-grpc-{port}.sock",
+                std::env::temp_dir().display()
+            ))
+        })
+        .collect(),
     };
     Ok((child, state))
 }
