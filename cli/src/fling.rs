@@ -706,6 +706,7 @@ fn signed_when_run() -> flotilla_contracts::store::FetchList {
     flotilla_contracts::store::FetchList {
         packages: Vec::new(),
         installer: placeholder,
+        installer_sha256: Some("0".repeat(64)),
         expires_at: 0,
     }
 }

@@ -289,9 +289,14 @@ pub fn sync(
             size: *size,
             url: client.sign_get(digest, ttl),
         };
+        // A server without an installer fetches it with curl or wget and checks it with
+        // sha256sum, which every POSIX server has; blake3 is the installer's own business.
+        let sha256 = flotilla_package::sha256_file(&installer.0)
+            .map_err(|e| other(anyhow::anyhow!("{e}")))?;
         done.fetch = Some(FetchList {
             packages: packages.iter().map(object).collect(),
             installer: object(&installer),
+            installer_sha256: Some(sha256),
             expires_at,
         });
     }

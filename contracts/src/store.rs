@@ -14,6 +14,15 @@ pub fn object_key(prefix: &str, digest: &str) -> String {
     }
 }
 
+/// What to do about an object of the store whose bytes do not match its digest: the builder
+/// finds it present and would never upload it again by itself.
+pub fn damaged_object_hint(digest: &str) -> String {
+    format!(
+        "the store's copy is damaged: delete the object blake3/{digest} (under the store's \
+         prefix) and run `fling build package` to upload it again"
+    )
+}
+
 /// One object a server downloads: the file it becomes, its digest and size, and a presigned
 /// `GET` URL valid until `expires_at`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,6 +39,11 @@ pub struct FetchObject {
 pub struct FetchList {
     pub packages: Vec<FetchObject>,
     pub installer: FetchObject,
+    /// The installer's sha256 (lowercase hex): what a server without an installer checks the
+    /// binary against, with `sha256sum`, after downloading it with curl or wget. Lists signed
+    /// by an older builder lack it; such servers get the installer pushed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub installer_sha256: Option<String>,
     /// Seconds since the epoch after which the URLs no longer work.
     pub expires_at: u64,
 }

@@ -943,8 +943,9 @@ pub fn deploy_with(
                             "{INSTALLER} fetch on the server: the {} package(s) of {artifacts}/ \
                              and {INSTALLER} from the store with this run's presigned URLs, \
                              each verified against its digest before it takes its name, resumed \
-                             and retried; a server without a fetching installer gets it pushed \
-                             first",
+                             and retried; a server without an installer first downloads it with \
+                             curl or wget and checks its sha256, and one that cannot (or whose \
+                             installer cannot fetch) gets it pushed first",
                             list.packages.len()
                         ),
                         format!(
@@ -1385,19 +1386,28 @@ fn install_body(
         return (vec!["check", "push", "install"], body);
     };
     // Through the store: the server's installer fetches the packages and the new installer
-    // with this run's URLs; one without an installer (or too old to fetch) gets the installer
-    // pushed first, then fetches the packages with it. Only the overlay travels over ssh.
+    // with this run's URLs. One without an installer downloads it first with curl or wget and
+    // checks its sha256 (`bootstrap_installer`); one that cannot (no curl, no wget, no
+    // sha256sum, or an installer too old to fetch) gets the installer pushed, then fetches the
+    // packages with it. Only the overlay travels over ssh.
     let bin = cx.staging().join("bin").join(INSTALLER).shell_word();
     let packages = cx.staging().join("packages").shell_word();
-    let list = quote(&serde_json::to_string(list).expect("a fetch list serializes"));
+    let json = quote(&serde_json::to_string(list).expect("a fetch list serializes"));
+    let bootstrap = bootstrap_installer(cx.staging(), list);
     let fetch_with = |installer: bool| {
         let words = if installer {
             format!("fetch --packages {packages} --installer {bin}")
         } else {
             format!("fetch --packages {packages}")
         };
-        let remote = format!("if [ -x {bin} ]; then exec {bin} {words}; else exit 127; fi");
-        format!("printf '%s' {list} | {}", hop.run(&remote))
+        let otherwise = match (&bootstrap, installer) {
+            (Some(fetch_installer), true) => {
+                format!("{fetch_installer} && exec {bin} {words}")
+            }
+            _ => "exit 127".to_owned(),
+        };
+        let remote = format!("if [ -x {bin} ]; then exec {bin} {words}; fi; {otherwise}");
+        format!("printf '%s' {json} | {}", hop.run(&remote))
     };
     let body = format!(
         "( {key}; if [ \"$k\" != none ]; then {check_phase}; {echo_check}{check}; rc=$?; case $rc \
@@ -1418,6 +1428,55 @@ fn install_body(
         echo_install = cx.echo(&install_and_record),
     );
     (vec!["check", "fetch", "push", "install"], body)
+}
+
+/// The server-side commands that put the installer of `list` into the staging directory of a
+/// server that has none, from the store: curl (or wget) downloads it under a temporary name,
+/// `sha256sum` checks it against the digest the builder computed from its own copy, and only
+/// then does it take the installer's name. `None` when the list carries no sha256 (signed by
+/// an older builder): such servers get the installer pushed.
+///
+/// A server that cannot fetch it (no curl or wget, no sha256sum, the store out of its reach)
+/// exits 127, and the builder pushes the installer instead, as it does for a server whose
+/// installer predates `fetch`. A download whose digest differs is refused (exit 1): the store
+/// holds a damaged or tampered object, which no server may run.
+fn bootstrap_installer(
+    staging: &RemotePath,
+    list: &flotilla_contracts::store::FetchList,
+) -> Option<String> {
+    let sha256 = list.installer_sha256.as_deref()?;
+    if sha256.len() != 64 || !sha256.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    let dir = staging.join("bin");
+    let part = dir.join(&format!(".{INSTALLER}.fetching")).shell_word();
+    let bin = dir.join(INSTALLER).shell_word();
+    let url = quote(&list.installer.url);
+    let pushed = |why: &str| {
+        let why = quote(&format!("{INSTALLER}: {why}: it is pushed over ssh instead"));
+        format!("{{ rm -f -- {part}; echo {why} >&2; exit 127; }}")
+    };
+    Some(format!(
+        "umask 077 && {claim} && mkdir -p -- {dir} || exit 1; rm -f -- {part}; \
+         if command -v curl >/dev/null 2>&1; then curl -fsS --retry 2 --connect-timeout 10 \
+         --max-time 600 -o {part} -- {url}; elif command -v wget >/dev/null 2>&1; then wget -q \
+         -T 60 -t 5 -O {part} -- {url}; else false; fi || {no_download}; \
+         s=$(sha256sum < {part} 2>/dev/null | cut -c 1-64) && [ -n \"$s\" ] || {no_sum}; \
+         if [ \"$s\" != {sha256} ]; then rm -f -- {part}; echo {refused}\"$s\"{expected} >&2; \
+         exit 1; fi; chmod 755 {part} && mv -f -- {part} {bin}",
+        claim = claim(staging, STAGING_MARKER, "deployment.staging_dir"),
+        dir = dir.shell_word(),
+        no_download = pushed(
+            "not downloaded from the store here (no curl or wget, or the store out of reach)"
+        ),
+        no_sum = pushed("no sha256sum here to check the download"),
+        sha256 = quote(sha256),
+        refused = quote(&format!("{INSTALLER}: the store's object has sha256 ")),
+        expected = quote(&format!(
+            ", the deploy expects {sha256}: refused, nothing was installed; {}",
+            flotilla_contracts::store::damaged_object_hint(&list.installer.digest)
+        )),
+    ))
 }
 
 /// The builder-side command that pushes the packages, the digest list, the installer and this
@@ -1641,6 +1700,115 @@ mod tests {
 
     fn sh(script: &str) -> std::process::Output {
         std::process::Command::new("sh").args(["-c", script]).output().unwrap()
+    }
+
+    /// Serves `body` to every request on a loopback port until the test ends: the address.
+    fn serve(body: Vec<u8>) -> String {
+        use std::io::{Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut request = Vec::new();
+                let mut byte = [0u8; 1];
+                while !request.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                    request.push(byte[0]);
+                }
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(&body);
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    fn installer_list(url: &str, sha256: &str) -> flotilla_contracts::store::FetchList {
+        flotilla_contracts::store::FetchList {
+            packages: Vec::new(),
+            installer: flotilla_contracts::store::FetchObject {
+                file: INSTALLER.into(),
+                digest: "b".repeat(64),
+                size: 12,
+                url: format!(
+                    "{url}/flotilla/blake3/{}?X-Amz-Signature=0&x='quoted'",
+                    "b".repeat(64)
+                ),
+            },
+            installer_sha256: Some(sha256.into()),
+            expires_at: 0,
+        }
+    }
+
+    #[test]
+    fn a_server_without_an_installer_downloads_it_and_checks_its_sha256() {
+        let ws = Workspace::new("bootstrap", &[]);
+        std::fs::create_dir_all(&ws.0).unwrap();
+        let body = b"#!/bin/sh\nexit 0\n".to_vec();
+        std::fs::write(ws.0.join("body"), &body).unwrap();
+        let sum = sh(&format!("sha256sum < {}", ws.0.join("body")));
+        let sha256 = String::from_utf8_lossy(&sum.stdout)[..64].to_owned();
+        let url = serve(body.clone());
+        let staging = RemotePath::Absolute(ws.0.join("staging dir").to_string());
+        let bin = ws.0.join("staging dir/bin").join(INSTALLER);
+        let leftover = ws.0.join("staging dir/bin").join(format!(".{INSTALLER}.fetching"));
+
+        // The right bytes take the installer's name, executable, in a directory fling claimed.
+        let script = bootstrap_installer(&staging, &installer_list(&url, &sha256)).unwrap();
+        let out = sh(&script);
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(std::fs::read(&bin).unwrap(), body);
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(std::fs::metadata(&bin).unwrap().permissions().mode() & 0o777, 0o755);
+        assert!(ws.0.join("staging dir").join(STAGING_MARKER).is_file());
+        std::fs::remove_file(&bin).unwrap();
+
+        // Other bytes than the builder's are refused for good, and leave nothing behind.
+        let other = "0".repeat(64);
+        let script = bootstrap_installer(&staging, &installer_list(&url, &other)).unwrap();
+        let out = sh(&script);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(&format!("the store's object has sha256 {sha256}")), "{err}");
+        assert!(err.contains(&format!("delete the object blake3/{}", "b".repeat(64))), "{err}");
+        assert!(!bin.exists() && !leftover.exists());
+
+        // A store out of reach means a push, not a failure.
+        let closed = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", listener.local_addr().unwrap())
+        };
+        let script = bootstrap_installer(&staging, &installer_list(&closed, &sha256)).unwrap();
+        let out = sh(&script);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(127), "{err}");
+        assert!(err.contains("it is pushed over ssh instead"), "{err}");
+        assert!(!bin.exists() && !leftover.exists());
+
+        // So does a server with neither curl nor wget: its PATH holds every other tool.
+        let tools = ws.0.join("tools");
+        std::fs::create_dir_all(&tools).unwrap();
+        for tool in ["mkdir", "rm", "cut", "chmod", "mv", "sha256sum"] {
+            let found = sh(&format!("command -v {tool}"));
+            let path = String::from_utf8_lossy(&found.stdout).trim().to_owned();
+            std::os::unix::fs::symlink(path, tools.join(tool)).unwrap();
+        }
+        let script = bootstrap_installer(&staging, &installer_list(&url, &sha256)).unwrap();
+        let out = std::process::Command::new("/bin/sh")
+            .args(["-c", &script])
+            .env("PATH", tools.as_str())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(127), "{out:?}");
+        assert!(!bin.exists());
+
+        // A list signed by an older builder carries no sha256: no download, a push.
+        let mut old = installer_list(&url, &sha256);
+        old.installer_sha256 = None;
+        assert_eq!(bootstrap_installer(&staging, &old), None);
     }
 
     #[test]

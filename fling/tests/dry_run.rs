@@ -103,6 +103,7 @@ fn fetch_list() -> flotilla_contracts::store::FetchList {
     flotilla_contracts::store::FetchList {
         packages: vec![object("greeter.tar.gz", "a")],
         installer: object("flotilla-installer", "b"),
+        installer_sha256: Some("c".repeat(64)),
         expires_at: 1_796_300_900,
     }
 }

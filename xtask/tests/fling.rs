@@ -1483,15 +1483,25 @@ fn through_the_store(bed: &Bed) {
             .collect()
     };
 
-    // A new control-plane goes to the store once, at packaging; each server fetches it.
+    // A new control-plane goes to the store once, at packaging; each server fetches it. The
+    // first node lost its staging directory, installer included, as a new server has none:
+    // it downloads the installer from the store too (curl, checked by sha256).
     bed.change_control_plane("store");
+    bed.ssh_ok(&nodes[0], "rm -rf /var/tmp/flotilla-staging");
     let out = bed.fling_ok(&["--json", "install"]);
     let before = bed.assert_converged();
     for (node, bytes) in nodes.iter().zip(sent(&out)) {
-        // The package is 1.4 MB; what ssh carried is the check and the overlay's file lists.
+        // The package is 1.4 MB and the installer 4 MB; what ssh carried is the check and the
+        // overlay's file lists.
         assert!(bytes < 100_000, "{node}: {bytes} bytes over ssh in a deploy through the store");
     }
     assert!(text(&out).contains("from the store"), "{}", text(&out));
+    assert!(!text(&out).contains("pushed over ssh instead"), "{}", text(&out));
+    let builder_installer = bed.builder_source().join("target/release/flotilla-installer");
+    let wanted = Command::new("sha256sum").arg(&builder_installer).output().unwrap();
+    let fetched =
+        bed.ssh_ok(&nodes[0], "sha256sum < /var/tmp/flotilla-staging/bin/flotilla-installer");
+    assert_eq!(fetched[..64], String::from_utf8_lossy(&wanted.stdout)[..64], "node1's installer");
     let staged = bed.ssh_ok(&nodes[0], "cat /var/tmp/flotilla-staging/packages/digests.b3");
     assert_eq!(staged.trim(), digests().trim(), "node1 staged other packages");
 
@@ -1516,6 +1526,9 @@ fn through_the_store(bed: &Bed) {
         err.contains("the store's object has digest") && err.contains("nothing was unpacked"),
         "{err}"
     );
+    // The refusal says how to recover: the builder finds the object present and would not
+    // upload it again by itself.
+    assert!(err.contains(&format!("delete the object blake3/{}", control_plane_digest())), "{err}");
     bed.assert_healthy();
     // The good bytes back, the same deploy converges.
     let (status, _) = http(&store.filer, "PUT", &key, &original);
