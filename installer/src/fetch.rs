@@ -157,8 +157,10 @@ fn get(
             file: target,
             message: format!(
                 "the store's object has digest {digest} ({size} bytes), the deploy expects {} \
-                 ({} bytes): refused, nothing was unpacked",
-                object.digest, object.size
+                 ({} bytes): refused, nothing was unpacked; {}",
+                object.digest,
+                object.size,
+                flotilla_contracts::store::damaged_object_hint(&object.digest)
             ),
         });
     }
@@ -290,5 +292,168 @@ mod tests {
                     expired</Message></Error>";
         assert_eq!(store_message(body), "Request has expired");
         assert_eq!(store_message("plain text\nmore"), "plain text");
+    }
+
+    /// A loopback HTTP server that answers its n-th request with `answer(n, request head)`
+    /// (raw response bytes) and closes; the request heads it saw.
+    struct Scripted {
+        url: String,
+        seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    fn scripted(answer: impl Fn(usize, &str) -> Vec<u8> + Send + 'static) -> Scripted {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url =
+            format!("http://{}/bucket/blake3/x?X-Amz-Signature=0", listener.local_addr().unwrap());
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for (n, stream) in listener.incoming().enumerate() {
+                let Ok(mut stream) = stream else { continue };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let answer = answer(n, &head);
+                // Recorded before the answer, so the test sees it once its request returned.
+                log.lock().unwrap().push(head);
+                let _ = stream.write_all(&answer);
+            }
+        });
+        Scripted { url, seen }
+    }
+
+    fn ok(status: &str, headers: &str, body: &[u8]) -> Vec<u8> {
+        let mut out =
+            format!("HTTP/1.1 {status}\r\n{headers}Connection: close\r\n\r\n").into_bytes();
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn list(url: &str, body: &[u8]) -> FetchList {
+        let digest = blake3::hash(body).to_hex().to_string();
+        FetchList {
+            packages: vec![FetchObject {
+                file: "app.tar.gz".into(),
+                digest: digest.clone(),
+                size: body.len() as u64,
+                url: url.to_owned(),
+            }],
+            installer: FetchObject {
+                file: "flotilla-installer".into(),
+                digest,
+                size: body.len() as u64,
+                url: url.to_owned(),
+            },
+            installer_sha256: None,
+            expires_at: u64::MAX,
+        }
+    }
+
+    fn options(attempts: u32) -> FetchOptions {
+        FetchOptions {
+            attempts,
+            backoff: Duration::from_millis(10),
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn staging(tag: &str) -> Utf8PathBuf {
+        let dir = std::env::temp_dir().join(format!("flotilla-fetch-{tag}-{}", std::process::id()));
+        let dir = Utf8PathBuf::try_from(dir).unwrap();
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn a_cut_download_resumes_where_it_stopped() {
+        let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let served = body.clone();
+        let server = scripted(move |n, head| {
+            let len = served.len();
+            if n == 0 {
+                // Promises everything, sends 40 kB, hangs up.
+                return ok("200 OK", &format!("Content-Length: {len}\r\n"), &served[..40_000]);
+            }
+            let from: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("range: bytes=").or(l.strip_prefix("Range: bytes=")))
+                .and_then(|r| r.trim().trim_end_matches('-').parse().ok())
+                .unwrap_or(0);
+            let rest = &served[from..];
+            ok(
+                "206 Partial Content",
+                &format!(
+                    "Content-Length: {}\r\nContent-Range: bytes {from}-{}/{len}\r\n",
+                    rest.len(),
+                    len - 1
+                ),
+                rest,
+            )
+        });
+        let dir = staging("resume");
+        let done =
+            fetch(&list(&server.url, &body), &dir.join("packages"), None, &options(3)).unwrap();
+        assert_eq!(fs::read(dir.join("packages/app.tar.gz")).unwrap(), body);
+        assert_eq!(done.downloaded, ["app.tar.gz"]);
+        let seen = server.seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert!(seen[1].to_ascii_lowercase().contains("range: bytes=40000-"), "{}", seen[1]);
+        // The digest list names what was fetched; nothing temporary is left.
+        let listed = fs::read_to_string(dir.join("packages").join(DIGEST_LIST)).unwrap();
+        assert!(listed.contains("app.tar.gz"), "{listed}");
+        let names: Vec<String> = fs::read_dir(dir.join("packages"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| !n.starts_with(".fetch-")), "{names:?}");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn other_bytes_than_the_digest_are_refused_and_leave_nothing() {
+        let body = b"the real package".to_vec();
+        let server = scripted(|_, _| ok("200 OK", "Content-Length: 16\r\n", b"the fake package"));
+        let dir = staging("tampered");
+        let err = fetch(&list(&server.url, &body), &dir.join("packages"), None, &options(3))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("refused, nothing was unpacked"), "{err}");
+        let digest = blake3::hash(&body).to_hex().to_string();
+        assert!(err.contains(&format!("delete the object blake3/{digest}")), "{err}");
+        let left: Vec<_> = fs::read_dir(dir.join("packages")).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
+        // Not a transient failure: one request, no retries.
+        assert_eq!(server.seen.lock().unwrap().len(), 1);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn retries_are_bounded_and_expired_urls_are_final() {
+        let failing = scripted(|_, _| ok("503 Slow Down", "Content-Length: 0\r\n", b""));
+        let dir = staging("bounded");
+        let err = fetch(&list(&failing.url, b"x"), &dir.join("packages"), None, &options(3))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gave up after 3 tries") && err.contains("503"), "{err}");
+        assert_eq!(failing.seen.lock().unwrap().len(), 3);
+
+        let expired =
+            "<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>";
+        let refusing = scripted(move |_, _| {
+            ok(
+                "403 Forbidden",
+                &format!("Content-Length: {}\r\n", expired.len()),
+                expired.as_bytes(),
+            )
+        });
+        let mut old = list(&refusing.url, b"x");
+        old.expires_at = 1;
+        let err = fetch(&old, &dir.join("packages"), None, &options(3)).unwrap_err().to_string();
+        assert!(err.contains("it expired") && err.contains("deploy again"), "{err}");
+        assert_eq!(refusing.seen.lock().unwrap().len(), 1);
+        let _ = fs::remove_dir_all(&dir);
     }
 }
