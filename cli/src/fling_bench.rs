@@ -9,10 +9,12 @@
 //! report, including its own connection to the builder.
 //!
 //! With `[artifacts]` in the config, the tables above push (the bench's configs leave the
-//! store out), and a second table compares the builder's egress of a deploy that pushes with
-//! one through the store, to servers that have the installer and lack the packages (after
-//! `deploy clean`, as for every new release): what ssh carried, what was uploaded to the store
-//! (under a key prefix of the run's own, so every object is uploaded), and the deploy's time.
+//! store out), and two more compare the builder's egress of a deploy that pushes with one
+//! through the store: to fresh servers (no installer either), and a new release to servers
+//! that have the installer and lack the packages (after `deploy clean`). Each shows what ssh
+//! carried (rsync's counters, plus the fetch lists), what was uploaded to the store (under a
+//! key prefix of the run's own, so every object is uploaded), and the deploy's time. The
+//! scripts' own text over ssh is counted on neither side.
 
 use std::time::{Duration, Instant};
 
@@ -24,12 +26,13 @@ use flotilla_fling::config::{Config, Server};
 
 use crate::cli::{FlingArgs, FlingCommand};
 
-/// One row of the egress table: push against store.
+/// One row of the egress table: push against store, to `nodes` servers in one state.
 struct Egress {
     nodes: usize,
     push: Duration,
     push_ssh: u64,
     store: Duration,
+    /// rsync's counters plus the fetch lists the builder sent the servers.
     store_ssh: u64,
     uploaded: u64,
 }
@@ -85,7 +88,8 @@ pub fn run(
     }
     let scratch = Scratch::new()?;
     let mut rows = Vec::new();
-    let mut egress_rows = Vec::new();
+    let mut fresh_rows = Vec::new();
+    let mut release_rows = Vec::new();
     for &n in nodes {
         let servers: Vec<&Server> =
             config.deployment.servers[..n].iter().map(|s| config.server(s)).collect();
@@ -132,12 +136,19 @@ pub fn run(
         samples.sort_by_key(|r| r.fling);
         rows.push(samples.swap_remove(samples.len() / 2));
         if let Some(store) = &config.artifacts {
-            let mut samples = Vec::new();
+            let mut fresh = Vec::new();
+            let mut release = Vec::new();
             for run in 0..runs {
-                samples.push(egress(sh, ctx, config, store, n, run, &names, &scratch.0, &source)?);
+                let target = EgressTarget { config, store, n, run, names: &names };
+                let (f, r) = egress(sh, ctx, &target, &scratch.0, &source)?;
+                fresh.push(f);
+                release.push(r);
             }
-            samples.sort_by_key(|r| r.store);
-            egress_rows.push(samples.swap_remove(samples.len() / 2));
+            for (samples, rows) in [(fresh, &mut fresh_rows), (release, &mut release_rows)] {
+                let mut samples = samples;
+                samples.sort_by_key(|r| r.store);
+                rows.push(samples.swap_remove(samples.len() / 2));
+            }
         }
     }
     // Leave the overlay of the whole deployment, as `fling overlay` made it.
@@ -166,73 +177,103 @@ pub fn run(
             r.baseline.as_secs_f64()
         );
     }
-    if !egress_rows.is_empty() {
+    if !fresh_rows.is_empty() {
         let installer = source.join("target/release").join(flotilla_fling::plan::INSTALLER);
         let installer_size = installer.metadata().map(|m| m.len()).unwrap_or(0);
+        let one = payload + installer_size;
         println!(
-            "\nnew release to servers that have the installer: push against the store; egress \
-             is what left the builder (ssh + uploads); one server's payload is {:.1} MB \
-             ({:.1} MB packages + {:.1} MB installer)\n",
-            (payload + installer_size) as f64 / 1e6,
+            "\nbuilder egress, push against the store: what left the builder over ssh (rsync's \
+             counters; through the store, plus the fetch lists) and to the store (uploads under \
+             a key prefix of the run's own, so every object is uploaded); one server's payload \
+             is {:.1} MB ({:.1} MB packages + {:.1} MB installer)",
+            one as f64 / 1e6,
             payload as f64 / 1e6,
             installer_size as f64 / 1e6
         );
-        println!(
-            "| nodes | push: ssh | push: time | store: upload | store: ssh | store: time | egress push | egress store | store egress / one payload |"
-        );
-        println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-        for r in &egress_rows {
-            let store_egress = r.uploaded + r.store_ssh;
+        for (title, rows) in [
+            ("fresh servers (nothing installed, no installer)", &fresh_rows),
+            (
+                "a new release to servers that have the installer and no staged packages \
+                 (after `deploy clean`)",
+                &release_rows,
+            ),
+        ] {
+            println!("\n{title}\n");
             println!(
-                "| {} | {:.1} MB | {:.2} s | {:.1} MB | {:.1} kB | {:.2} s | {:.1} MB | {:.1} MB | {:.2}x |",
-                r.nodes,
-                r.push_ssh as f64 / 1e6,
-                r.push.as_secs_f64(),
-                r.uploaded as f64 / 1e6,
-                r.store_ssh as f64 / 1e3,
-                r.store.as_secs_f64(),
-                r.push_ssh as f64 / 1e6,
-                store_egress as f64 / 1e6,
-                store_egress as f64 / (payload + installer_size) as f64
+                "| nodes | push: ssh | push: time | store: upload | store: ssh | store: time | egress push / one payload | egress store / one payload |"
             );
+            println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+            for r in rows {
+                println!(
+                    "| {} | {:.1} MB | {:.2} s | {:.1} MB | {:.1} kB | {:.2} s | {:.2}x | {:.2}x |",
+                    r.nodes,
+                    r.push_ssh as f64 / 1e6,
+                    r.push.as_secs_f64(),
+                    r.uploaded as f64 / 1e6,
+                    r.store_ssh as f64 / 1e3,
+                    r.store.as_secs_f64(),
+                    r.push_ssh as f64 / one as f64,
+                    (r.uploaded + r.store_ssh) as f64 / one as f64
+                );
+            }
         }
     }
     Ok(())
 }
 
-/// One egress sample for the first `n` servers: installed by push, staged packages removed
-/// (`deploy clean`), a push deploy; staged packages removed again, every object uploaded under
-/// a fresh prefix, a deploy through the store; then uninstalled.
-#[allow(clippy::too_many_arguments)]
+/// The first `n` servers of a config with a store, for one egress sample.
+struct EgressTarget<'a> {
+    config: &'a Config,
+    store: &'a flotilla_fling::config::Store,
+    n: usize,
+    run: usize,
+    names: &'a str,
+}
+
+/// Two egress samples for the first `n` servers, each a deploy that pushes next to one
+/// through the store with every object uploaded under a fresh key prefix: to fresh servers
+/// (uninstalled: no release, no staging directory, no installer), then a new release to
+/// servers that have the installer and lack the packages (`deploy clean` removes them, as
+/// between two releases). Uninstalled at the end.
 fn egress(
     sh: &Shell,
     ctx: &crate::Context,
-    config: &Config,
-    store: &flotilla_fling::config::Store,
-    n: usize,
-    run: usize,
-    names: &str,
+    target: &EgressTarget<'_>,
     dir: &Utf8Path,
     source: &Utf8Path,
-) -> anyhow::Result<Egress> {
+) -> anyhow::Result<(Egress, Egress)> {
+    let EgressTarget { config, store, n, run, names } = *target;
     let push_config = first_servers_config(config, n, dir, None)?;
-    let prefix = format!("{}/bench-{}-{n}-{run}", store.prefix, std::process::id());
-    let prefix = prefix.trim_start_matches('/').to_owned();
-    let store_config = first_servers_config(config, n, dir, Some(&prefix))?;
-    fling(sh, ctx, &push_config, names, "install")?;
-    fling(sh, ctx, &push_config, names, "clean")?;
-    let (push, push_ssh) = fling(sh, ctx, &push_config, names, "install")?;
-    fling(sh, ctx, &push_config, names, "clean")?;
-    let mut fresh = store.clone();
-    fresh.prefix = prefix;
-    let client = crate::store::Client::for_builder(&fresh)?;
     let installer = source.join("target/release").join(flotilla_fling::plan::INSTALLER);
-    let uploaded = crate::store::sync(&client, &source.join("out"), &installer, false)
-        .map_err(|e| anyhow::anyhow!("upload to the store: {e}"))?
-        .uploaded_bytes;
-    let (store_time, store_ssh) = fling(sh, ctx, &store_config, names, "install-from-store")?;
+    // Every object uploaded again under a prefix of this sample's own; the size of the fetch
+    // list a deploy sends each server (its URLs are as long as the deploy's).
+    let upload = |tag: &str| -> anyhow::Result<(Utf8PathBuf, u64, u64)> {
+        let prefix = format!("{}/bench-{}-{n}-{run}-{tag}", store.prefix, std::process::id());
+        let prefix = prefix.trim_start_matches('/').to_owned();
+        let store_config = first_servers_config(config, n, dir, Some(&prefix))?;
+        let mut fresh = store.clone();
+        fresh.prefix = prefix;
+        let client = crate::store::Client::for_builder(&fresh)?;
+        let done = crate::store::sync(&client, &source.join("out"), &installer, true)
+            .map_err(|e| anyhow::anyhow!("upload to the store: {e}"))?;
+        let list = serde_json::to_string(&done.fetch).context("the fetch list")?;
+        Ok((store_config, done.uploaded_bytes, list.len() as u64))
+    };
+
+    // `reset` brings the servers to the sample's state before each of the two deploys.
+    let sample = |reset: &str, tag: &str| -> anyhow::Result<Egress> {
+        fling(sh, ctx, &push_config, names, reset)?;
+        let (push, push_ssh) = fling(sh, ctx, &push_config, names, "install")?;
+        fling(sh, ctx, &push_config, names, reset)?;
+        let (store_config, uploaded, list) = upload(tag)?;
+        let (store, store_ssh) = fling(sh, ctx, &store_config, names, "install-from-store")?;
+        let store_ssh = store_ssh + n as u64 * list;
+        Ok(Egress { nodes: n, push, push_ssh, store, store_ssh, uploaded })
+    };
+    let fresh = sample("uninstall", "fresh")?;
+    let release = sample("clean", "release")?;
     let _ = fling(sh, ctx, &push_config, names, "uninstall");
-    Ok(Egress { nodes: n, push, push_ssh, store: store_time, store_ssh, uploaded })
+    Ok((fresh, release))
 }
 
 /// A private directory of the bench's derived configs, removed when dropped.

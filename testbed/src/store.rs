@@ -167,7 +167,10 @@ pub fn start(
         "-master.volumeSizeLimitMB=256".to_owned(),
         format!("-volume.port={volume}"),
         format!("-volume.port.grpc={volume_grpc}"),
-        "-volume.max=8".to_owned(),
+        // SeaweedFS grows volumes several at a time, per bucket: with 8 slots a bench that
+        // uploads a few hundred MB under fresh prefixes ran out ("only 0 volumes left").
+        // Volumes are sparse files, so more slots cost nothing until they hold data.
+        "-volume.max=64".to_owned(),
         // `down` stops it at once rather than after the default ten seconds' grace.
         "-volume.preStopSeconds=0".to_owned(),
         "-filer".to_owned(),
