@@ -1242,9 +1242,11 @@ fn full_flow_and_faults_on_a_three_node_testbed() {
     // a copy that keeps `[artifacts]`.
     let store_bed = Bed { config: tb.dir.join("deployment-store.toml"), tb: &tb };
     std::fs::copy(&bed.config, &store_bed.config).unwrap();
-    let mut table: toml::Table = std::fs::read_to_string(&bed.config).unwrap().parse().unwrap();
-    assert!(table.remove("artifacts").is_some(), "testbed up --store named no store");
-    std::fs::write(&bed.config, toml::to_string(&table).unwrap()).unwrap();
+    for config in [&bed.config, &tb.deployment_v6] {
+        let mut table: toml::Table = std::fs::read_to_string(config).unwrap().parse().unwrap();
+        assert!(table.remove("artifacts").is_some(), "testbed up --store named no store");
+        std::fs::write(config, toml::to_string(&table).unwrap()).unwrap();
+    }
 
     // The third node has no rsync (and no route to a mirror): install-prereqs carries the
     // builder's there, every deploy below uses it, and uninstall removes it.
