@@ -95,11 +95,12 @@ pub fn run(sh: &Shell, ctx: &Context, args: DemoArgs) -> anyhow::Result<()> {
     let up = crate::upgrade::upgrade(sh, ctx, &config_path, true, "demo")?;
     let load = &up.load;
     println!(
-        "\n  rolling upgrade of etcd on {NODES} nodes in {:.1} s: {} writes, {} failed, longest \
-         gap between writes {} ms",
+        "\n  rolling upgrade of etcd on {NODES} nodes in {:.1} s: {} writes, {} failed ({} \
+         retried once after a timeout), longest gap between writes {} ms",
         up.deploy.as_secs_f64(),
         load.writes,
         load.failed,
+        load.retried,
         load.longest_outage.as_millis()
     );
     if up.exit_code != 0 {

@@ -4,6 +4,12 @@
 //! rolling upgrade is measured by: how many writes failed, and the longest time between two
 //! writes that succeeded (the outage a client saw). Shared by the cluster test and
 //! `cargo xtask rollout-bench`.
+//!
+//! A write that etcd answers with a timeout is tried once more, as an etcd client must: a
+//! proposal in flight while the leader hands over its leadership (which a leader does when it
+//! is stopped, so once in every rolling upgrade) is dropped without a reply and can only time
+//! out (etcd-io/etcd#8975). Such writes count as retried, not failed; a write fails when its
+//! second try fails too, or at once for any other error.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -27,6 +33,8 @@ pub struct Target {
 pub struct Load {
     pub writes: usize,
     pub failed: usize,
+    /// Writes that timed out once and succeeded when tried again.
+    pub retried: usize,
     /// The longest time between two successful writes' completions (or from the start to the
     /// first, or from the last to the end).
     pub longest_outage: Duration,
@@ -34,8 +42,8 @@ pub struct Load {
     pub errors: Vec<String>,
 }
 
-/// One write under way: when it completed, or why it failed.
-type Write = JoinHandle<Result<Instant, String>>;
+/// One write under way: when it completed and whether it took a second try, or why it failed.
+type Write = JoinHandle<Result<(Instant, bool), String>>;
 
 /// A running writer; [`Writer::stop`] ends it and reports.
 pub struct Writer {
@@ -79,10 +87,14 @@ impl Writer {
         let mut done = Vec::new();
         let mut errors = Vec::new();
         let mut failed = 0;
+        let mut retried = 0;
         let writes = handles.len();
         for handle in handles {
             match handle.join().expect("a write ran") {
-                Ok(at) => done.push(at),
+                Ok((at, again)) => {
+                    done.push(at);
+                    retried += usize::from(again);
+                }
                 Err(e) => {
                     failed += 1;
                     if errors.len() < 5 {
@@ -98,7 +110,7 @@ impl Writer {
             longest = longest.max(at.saturating_duration_since(last));
             last = last.max(at);
         }
-        Load { writes, failed, longest_outage: longest, errors }
+        Load { writes, failed, retried, longest_outage: longest, errors }
     }
 }
 
@@ -108,8 +120,24 @@ impl Drop for Writer {
     }
 }
 
-/// One write; the time it completed, or why it failed.
-fn put(target: &Target, key: &str) -> Result<Instant, String> {
+/// One write, tried again once after a timeout; the time it completed and whether it was
+/// tried again, or why it failed.
+fn put(target: &Target, key: &str) -> Result<(Instant, bool), String> {
+    match put_once(target, key) {
+        Ok(at) => Ok((at, false)),
+        Err(e) if timed_out(&e) => put_once(target, key)
+            .map(|at| (at, true))
+            .map_err(|again| format!("{e}; tried again: {again}")),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether etcd's answer is a timeout, which is also how a dropped proposal ends.
+fn timed_out(error: &str) -> bool {
+    error.contains("request timed out") || error.contains("context deadline exceeded")
+}
+
+fn put_once(target: &Target, key: &str) -> Result<Instant, String> {
     let out = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
         .arg("--cacert")

@@ -69,14 +69,15 @@ pub fn run(sh: &Shell, ctx: &Context, args: Args) -> anyhow::Result<()> {
 
 fn table(rows: &[(u32, &str, Upgrade)]) -> String {
     let mut out = String::from(
-        "| nodes | upgrade | writes | failed | longest gap between writes | deploy | exit |\n\
-         |---|---|---|---|---|---|---|\n",
+        "| nodes | upgrade | writes | failed | retried | longest gap between writes | deploy | exit |\n\
+         |---|---|---|---|---|---|---|---|\n",
     );
     for (nodes, kind, u) in rows {
         out.push_str(&format!(
-            "| {nodes} | {kind} | {} | {} | {} ms | {:.1} s | {} |\n",
+            "| {nodes} | {kind} | {} | {} | {} | {} ms | {:.1} s | {} |\n",
             u.load.writes,
             u.load.failed,
+            u.load.retried,
             u.load.longest_outage.as_millis(),
             u.deploy.as_secs_f64(),
             u.exit_code

@@ -411,9 +411,11 @@ fn rolling_upgrades(cluster: &Cluster) {
     assert_eq!(rolled.status.code(), Some(0), "{}", text(&rolled));
     let recap = text(&rolled);
     eprintln!(
-        "etcd on 3 nodes, rolling: {} of {} writes failed, longest outage {:?}, deploy {:.1} s",
+        "etcd on 3 nodes, rolling: {} of {} writes failed ({} retried once after a timeout), \
+         longest outage {:?}, deploy {:.1} s",
         rolling.failed,
         rolling.writes,
+        rolling.retried,
         rolling.longest_outage,
         rolling_took.as_secs_f64()
     );
@@ -447,10 +449,11 @@ fn rolling_upgrades(cluster: &Cluster) {
     cluster.fling_ok(&["build", "package"]);
     let (parallel, at_once, at_once_took) = cluster.under_load("parallel", &["install"]);
     eprintln!(
-        "etcd on 3 nodes, all at once: {} of {} writes failed, longest outage {:?}, deploy {:.1} \
-         s (exit {:?})",
+        "etcd on 3 nodes, all at once: {} of {} writes failed ({} retried), longest outage {:?}, \
+         deploy {:.1} s (exit {:?})",
         at_once.failed,
         at_once.writes,
+        at_once.retried,
         at_once.longest_outage,
         at_once_took.as_secs_f64(),
         parallel.status.code()
