@@ -23,7 +23,8 @@ pub struct DigestListError {
     pub message: String,
 }
 
-/// Whether `text` is a blake3 digest: 64 lowercase hex characters.
+/// Whether `text` is a 256-bit digest as flotilla writes one, 64 lowercase hex characters: the
+/// blake3 digests of `digests.b3` and the store's keys, and the installer's sha256.
 pub fn is_digest(text: &str) -> bool {
     text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }

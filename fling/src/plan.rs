@@ -1445,7 +1445,7 @@ fn bootstrap_installer(
     list: &flotilla_contracts::store::FetchList,
 ) -> Option<String> {
     let sha256 = list.installer_sha256.as_deref()?;
-    if sha256.len() != 64 || !sha256.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+    if !flotilla_contracts::digests::is_digest(sha256) {
         return None;
     }
     let dir = staging.join("bin");
