@@ -360,11 +360,11 @@ mod tests {
         }
     }
 
-    fn staging(tag: &str) -> Utf8PathBuf {
-        let dir = std::env::temp_dir().join(format!("flotilla-fetch-{tag}-{}", std::process::id()));
-        let dir = Utf8PathBuf::try_from(dir).unwrap();
-        let _ = fs::remove_dir_all(&dir);
-        dir
+    /// A staging directory of the test's own, removed when the guard drops, also on failure.
+    fn staging() -> (tempfile::TempDir, Utf8PathBuf) {
+        let guard = tempfile::tempdir().unwrap();
+        let dir = Utf8PathBuf::try_from(guard.path().to_owned()).unwrap();
+        (guard, dir)
     }
 
     #[test]
@@ -393,7 +393,7 @@ mod tests {
                 rest,
             )
         });
-        let dir = staging("resume");
+        let (_guard, dir) = staging();
         let done =
             fetch(&list(&server.url, &body), &dir.join("packages"), None, &options(3)).unwrap();
         assert_eq!(fs::read(dir.join("packages/app.tar.gz")).unwrap(), body);
@@ -409,14 +409,13 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert!(names.iter().all(|n| !n.starts_with(".fetch-")), "{names:?}");
-        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn other_bytes_than_the_digest_are_refused_and_leave_nothing() {
         let body = b"the real package".to_vec();
         let server = scripted(|_, _| ok("200 OK", "Content-Length: 16\r\n", b"the fake package"));
-        let dir = staging("tampered");
+        let (_guard, dir) = staging();
         let err = fetch(&list(&server.url, &body), &dir.join("packages"), None, &options(3))
             .unwrap_err()
             .to_string();
@@ -427,13 +426,12 @@ mod tests {
         assert!(left.is_empty(), "{left:?}");
         // Not a transient failure: one request, no retries.
         assert_eq!(server.seen.lock().unwrap().len(), 1);
-        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn retries_are_bounded_and_expired_urls_are_final() {
         let failing = scripted(|_, _| ok("503 Slow Down", "Content-Length: 0\r\n", b""));
-        let dir = staging("bounded");
+        let (_guard, dir) = staging();
         let err = fetch(&list(&failing.url, b"x"), &dir.join("packages"), None, &options(3))
             .unwrap_err()
             .to_string();
@@ -454,6 +452,5 @@ mod tests {
         let err = fetch(&old, &dir.join("packages"), None, &options(3)).unwrap_err().to_string();
         assert!(err.contains("it expired") && err.contains("deploy again"), "{err}");
         assert_eq!(refusing.seen.lock().unwrap().len(), 1);
-        let _ = fs::remove_dir_all(&dir);
     }
 }
