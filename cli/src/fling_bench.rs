@@ -144,8 +144,7 @@ pub fn run(
                 fresh.push(f);
                 release.push(r);
             }
-            for (samples, rows) in [(fresh, &mut fresh_rows), (release, &mut release_rows)] {
-                let mut samples = samples;
+            for (mut samples, rows) in [(fresh, &mut fresh_rows), (release, &mut release_rows)] {
                 samples.sort_by_key(|r| r.store);
                 rows.push(samples.swap_remove(samples.len() / 2));
             }
